@@ -1,0 +1,94 @@
+//! The closed set of operator types a topology may name, as the `operators` crate registers
+//! them.
+
+use std::sync::Arc;
+
+use crate::operator::{NodeSpec, OperatorConfig, OperatorKind};
+
+/// One registered operator type.
+#[derive(Clone)]
+pub struct OperatorEntry {
+    /// The `type` name.
+    pub type_name: &'static str,
+    /// The operator's shape.
+    pub kind: OperatorKind,
+    /// One line on what it does.
+    pub summary: &'static str,
+    /// Example keys (TOML).
+    pub example: &'static str,
+    /// `(key, description)` for every documented key.
+    pub key_docs: &'static [(&'static str, &'static str)],
+    /// The keys the config struct accepts, read from its serde definition.
+    pub fields: &'static [&'static str],
+    parse: fn(toml::Table) -> Result<Arc<dyn NodeSpec>, String>,
+}
+
+impl OperatorEntry {
+    /// The entry for config type `C`.
+    pub fn of<C: OperatorConfig>() -> Self {
+        OperatorEntry {
+            type_name: C::TYPE,
+            kind: C::KIND,
+            summary: C::SUMMARY,
+            example: C::EXAMPLE,
+            key_docs: C::KEYS,
+            fields: serde_aux::serde_introspection::serde_introspect::<C>(),
+            parse: parse_config::<C>,
+        }
+    }
+
+    /// Parses a node's operator keys (without `type`, `inputs` and the engine's own keys).
+    pub fn parse(&self, table: toml::Table) -> Result<Arc<dyn NodeSpec>, String> {
+        (self.parse)(table)
+    }
+
+    /// The example config, parsed.
+    pub fn example_spec(&self) -> Result<Arc<dyn NodeSpec>, String> {
+        let table: toml::Table = self.example.parse().map_err(|e| format!("example is not TOML: {e}"))?;
+        self.parse(table)
+    }
+
+    /// The description of `key`, if documented.
+    pub fn key_doc(&self, key: &str) -> Option<&'static str> {
+        self.key_docs.iter().find(|(k, _)| *k == key).map(|(_, d)| *d)
+    }
+}
+
+fn parse_config<C: OperatorConfig>(table: toml::Table) -> Result<Arc<dyn NodeSpec>, String> {
+    let config: C = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| e.message().to_string())?;
+    Ok(Arc::new(config))
+}
+
+/// The registry of operator types.
+///
+/// ```
+/// use latentflow_engine::Catalog;
+/// let catalog = Catalog::new(vec![]);
+/// assert!(catalog.get("demo_source").is_none());
+/// ```
+#[derive(Clone)]
+pub struct Catalog {
+    entries: Vec<OperatorEntry>,
+}
+
+impl Catalog {
+    /// A catalog of these entries.
+    pub fn new(entries: Vec<OperatorEntry>) -> Self {
+        Catalog { entries }
+    }
+
+    /// Every entry, in registration order.
+    pub fn entries(&self) -> &[OperatorEntry] {
+        &self.entries
+    }
+
+    /// The entry for `type_name`.
+    pub fn get(&self, type_name: &str) -> Option<&OperatorEntry> {
+        self.entries.iter().find(|e| e.type_name == type_name)
+    }
+
+    /// The registered name closest to `type_name`, for "did you mean" hints.
+    pub fn closest(&self, type_name: &str) -> Option<&'static str> {
+        crate::plan::closest(type_name, self.entries.iter().map(|e| e.type_name))
+    }
+}

@@ -1,0 +1,9 @@
+//! The data model: batches of named, typed columns, and the schemas that type-check edges.
+
+mod batch;
+mod column;
+mod schema;
+
+pub use batch::{Batch, DataError};
+pub use column::{row_len, Column};
+pub use schema::{ColumnType, Field, Ports, Schema};

@@ -1,0 +1,92 @@
+//! Errors of the engine and of the operators it runs.
+
+use std::path::PathBuf;
+
+use crate::data::DataError;
+use crate::plan::PlanErrors;
+
+/// Why an operator call failed. A failure ends the job (exit code 1); bad rows are rejections
+/// ([`OpContext::reject`](crate::OpContext::reject)), not errors.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A batch did not have the expected columns.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// Anything else, as a message for the user.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl OpError {
+    /// An error with this message.
+    pub fn msg(message: impl Into<String>) -> Self {
+        OpError::Other(message.into())
+    }
+
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        OpError::Io { path: path.into(), source }
+    }
+}
+
+/// Why a job could not run to the end.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The topology is invalid: every problem, one per line.
+    #[error("{0}")]
+    Plan(#[from] PlanErrors),
+    /// An operator failed.
+    #[error("node `{node}` (worker {worker}): {source}")]
+    Operator {
+        /// The node id.
+        node: String,
+        /// The worker it ran on.
+        worker: usize,
+        /// The cause.
+        #[source]
+        source: OpError,
+    },
+    /// The run options are inconsistent (bad hostfile, worker counts, ...).
+    #[error("{0}")]
+    Options(String),
+    /// A cluster peer did not connect in time.
+    #[error(
+        "process {process} could not connect to all {processes} processes within {timeout_s} s \
+         (addresses: {addresses}); check that every process was started with the same hostfile \
+         and that the ports are reachable"
+    )]
+    ConnectTimeout {
+        /// This process.
+        process: usize,
+        /// Number of processes.
+        processes: usize,
+        /// The hostfile addresses.
+        addresses: String,
+        /// The timeout.
+        timeout_s: f64,
+    },
+    /// A cluster peer went away mid-run.
+    #[error("lost the connection to a peer process ({0}); the job stops here and can be resumed from its last checkpoint")]
+    PeerLost(String),
+    /// A worker thread panicked.
+    #[error("worker failed: {0}")]
+    Worker(String),
+    /// Writing the profile or trace failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}

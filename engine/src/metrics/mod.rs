@@ -1,0 +1,14 @@
+//! What the engine measures for every operator, and how it reports it: the profile (JSON and
+//! table), the Chrome trace, and the live progress display.
+
+mod counters;
+mod profile;
+mod progress;
+mod trace;
+
+pub use counters::{MetricsRegistry, MetricsSnapshot, OperatorMetrics};
+pub(crate) use counters::IdleClock;
+pub use profile::{OperatorProfile, Profile};
+pub(crate) use progress::ProgressReporter;
+pub use progress::ProgressMode;
+pub use trace::TraceRecorder;

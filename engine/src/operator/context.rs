@@ -1,0 +1,134 @@
+//! What the engine tells an operator about where it runs, and what an operator can tell back.
+
+use std::sync::Arc;
+
+use crate::plan::JobConfig;
+use crate::runtime::StopSignal;
+
+/// Where one instance of an operator runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerInfo {
+    /// Global worker index (`process * threads + thread`).
+    pub index: usize,
+    /// Total number of workers over all processes.
+    pub peers: usize,
+    /// This worker's process.
+    pub process: usize,
+    /// Number of processes.
+    pub processes: usize,
+    /// Thread index within the process.
+    pub local_index: usize,
+    /// This instance's index among the workers that run the operator (its placement).
+    pub shard: usize,
+    /// How many workers run the operator.
+    pub shards: usize,
+    /// The device this worker owns (`job.devices`), if any.
+    pub device: Option<String>,
+}
+
+impl WorkerInfo {
+    /// A single worker that runs everything: for unit tests and plain loops.
+    pub fn single() -> Self {
+        WorkerInfo {
+            index: 0,
+            peers: 1,
+            process: 0,
+            processes: 1,
+            local_index: 0,
+            shard: 0,
+            shards: 1,
+            device: Some("cpu".into()),
+        }
+    }
+}
+
+/// What [`NodeSpec::instantiate`](super::NodeSpec::instantiate) gets: the node, the job and
+/// the worker the instance will run on.
+#[derive(Clone, Debug)]
+pub struct InstanceContext<'a> {
+    /// The node id in the topology.
+    pub node: &'a str,
+    /// The job's settings (seed, output directory, ...).
+    pub job: &'a JobConfig,
+    /// The worker this instance runs on.
+    pub worker: WorkerInfo,
+}
+
+/// A row an operator dropped, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// The row's key (or position) as text.
+    pub key: String,
+    /// A short, stable reason (`"decode_failed"`); the profile counts rows per reason.
+    pub reason: String,
+}
+
+/// Passed to every operator call: the worker it runs on, the epoch, and a place to report
+/// rejected rows or ask the job to stop.
+///
+/// ```
+/// use latentflow_engine::OpContext;
+/// let mut ctx = OpContext::detached("transform");
+/// ctx.reject("42", "decode_failed");
+/// assert_eq!(ctx.take_rejections()[0].reason, "decode_failed");
+/// ```
+pub struct OpContext {
+    node: Arc<str>,
+    worker: WorkerInfo,
+    epoch: u64,
+    rejections: Vec<Rejection>,
+    stop: Option<Arc<StopSignal>>,
+}
+
+impl OpContext {
+    pub(crate) fn new(node: Arc<str>, worker: WorkerInfo, stop: Arc<StopSignal>) -> Self {
+        OpContext { node, worker, epoch: 0, rejections: Vec::new(), stop: Some(stop) }
+    }
+
+    /// A context outside any running job: for unit tests and plain loops.
+    pub fn detached(node: &str) -> Self {
+        OpContext { node: node.into(), worker: WorkerInfo::single(), epoch: 0, rejections: Vec::new(), stop: None }
+    }
+
+    /// The node id.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The worker this instance runs on.
+    pub fn worker(&self) -> &WorkerInfo {
+        &self.worker
+    }
+
+    /// The epoch of the batch being handled (the last one opened, for sources).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub(crate) fn set_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
+    }
+
+    /// Records that the row `key` was dropped for `reason`. The engine counts it per reason.
+    pub fn reject(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+        self.rejections.push(Rejection { key: key.into(), reason: reason.into() });
+    }
+
+    /// The rejections recorded since the last call.
+    pub fn take_rejections(&mut self) -> Vec<Rejection> {
+        std::mem::take(&mut self.rejections)
+    }
+
+    /// Asks the job to stop reading new data: sources stop everywhere, in-flight work drains and
+    /// stateful operators get their final flush (as on Ctrl-C, but the exit code stays 0).
+    pub fn request_stop(&self) {
+        if let Some(stop) = &self.stop {
+            stop.request(crate::runtime::StopReason::Requested);
+        }
+    }
+
+    /// True once the job was asked to stop.
+    pub fn stop_requested(&self) -> bool {
+        self.stop.as_ref().is_some_and(|s| s.is_stopped())
+    }
+}

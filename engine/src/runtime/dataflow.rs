@@ -1,0 +1,128 @@
+//! Builds one worker's timely dataflow from a plan. Every worker builds the same graph; workers
+//! outside a node's placement hold an empty instance that receives nothing.
+
+use std::sync::Arc;
+
+use timely::dataflow::operators::vec::Broadcast;
+use timely::dataflow::operators::{Concatenate, ConnectLoop, Exchange, Feedback};
+use timely::dataflow::{Scope, StreamVec};
+use timely::worker::Worker;
+
+use super::shared::{JobShared, NodeRuntime};
+use super::stage_op::SinkStage;
+use super::{map_op, source_op, stage_op};
+use crate::data::Batch;
+use crate::error::OpError;
+use crate::operator::{InstanceContext, OperatorImpl, OperatorKind, Stage, WorkerInfo};
+use crate::plan::PlanNode;
+
+/// Builds the dataflow on `worker` and runs it to completion.
+pub(crate) fn run_worker(worker: &mut Worker, shared: &Arc<JobShared>) {
+    let index = worker.index();
+    let peers = worker.peers();
+    worker.dataflow::<u64, _, _>(|scope| build(scope, shared, index, peers));
+    while worker.step_or_park(None) {}
+}
+
+fn build<'s>(scope: Scope<'s, u64>, shared: &Arc<JobShared>, index: usize, peers: usize) {
+    let plan = &shared.plan;
+    let (gate_handle, gate) = scope.feedback::<Vec<Batch>>(0);
+    let (ctl_handle, control) = scope.feedback::<Vec<u64>>(0);
+    let mut streams: Vec<Option<StreamVec<'s, u64, Batch>>> = Vec::with_capacity(plan.nodes.len());
+    let mut done = Vec::new();
+    let mut controls = Vec::new();
+    for (i, node) in plan.nodes.iter().enumerate() {
+        let workers = node.placement.workers(shared.threads, shared.processes, plan.job.devices.len());
+        let runtime = NodeRuntime {
+            id: Arc::from(node.id.as_str()),
+            worker: worker_info(shared, index, peers, &workers),
+            metrics: shared.metrics.register(i, index),
+            shared: Arc::clone(shared),
+        };
+        let instance = if workers.contains(&index) { instantiate(node, &runtime) } else { None };
+        let input = (!node.inputs.is_empty()).then(|| {
+            let inputs = node.inputs.iter().map(|&j| streams[j].clone().expect("inputs come first"));
+            let merged = if node.inputs.len() == 1 { inputs.into_iter().next().expect("one input") } else { scope.concatenate(inputs) };
+            if workers.len() == peers {
+                merged
+            } else {
+                // Round-robin over the workers that run the node, starting at a different one on
+                // each worker so they share the load.
+                let mut next = index;
+                merged.exchange(move |_| {
+                    next += 1;
+                    workers[next % workers.len()] as u64
+                })
+            }
+        });
+        let output = match (node.kind, instance) {
+            (OperatorKind::Source, instance) => {
+                let source = match instance {
+                    Some(OperatorImpl::Source(s)) => Some(s),
+                    _ => None,
+                };
+                let (data, ctl) = source_op::build(scope, runtime, source, gate.clone(), control.clone());
+                controls.push(ctl);
+                data
+            }
+            (OperatorKind::Map, instance) => {
+                let map = match instance {
+                    Some(OperatorImpl::Map(m)) => Some(m),
+                    _ => None,
+                };
+                map_op::build(input.expect("checked: maps have inputs"), runtime, map)
+            }
+            (OperatorKind::Stage | OperatorKind::Sink, instance) => {
+                let stage: Option<Box<dyn Stage>> = match instance {
+                    Some(OperatorImpl::Stage(s)) => Some(s),
+                    Some(OperatorImpl::Sink(s)) => Some(Box::new(SinkStage(s))),
+                    _ => None,
+                };
+                let out = stage_op::build(input.expect("checked: stages have inputs"), runtime, stage);
+                if node.kind == OperatorKind::Sink {
+                    done.push(out.clone());
+                }
+                out
+            }
+        };
+        streams.push(Some(output));
+    }
+    // Sinks' progress closes the loop into every source's gate; stop requests reach every worker.
+    scope.concatenate(done).connect_loop(gate_handle);
+    scope.concatenate(controls).broadcast().connect_loop(ctl_handle);
+}
+
+fn worker_info(shared: &JobShared, index: usize, peers: usize, workers: &[usize]) -> WorkerInfo {
+    let local_index = index % shared.threads;
+    WorkerInfo {
+        index,
+        peers,
+        process: index / shared.threads,
+        processes: shared.processes,
+        local_index,
+        shard: workers.iter().position(|&w| w == index).unwrap_or(0),
+        shards: workers.len(),
+        device: shared.plan.job.devices.get(local_index).cloned(),
+    }
+}
+
+/// Builds this worker's instance; a failure stops the job and leaves an empty instance.
+fn instantiate(node: &PlanNode, runtime: &NodeRuntime) -> Option<OperatorImpl> {
+    let ctx = InstanceContext { node: &node.id, job: &runtime.shared.plan.job, worker: runtime.worker.clone() };
+    match node.spec.instantiate(&ctx) {
+        Ok(instance) if instance.kind() == node.kind => Some(instance),
+        Ok(instance) => {
+            runtime.fail(OpError::msg(format!(
+                "operator `{}` is registered as a {} but built a {}",
+                node.type_name,
+                node.kind,
+                instance.kind()
+            )));
+            None
+        }
+        Err(e) => {
+            runtime.fail(e);
+            None
+        }
+    }
+}

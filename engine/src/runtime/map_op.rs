@@ -1,0 +1,91 @@
+//! Map operators: each batch becomes a job on the process's thread pool; the operator holds the
+//! batch's epoch capability until the result is back, so the gate counts work on the pool.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::OutputBuilder;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::StreamVec;
+
+use super::shared::NodeRuntime;
+use crate::data::Batch;
+use crate::error::OpError;
+use crate::metrics::IdleClock;
+use crate::operator::Map;
+
+type Done = (u64, Result<Batch, OpError>);
+
+/// Builds a map operator. `map` is `None` on workers outside the node's placement or when the
+/// instance failed to build; batches reaching it are dropped.
+pub(crate) fn build<'s>(
+    input: StreamVec<'s, u64, Batch>,
+    node: NodeRuntime,
+    map: Option<Arc<dyn Map>>,
+) -> StreamVec<'s, u64, Batch> {
+    let scope = input.scope();
+    let mut builder = OperatorBuilder::new(format!("map {}", node.id), scope);
+    let info = builder.operator_info();
+    let mut input = builder.new_input(input, Pipeline);
+    let (output, stream) = builder.new_output::<Vec<Batch>>();
+    let mut output = OutputBuilder::<u64, CapacityContainerBuilder<Vec<Batch>>>::from(output);
+    let activator = scope.worker().sync_activator_for(info.address.to_vec());
+    let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
+    let track = Arc::<str>::from(node.track("pool"));
+
+    builder.build(move |caps| {
+        drop(caps);
+        let mut next_id = 0u64;
+        let mut pending: HashMap<u64, Capability<u64>> = HashMap::new();
+        let mut idle = IdleClock::new();
+        move |frontiers| {
+            input.for_each(|cap, data| {
+                let Some(held) = cap.retain_least(0) else { return };
+                for batch in data.drain(..) {
+                    node.metrics.record_in(&batch);
+                    let Some(map) = map.as_ref() else { continue };
+                    let (id, epoch) = (next_id, *held.time());
+                    next_id += 1;
+                    pending.insert(id, held.clone());
+                    idle.started(&node.metrics);
+                    let (map, job_node, done, activator, track) =
+                        (Arc::clone(map), node.clone(), done_tx.clone(), activator.clone(), Arc::clone(&track));
+                    node.shared.pool.spawn(move || {
+                        let node = job_node;
+                        let mut ctx = node.context();
+                        ctx.set_epoch(epoch);
+                        let began = Instant::now();
+                        let result = map.map(batch, &mut ctx);
+                        node.finish_call(&mut ctx, began, &track);
+                        if done.send((id, result)).is_ok() {
+                            let _ = activator.activate();
+                        }
+                    });
+                }
+            });
+            let mut out = output.activate();
+            for (id, result) in done_rx.try_iter() {
+                let held = pending.remove(&id).expect("a result for a pending job");
+                idle.finished();
+                match result {
+                    Ok(batch) if batch.is_empty() => {}
+                    Ok(batch) => {
+                        node.metrics.record_out(&batch);
+                        node.shared.status.record_bytes(*held.time(), batch.byte_size() as u64);
+                        out.session(&held).give(batch);
+                    }
+                    Err(error) => node.fail(error),
+                }
+                // Dropping `held` lets the epoch complete downstream.
+            }
+            if frontiers[0].is_empty() && pending.is_empty() {
+                idle.stop(&node.metrics);
+            }
+        }
+    });
+    stream
+}

@@ -1,0 +1,260 @@
+//! Running a plan on timely: one process (`workers` threads) or a cluster of processes.
+
+mod cluster;
+mod dataflow;
+mod map_op;
+mod shared;
+mod source_op;
+mod stage_op;
+mod stop;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, unbounded};
+
+pub use cluster::ClusterOptions;
+pub use shared::JobStatus;
+pub use stop::{StopReason, StopSignal};
+
+use crate::error::EngineError;
+use crate::metrics::{MetricsRegistry, MetricsSnapshot, OperatorProfile, Profile, ProgressMode, ProgressReporter, TraceRecorder};
+use crate::plan::Plan;
+use shared::JobShared;
+
+/// How to run a plan.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Worker threads per process.
+    pub workers: usize,
+    /// Cluster mode; `None` runs in this process only.
+    pub cluster: Option<ClusterOptions>,
+    /// Record a Chrome trace of operator activity.
+    pub trace: bool,
+    /// How to show progress.
+    pub progress: ProgressMode,
+    /// Route Ctrl-C to this job (the CLI does; tests and libraries usually do not).
+    pub handle_interrupts: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions { workers: 1, cluster: None, trace: false, progress: ProgressMode::Off, handle_interrupts: false }
+    }
+}
+
+/// One operator instance's counters.
+#[derive(Clone, Debug)]
+pub struct InstanceReport {
+    /// Node id.
+    pub node: String,
+    /// Global worker index.
+    pub worker: usize,
+    /// Its counters.
+    pub metrics: MetricsSnapshot,
+}
+
+/// What a finished run reports.
+#[derive(Debug)]
+pub struct RunReport {
+    /// Per-node counters summed over this process's workers.
+    pub profile: Profile,
+    /// Per-instance counters.
+    pub instances: Vec<InstanceReport>,
+    /// True when Ctrl-C stopped the job (the CLI exits with 130).
+    pub interrupted: bool,
+    /// True when the job stopped before its sources were exhausted.
+    pub stopped: bool,
+    /// The most source rows in flight at once in this process.
+    pub max_items_in_flight: u64,
+    /// The most bytes in flight at once in this process.
+    pub max_bytes_in_flight: u64,
+    /// Each source instance's last position, by `(node, worker)`.
+    pub positions: BTreeMap<(String, usize), serde_json::Value>,
+    /// The trace, when [`RunOptions::trace`] was set.
+    pub trace: Option<Arc<TraceRecorder>>,
+}
+
+enum Event {
+    Started,
+    Finished(Vec<Result<(), String>>),
+    StartFailed(String),
+}
+
+/// Runs `plan` to completion (or until stopped) and returns its report.
+///
+/// ```no_run
+/// # fn demo(plan: latentflow_engine::Plan) -> Result<(), latentflow_engine::EngineError> {
+/// use latentflow_engine::{run, RunOptions};
+/// let report = run(&plan, &RunOptions { workers: 2, ..RunOptions::default() })?;
+/// println!("{}", report.profile.table());
+/// # Ok(()) }
+/// ```
+pub fn run(plan: &Plan, options: &RunOptions) -> Result<RunReport, EngineError> {
+    let threads = options.workers;
+    if threads == 0 {
+        return Err(EngineError::Options("--workers must be at least 1".into()));
+    }
+    let (processes, process, communication) = match &options.cluster {
+        None if threads == 1 => (1, 0, timely::CommunicationConfig::Thread),
+        None => (1, 0, timely::CommunicationConfig::Process(threads)),
+        Some(c) => {
+            c.check("hostfile")?;
+            let addresses = c.addresses[..c.processes].to_vec();
+            let config = timely::CommunicationConfig::Cluster { threads, process: c.process_id, addresses, report: false, zerocopy: false };
+            (c.processes, c.process_id, config)
+        }
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(plan.job.cpu_threads())
+        .thread_name(|i| format!("lf-pool-{i}"))
+        .build()
+        .map_err(|e| EngineError::Options(format!("cannot start the thread pool: {e}")))?;
+    let start = Instant::now();
+    let shared = Arc::new(JobShared {
+        plan: plan.clone(),
+        threads,
+        processes,
+        start,
+        stop: Arc::new(StopSignal::default()),
+        metrics: Arc::new(MetricsRegistry::default()),
+        status: Arc::new(JobStatus::default()),
+        pool,
+        trace: options.trace.then(|| Arc::new(TraceRecorder::new(start, process))),
+        failure: Mutex::new(None),
+        positions: Mutex::new(BTreeMap::new()),
+    });
+    let _interrupts = options.handle_interrupts.then(|| stop::handle_interrupts(&shared.stop));
+    let (peer_tx, peer_rx) = unbounded::<String>();
+    if processes > 1 {
+        cluster::watch_peers(peer_tx);
+    }
+    let progress = ProgressReporter::start(
+        options.progress,
+        Duration::from_secs_f64(plan.job.log_interval_s),
+        plan.nodes.iter().map(|n| n.id.clone()).collect(),
+        Arc::clone(&shared.metrics),
+        Arc::clone(&shared.status),
+    );
+
+    let (events, event_rx) = unbounded::<Event>();
+    let worker_shared = Arc::clone(&shared);
+    std::thread::Builder::new()
+        .name("lf-timely".into())
+        .spawn(move || {
+            let config = timely::Config { communication, worker: timely::WorkerConfig::default() };
+            let started = Mutex::new(events.clone());
+            let result = timely::execute(config, move |worker| {
+                if worker.index() % threads == 0 {
+                    let _ = started.lock().map(|s| s.send(Event::Started));
+                }
+                dataflow::run_worker(worker, &worker_shared);
+            });
+            let _ = match result {
+                Ok(guards) => events.send(Event::Finished(guards.join())),
+                Err(e) => events.send(Event::StartFailed(e)),
+            };
+        })
+        .map_err(|e| EngineError::Options(format!("cannot start the engine thread: {e}")))?;
+
+    let deadline = Duration::from_secs_f64(plan.job.connect_timeout_s);
+    let outcome = wait(&event_rx, &peer_rx, deadline);
+    drop(progress);
+    cluster::unwatch_peers();
+    let results = match outcome {
+        Ok(results) => results,
+        Err(WaitError::Timeout) => {
+            let c = options.cluster.as_ref().expect("timeouts only in cluster mode");
+            return Err(EngineError::ConnectTimeout {
+                process,
+                processes,
+                addresses: c.addresses[..processes].join(", "),
+                timeout_s: plan.job.connect_timeout_s,
+            });
+        }
+        Err(WaitError::PeerLost(message)) => return Err(EngineError::PeerLost(message)),
+        Err(WaitError::Start(message)) => return Err(EngineError::Options(format!("cannot start the workers: {message}"))),
+    };
+    if let Some(failure) = shared.failure.lock().expect("failure lock").take() {
+        return Err(failure);
+    }
+    if let Some(Err(panic)) = results.into_iter().find(|r| r.is_err()) {
+        return Err(EngineError::Worker(panic));
+    }
+    Ok(report(&shared))
+}
+
+enum WaitError {
+    Timeout,
+    PeerLost(String),
+    Start(String),
+}
+
+/// Waits for the workers to start (within `connect_timeout`) and then to finish, watching for
+/// lost peers all along.
+fn wait(
+    events: &crossbeam_channel::Receiver<Event>,
+    peers: &crossbeam_channel::Receiver<String>,
+    connect_timeout: Duration,
+) -> Result<Vec<Result<(), String>>, WaitError> {
+    let deadline = crossbeam_channel::after(connect_timeout);
+    let mut started = false;
+    loop {
+        let timeout = if started { crossbeam_channel::never() } else { deadline.clone() };
+        select! {
+            recv(events) -> event => match event {
+                Ok(Event::Started) => started = true,
+                Ok(Event::Finished(results)) => return Ok(results),
+                Ok(Event::StartFailed(e)) => return Err(WaitError::Start(e)),
+                Err(_) => return Err(WaitError::Start("the engine thread ended".into())),
+            },
+            recv(peers) -> message => {
+                return Err(WaitError::PeerLost(message.unwrap_or_default()));
+            }
+            recv(timeout) -> _ => return Err(WaitError::Timeout),
+        }
+    }
+}
+
+fn report(shared: &JobShared) -> RunReport {
+    let plan = &shared.plan;
+    let per_node = shared.metrics.per_node(plan.nodes.len());
+    let operators = plan
+        .nodes
+        .iter()
+        .zip(per_node)
+        .map(|(node, (m, mut workers))| {
+            workers.sort_unstable();
+            OperatorProfile {
+                id: node.id.clone(),
+                type_name: node.type_name.to_string(),
+                workers,
+                batches_in: m.batches_in,
+                items_in: m.items_in,
+                batches_out: m.batches_out,
+                items_out: m.items_out,
+                rejected: m.rejected,
+                bytes_out: m.bytes_out,
+                busy_seconds: m.busy_seconds,
+                wait_seconds: m.wait_seconds,
+            }
+        })
+        .collect();
+    let instances = shared
+        .metrics
+        .per_instance()
+        .into_iter()
+        .map(|(i, worker, metrics)| InstanceReport { node: plan.nodes[i].id.clone(), worker, metrics })
+        .collect();
+    RunReport {
+        profile: Profile { wall_seconds: shared.start.elapsed().as_secs_f64(), operators },
+        instances,
+        interrupted: shared.stop.was_interrupted(),
+        stopped: shared.stop.is_stopped(),
+        max_items_in_flight: shared.status.max_items_in_flight(),
+        max_bytes_in_flight: shared.status.max_bytes_in_flight(),
+        positions: std::mem::take(&mut *shared.positions.lock().expect("positions lock")),
+        trace: shared.trace.clone(),
+    }
+}

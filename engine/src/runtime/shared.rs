@@ -1,0 +1,138 @@
+//! State shared by every worker of one process for one job.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use super::StopSignal;
+use crate::error::{EngineError, OpError};
+use crate::metrics::{MetricsRegistry, OperatorMetrics, TraceRecorder};
+use crate::operator::{OpContext, WorkerInfo};
+use crate::plan::Plan;
+
+/// Live figures of a running job: epochs opened, the gate, and what is in flight.
+#[derive(Debug, Default)]
+pub struct JobStatus {
+    opened: AtomicU64,
+    gate: AtomicU64,
+    ledger: Mutex<BTreeMap<u64, (u64, u64)>>,
+    max_items: AtomicU64,
+    max_bytes: AtomicU64,
+}
+
+impl JobStatus {
+    /// `(epochs opened, epochs in flight)` as this process sees them.
+    pub fn epochs(&self) -> (u64, u64) {
+        let opened = self.opened.load(Ordering::Relaxed);
+        (opened, opened.saturating_sub(self.gate.load(Ordering::Relaxed)))
+    }
+
+    /// The gate moved to `frontier` (every sink finished the epochs before it).
+    pub(crate) fn advance_gate(&self, frontier: u64) {
+        self.gate.fetch_max(frontier, Ordering::Relaxed);
+        let gate = self.gate.load(Ordering::Relaxed);
+        let mut ledger = self.ledger.lock().expect("ledger lock");
+        *ledger = ledger.split_off(&gate);
+    }
+
+    /// A source emitted `items` rows of `bytes` at `epoch`.
+    pub(crate) fn record_source(&self, epoch: u64, items: u64, bytes: u64) {
+        self.opened.fetch_max(epoch + 1, Ordering::Relaxed);
+        let mut ledger = self.ledger.lock().expect("ledger lock");
+        let entry = ledger.entry(epoch).or_default();
+        entry.0 += items;
+        entry.1 += bytes;
+        let (items, bytes) = ledger.values().fold((0, 0), |(i, b), (x, y)| (i + x, b + y));
+        self.max_items.fetch_max(items, Ordering::Relaxed);
+        self.max_bytes.fetch_max(bytes, Ordering::Relaxed);
+    }
+
+    /// An operator emitted `bytes` at `epoch` (counts against the byte budget until the
+    /// epoch completes).
+    pub(crate) fn record_bytes(&self, epoch: u64, bytes: u64) {
+        if epoch < self.gate.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut ledger = self.ledger.lock().expect("ledger lock");
+        ledger.entry(epoch).or_default().1 += bytes;
+        let total: u64 = ledger.values().map(|v| v.1).sum();
+        self.max_bytes.fetch_max(total, Ordering::Relaxed);
+    }
+
+    /// Bytes emitted in epochs that have not completed.
+    pub(crate) fn bytes_in_flight(&self) -> u64 {
+        self.ledger.lock().expect("ledger lock").values().map(|v| v.1).sum()
+    }
+
+    /// The most source rows ever in flight at once in this process.
+    pub fn max_items_in_flight(&self) -> u64 {
+        self.max_items.load(Ordering::Relaxed)
+    }
+
+    /// The most bytes ever in flight at once in this process.
+    pub fn max_bytes_in_flight(&self) -> u64 {
+        self.max_bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// Everything the workers of one process share.
+pub(crate) struct JobShared {
+    pub plan: Plan,
+    pub threads: usize,
+    pub processes: usize,
+    pub start: Instant,
+    pub stop: Arc<StopSignal>,
+    pub metrics: Arc<MetricsRegistry>,
+    pub status: Arc<JobStatus>,
+    pub pool: rayon::ThreadPool,
+    pub trace: Option<Arc<TraceRecorder>>,
+    pub failure: Mutex<Option<EngineError>>,
+    pub positions: Mutex<BTreeMap<(String, usize), serde_json::Value>>,
+}
+
+impl JobShared {
+    /// Records the first failure and stops the job.
+    pub(crate) fn fail(&self, node: &str, worker: usize, source: OpError) {
+        tracing::error!(node, worker, "{source}");
+        let mut failure = self.failure.lock().expect("failure lock");
+        if failure.is_none() {
+            *failure = Some(EngineError::Operator { node: node.to_string(), worker, source });
+        }
+        drop(failure);
+        self.stop.request(super::StopReason::Failed);
+    }
+}
+
+/// One node on one worker: what its timely operator and threads need.
+#[derive(Clone)]
+pub(crate) struct NodeRuntime {
+    pub id: Arc<str>,
+    pub worker: WorkerInfo,
+    pub metrics: Arc<OperatorMetrics>,
+    pub shared: Arc<JobShared>,
+}
+
+impl NodeRuntime {
+    pub(crate) fn context(&self) -> OpContext {
+        OpContext::new(Arc::clone(&self.id), self.worker.clone(), Arc::clone(&self.shared.stop))
+    }
+
+    pub(crate) fn fail(&self, error: OpError) {
+        self.shared.fail(&self.id, self.worker.index, error);
+    }
+
+    /// Counts a finished call: busy time, rejections and a trace span.
+    pub(crate) fn finish_call(&self, ctx: &mut OpContext, began: Instant, track: &str) {
+        self.metrics.add_busy(began.elapsed());
+        self.metrics.record_rejections(&self.id, ctx.take_rejections());
+        if let Some(trace) = &self.shared.trace {
+            trace.span(&self.id, "operator", track, began, ctx.epoch());
+        }
+    }
+
+    /// The name of this instance's thread (or pool) in traces and thread lists.
+    pub(crate) fn track(&self, role: &str) -> String {
+        format!("w{} {} ({role})", self.worker.index, self.id)
+    }
+}

@@ -1,0 +1,163 @@
+//! The gated source: emits epoch `t` only while every sink has finished epoch `t - K` (and the
+//! byte budget allows), reading one batch ahead on its own thread.
+
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, TryRecvError};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::OutputBuilder;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::{Scope, StreamVec};
+use timely::progress::Antichain;
+use timely::scheduling::SyncActivator;
+
+use super::shared::NodeRuntime;
+use super::StopReason;
+use crate::data::Batch;
+use crate::error::OpError;
+use crate::operator::Source;
+
+enum SourceEvent {
+    Batch(Batch, serde_json::Value),
+    End,
+    Failed(OpError),
+}
+
+/// Builds the source operator. `source` is `None` on workers outside the node's placement.
+/// Returns the data stream and the control stream that carries stop requests to other workers.
+pub(crate) fn build<'s>(
+    scope: Scope<'s, u64>,
+    node: NodeRuntime,
+    source: Option<Box<dyn Source>>,
+    gate: StreamVec<'s, u64, Batch>,
+    control: StreamVec<'s, u64, u64>,
+) -> (StreamVec<'s, u64, Batch>, StreamVec<'s, u64, u64>) {
+    let mut builder = OperatorBuilder::new(format!("source {}", node.id), scope);
+    let info = builder.operator_info();
+    let (data_out, data_stream) = builder.new_output::<Vec<Batch>>();
+    let (ctl_out, ctl_stream) = builder.new_output::<Vec<u64>>();
+    let mut data_out = OutputBuilder::<u64, CapacityContainerBuilder<Vec<Batch>>>::from(data_out);
+    let mut ctl_out = OutputBuilder::<u64, CapacityContainerBuilder<Vec<u64>>>::from(ctl_out);
+    // Disconnected inputs: their frontiers are read, never inherited, so the loop back from the
+    // sinks creates no cycle in timely's progress tracking.
+    let no_connection = Vec::<(usize, Antichain<u64>)>::new;
+    let mut gate_in = builder.new_input_connection(gate, Pipeline, no_connection());
+    let mut ctl_in = builder.new_input_connection(control, Pipeline, no_connection());
+
+    let activator = scope.worker().sync_activator_for(info.address.to_vec());
+    let shared = node.shared.clone();
+    shared.stop.register(activator.clone());
+    let k = shared.plan.job.max_epochs_in_flight;
+    let budget = shared.plan.job.max_bytes_in_flight.map(|b| b.as_u64());
+    let events = source.map(|s| spawn_reader(s, node.clone(), activator));
+
+    builder.build(move |mut caps| {
+        let ctl_cap = caps.pop();
+        let data_cap = caps.pop();
+        let mut caps: Option<(Capability<u64>, Capability<u64>)> = match (&events, data_cap, ctl_cap) {
+            (Some(_), Some(d), Some(c)) => Some((d, c)),
+            _ => None,
+        };
+        let mut blocked_since: Option<Instant> = None;
+        move |frontiers| {
+            gate_in.for_each(|_, data| data.clear());
+            ctl_in.for_each(|_, data| {
+                if !data.is_empty() {
+                    shared.stop.request(StopReason::Peer);
+                }
+                data.clear();
+            });
+            let Some((data_cap, ctl_cap)) = caps.as_mut() else { return };
+            let Some(events) = events.as_ref() else { return };
+            // The gate only moves forward, so reading it once per activation is conservative.
+            let gate = frontiers[0].frontier();
+            if let Some(&f) = gate.iter().min() {
+                shared.status.advance_gate(f);
+            }
+            if shared.stop.is_stopped() {
+                // Tell every other worker (and process), then release the epoch.
+                ctl_out.activate().session(&*ctl_cap).give(node.worker.index as u64);
+                caps = None;
+                return;
+            }
+            loop {
+                let t = *data_cap.time();
+                let gate_open = gate.iter().all(|f| t < f + k);
+                let budget_open = budget.is_none_or(|b| shared.status.bytes_in_flight() < b || gate.iter().all(|f| *f >= t));
+                if !gate_open || !budget_open {
+                    blocked_since.get_or_insert_with(Instant::now);
+                    return; // rescheduled when the gate frontier moves
+                }
+                match events.try_recv() {
+                    Ok(SourceEvent::Batch(batch, position)) => {
+                        if let Some(since) = blocked_since.take() {
+                            node.metrics.add_wait(since.elapsed());
+                        }
+                        shared.positions.lock().expect("positions lock").insert((node.id.to_string(), node.worker.index), position);
+                        if batch.is_empty() {
+                            continue;
+                        }
+                        node.metrics.record_out(&batch);
+                        shared.status.record_source(t, batch.rows() as u64, batch.byte_size() as u64);
+                        data_out.activate().session(&*data_cap).give(batch);
+                        // Close epoch t before possibly blocking on t + 1.
+                        data_cap.downgrade(&(t + 1));
+                        ctl_cap.downgrade(&(t + 1));
+                    }
+                    Ok(SourceEvent::End) | Err(TryRecvError::Disconnected) => {
+                        caps = None;
+                        return;
+                    }
+                    Ok(SourceEvent::Failed(error)) => {
+                        node.fail(error);
+                        ctl_out.activate().session(&*ctl_cap).give(node.worker.index as u64);
+                        caps = None;
+                        return;
+                    }
+                    Err(TryRecvError::Empty) => return, // the reader activates us
+                }
+            }
+        }
+    });
+    (data_stream, ctl_stream)
+}
+
+/// Runs the source on its own thread, one batch ahead of what the gate has let out.
+fn spawn_reader(mut source: Box<dyn Source>, node: NodeRuntime, activator: SyncActivator) -> Receiver<SourceEvent> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let track = node.track("source");
+    std::thread::Builder::new()
+        .name(format!("lf-src-{}-{}", node.id, node.worker.index))
+        .spawn(move || {
+            let mut ctx = node.context();
+            if let Err(e) = source.start(&mut ctx) {
+                let _ = tx.send(SourceEvent::Failed(e));
+                let _ = activator.activate();
+                return;
+            }
+            let mut epoch = 0;
+            while !node.shared.stop.is_stopped() {
+                ctx.set_epoch(epoch);
+                let began = Instant::now();
+                let result = source.next_batch(&mut ctx);
+                node.finish_call(&mut ctx, began, &track);
+                let (event, last) = match result {
+                    Ok(Some(batch)) => (SourceEvent::Batch(batch, source.position()), false),
+                    Ok(None) => (SourceEvent::End, true),
+                    Err(e) => (SourceEvent::Failed(e), true),
+                };
+                if tx.send(event).is_err() {
+                    return; // the operator stopped
+                }
+                let _ = activator.activate();
+                if last {
+                    return;
+                }
+                epoch += 1;
+            }
+        })
+        .expect("spawn source thread");
+    rx
+}

@@ -1,0 +1,65 @@
+//! # latentflow-operators
+//!
+//! Every operator a topology can name, one per file: its config struct (the keys of its
+//! `[nodes.ID]` table), its logic and its unit tests. [`registry`] is the closed list the
+//! topology compiler knows; `latentflow operators` prints it.
+
+pub mod checksum;
+pub mod demo_source;
+pub mod jsonl_sink;
+pub mod null_sink;
+
+use latentflow_engine::{Catalog, OperatorEntry};
+
+pub use checksum::ChecksumConfig;
+pub use demo_source::DemoSourceConfig;
+pub use jsonl_sink::JsonlSinkConfig;
+pub use null_sink::NullSinkConfig;
+
+/// Every registered operator type.
+///
+/// ```
+/// let catalog = latentflow_operators::registry();
+/// assert!(catalog.get("demo_source").is_some());
+/// ```
+pub fn registry() -> Catalog {
+    Catalog::new(vec![
+        OperatorEntry::of::<DemoSourceConfig>(),
+        OperatorEntry::of::<ChecksumConfig>(),
+        OperatorEntry::of::<NullSinkConfig>(),
+        OperatorEntry::of::<JsonlSinkConfig>(),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use latentflow_engine::{InstanceContext, JobConfig, WorkerInfo};
+
+    #[test]
+    fn every_operator_documents_exactly_its_keys_and_its_example_builds() {
+        let job = JobConfig::default();
+        for entry in registry().entries() {
+            let documented: Vec<&str> = entry.key_docs.iter().map(|(k, _)| *k).collect();
+            let mut fields = entry.fields.to_vec();
+            fields.sort_unstable();
+            let mut sorted = documented.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, fields, "{}: documented keys differ from the config's fields", entry.type_name);
+            let spec = entry.example_spec().unwrap_or_else(|e| panic!("{}: example: {e}", entry.type_name));
+            assert!(spec.validate().is_empty(), "{}: example does not validate", entry.type_name);
+            let ctx = InstanceContext { node: "n", job: &job, worker: WorkerInfo::single() };
+            let instance = spec.instantiate(&ctx).unwrap_or_else(|e| panic!("{}: {e}", entry.type_name));
+            assert_eq!(instance.kind(), entry.kind, "{}", entry.type_name);
+        }
+    }
+
+    #[test]
+    fn type_names_are_unique() {
+        let catalog = registry();
+        let mut names: Vec<_> = catalog.entries().iter().map(|e| e.type_name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), catalog.entries().len());
+    }
+}
