@@ -45,9 +45,9 @@ impl OperatorConfig for DemoSourceConfig {
 impl NodeSpec for DemoSourceConfig {
     fn validate(&self) -> Vec<KeyError> {
         [
-            KeyError::check_range("count", self.count, 1, 1 << 40),
-            KeyError::check_range("batch_size", self.batch_size, 1, 1 << 20),
-            KeyError::check_range("payload_bytes", self.payload_bytes, 0, 1 << 30),
+            KeyError::check_range("count", self.count, 1, 1_000_000_000_000),
+            KeyError::check_range("batch_size", self.batch_size, 1, 1_000_000),
+            KeyError::check_range("payload_bytes", self.payload_bytes, 0, 1_000_000_000),
         ]
         .into_iter()
         .flatten()

@@ -68,33 +68,32 @@ impl<'a> Compiler<'a> {
             }
         };
         let fields = serde_aux::serde_introspection::serde_introspect::<JobConfig>();
-        let mut unknown = false;
-        for key in table.keys() {
-            if !fields.contains(&key.as_str()) {
-                unknown = true;
-                let hint = hint(key, fields.iter().copied());
-                self.error(self.doc.map.key(&["job", key]), None, None, format!("unknown key `job.{key}`{hint}"));
+        let mut known = toml::Table::new();
+        for (key, value) in table {
+            if fields.contains(&key.as_str()) {
+                known.insert(key, value);
+            } else {
+                let hint = hint(&key, fields.iter().copied());
+                self.error(self.doc.map.key(&["job", &key]), None, None, format!("unknown key `job.{key}`{hint}"));
             }
         }
-        if unknown {
-            return JobConfig::default();
-        }
-        let job: JobConfig = match toml::Value::Table(table).try_into() {
+        let job: JobConfig = match parse_keys(known, |t| toml::Value::Table(t).try_into::<JobConfig>().map_err(|e| e.message().to_string())) {
             Ok(job) => job,
-            Err(e) => {
-                let e: toml::de::Error = e;
-                let key = quoted_key(e.message(), fields);
-                let location = match key {
-                    Some(k) => self.doc.map.value(&["job", k]),
-                    None => self.doc.map.key(&["job"]),
-                };
-                self.error(location, None, None, format!("in `[job]`: {}", e.message()));
+            Err(problems) => {
+                for (key, message) in problems {
+                    let location = match &key {
+                        Some(k) => self.doc.map.value(&["job", k]),
+                        None => self.doc.map.key(&["job"]),
+                    };
+                    let key = key.map(|k| format!("job.{k}"));
+                    self.error(location, None, key.as_deref(), message);
+                }
                 return JobConfig::default();
             }
         };
         for e in job.validate() {
             let location = self.doc.map.value(&["job", &e.key]);
-            self.error(location, None, None, format!("`job.{}` {}", e.key, e.message));
+            self.error(location, None, Some(&format!("job.{}", e.key)), e.message);
         }
         job
     }
@@ -156,7 +155,6 @@ impl<'a> Compiler<'a> {
         }
         let Some(entry) = draft.entry else { return draft };
         let mut own = toml::Table::new();
-        let mut unknown = false;
         for (key, value) in table {
             if ENGINE_KEYS.contains(&key.as_str()) {
                 continue;
@@ -164,28 +162,25 @@ impl<'a> Compiler<'a> {
             if entry.fields.contains(&key.as_str()) {
                 own.insert(key.clone(), value.clone());
             } else {
-                unknown = true;
                 let hint = hint(key, entry.fields.iter().chain(ENGINE_KEYS).copied());
                 self.error(map.key(&["nodes", id, key]), Some(id), None, format!("unknown key `{key}` for `{}`{hint}", entry.type_name));
             }
         }
-        if unknown {
-            return draft;
-        }
-        match entry.parse(own) {
+        match parse_keys(own, |t| entry.parse(t)) {
             Ok(spec) => {
                 for e in spec.validate() {
                     self.error(map.value(&["nodes", id, &e.key]), Some(id), Some(&e.key), e.message);
                 }
                 draft.spec = Some(spec);
             }
-            Err(message) => {
-                let key = quoted_key(&message, entry.fields);
-                let location = match key {
-                    Some(k) => map.value(&["nodes", id, k]),
-                    None => map.key(&["nodes", id]),
-                };
-                self.error(location, Some(id), key, message);
+            Err(problems) => {
+                for (key, message) in problems {
+                    let location = match &key {
+                        Some(k) => map.value(&["nodes", id, k]),
+                        None => map.key(&["nodes", id]),
+                    };
+                    self.error(location, Some(id), key.as_deref(), message);
+                }
             }
         }
         draft
@@ -301,9 +296,26 @@ fn hint<'s>(name: &str, candidates: impl IntoIterator<Item = &'s str>) -> String
     closest(name, candidates).map(|c| format!(" (did you mean `{c}`?)")).unwrap_or_default()
 }
 
-/// The first of `fields` that a serde message quotes (`` `count` ``), to point at its line.
-fn quoted_key<'f>(message: &str, fields: &'f [&'f str]) -> Option<&'f str> {
-    fields.iter().copied().find(|f| message.contains(&format!("`{f}`")))
+/// Parses a table with `parse`; on failure finds every key whose value is at fault by parsing
+/// each key alone (a lone key fails only for its own value, or for a missing required key,
+/// which is not its fault), so one bad value does not hide the next.
+fn parse_keys<T>(table: toml::Table, parse: impl Fn(toml::Table) -> Result<T, String>) -> Result<T, Vec<(Option<String>, String)>> {
+    let whole = match parse(table.clone()) {
+        Ok(value) => return Ok(value),
+        Err(message) => message,
+    };
+    let mut problems = Vec::new();
+    for (key, value) in table {
+        if let Err(message) = parse(toml::Table::from_iter([(key.clone(), value)])) {
+            if !message.starts_with("missing field") {
+                problems.push((Some(key), message));
+            }
+        }
+    }
+    if problems.is_empty() {
+        problems.push((None, whole));
+    }
+    Err(problems)
 }
 
 /// Each cycle once, as the chain of nodes in data-flow order with the first repeated at the end.

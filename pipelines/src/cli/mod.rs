@@ -1,0 +1,51 @@
+//! The `latentflow` command line: `run`, `validate` and `operators`.
+//!
+//! Exit codes: 0 success, 1 runtime failure, 2 usage or topology error, 130 interrupted.
+
+mod args;
+mod operators;
+mod run;
+
+use std::ffi::OsString;
+
+use clap::Parser;
+
+pub use args::{Cli, Command, RunArgs, TopologyArgs};
+
+/// Success.
+pub const EXIT_OK: i32 = 0;
+/// A runtime failure.
+pub const EXIT_FAILURE: i32 = 1;
+/// A usage or topology error.
+pub const EXIT_USAGE: i32 = 2;
+/// Stopped by Ctrl-C.
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// Runs the command line with the process's arguments and returns the exit code.
+pub fn main() -> i32 {
+    main_with(std::env::args_os())
+}
+
+/// Runs the command line with these arguments (the first is the program name).
+pub fn main_with<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I) -> i32 {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+        }
+    };
+    init_logging(cli.quiet);
+    match cli.command {
+        Command::Run(args) => run::run(&args),
+        Command::Validate(args) => run::validate(&args),
+        Command::Operators => operators::list(),
+    }
+}
+
+fn init_logging(quiet: bool) {
+    let default = if quiet { "warn" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_target(false).try_init();
+}

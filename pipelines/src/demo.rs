@@ -1,0 +1,36 @@
+//! The engine demo pipeline, defined in Rust: synthetic rows → checksum → JSON lines.
+//! `topologies/demo.toml` is the same pipeline as a file.
+
+use latentflow_engine::{Plan, PlanErrors, TopologyBuilder};
+use latentflow_operators::{ChecksumConfig, DemoSourceConfig, JsonlSinkConfig};
+
+/// The demo pipeline over `count` synthetic rows, written under `runs/demo`.
+///
+/// ```
+/// let plan = latentflow_pipelines::demo::plan(64).unwrap();
+/// assert_eq!(plan.nodes.len(), 3);
+/// ```
+pub fn plan(count: u64) -> Result<Plan, PlanErrors> {
+    TopologyBuilder::new("demo")
+        .node("read", DemoSourceConfig { count, ..DemoSourceConfig::default() }, &[])
+        .node("checksum", ChecksumConfig::default(), &["read"])
+        .node("rows", JsonlSinkConfig { columns: Some(vec!["key".into(), "caption".into(), "checksum".into()]), ..JsonlSinkConfig::default() }, &["checksum"])
+        .compile(&latentflow_operators::registry())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rust_pipeline_equals_the_topology_file() {
+        let from_code = plan(512).unwrap();
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/topologies/demo.toml");
+        let from_file = Plan::from_file(path.as_ref(), &[], &latentflow_operators::registry()).unwrap();
+        assert_eq!(format!("{:?}", from_code.job), format!("{:?}", from_file.job));
+        let describe = |p: &Plan| -> Vec<String> {
+            p.nodes.iter().map(|n| format!("{} {} {:?} {} {:?}", n.id, n.type_name, n.inputs, n.schema, n.spec)).collect()
+        };
+        assert_eq!(describe(&from_code), describe(&from_file));
+    }
+}

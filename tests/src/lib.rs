@@ -1,0 +1,42 @@
+//! Helpers for latentflow's end-to-end tests: paths, running the binary, and test-only
+//! operators ([`testops`]) that record what the engine did to them.
+
+pub mod testops;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// A file under `tests/fixtures/`.
+pub fn fixture(name: &str) -> PathBuf {
+    root().join("tests/fixtures").join(name)
+}
+
+/// A topology file under `pipelines/topologies/`.
+pub fn topology(name: &str) -> PathBuf {
+    root().join("pipelines/topologies").join(name)
+}
+
+/// Runs the `latentflow` binary (`bin` is `env!("CARGO_BIN_EXE_lf")`) in `dir`.
+pub fn latentflow(bin: &str, dir: &Path, args: &[&str]) -> Output {
+    Command::new(bin).args(args).current_dir(dir).env("RUST_LOG", "warn").output().expect("run latentflow")
+}
+
+/// Stdout and stderr of a finished command, for assertion messages.
+pub fn text(output: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
