@@ -75,7 +75,9 @@ pub enum EngineError {
         timeout_s: f64,
     },
     /// A cluster peer went away mid-run.
-    #[error("lost the connection to a peer process ({0}); the job stops here and can be resumed from its last checkpoint")]
+    #[error(
+        "lost the connection to a peer process ({0}); the job stops here and can be resumed from its last checkpoint"
+    )]
     PeerLost(String),
     /// A worker thread panicked.
     #[error("worker failed: {0}")]

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use latentflow_engine::{
-    Batch, Column, ColumnType, Field, InstanceContext, Map, NodeSpec, OpContext, OpError, OperatorConfig,
-    OperatorImpl, OperatorKind, Ports,
+    Batch, Column, ColumnType, Field, InstanceContext, Map, NodeSpec, OpContext, OpError, OperatorConfig, OperatorImpl,
+    OperatorKind, Ports,
 };
 use serde::{Deserialize, Serialize};
 

@@ -106,7 +106,8 @@ impl Source for DemoSource {
         }
         let keys: Vec<i64> = (self.emitted..end).map(|i| (i * self.shards + self.shard) as i64).collect();
         let captions = keys.iter().map(|k| format!("demo row {k}")).collect();
-        let images = keys.iter().map(|&k| ByteBuf::from(payload(self.seed, k as u64, self.config.payload_bytes))).collect();
+        let images =
+            keys.iter().map(|&k| ByteBuf::from(payload(self.seed, k as u64, self.config.payload_bytes))).collect();
         self.emitted = end;
         let batch = Batch::new()
             .with("key", Column::I64(keys))?

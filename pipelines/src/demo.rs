@@ -14,7 +14,14 @@ pub fn plan(count: u64) -> Result<Plan, PlanErrors> {
     TopologyBuilder::new("demo")
         .node("read", DemoSourceConfig { count, ..DemoSourceConfig::default() }, &[])
         .node("checksum", ChecksumConfig::default(), &["read"])
-        .node("rows", JsonlSinkConfig { columns: Some(vec!["key".into(), "caption".into(), "checksum".into()]), ..JsonlSinkConfig::default() }, &["checksum"])
+        .node(
+            "rows",
+            JsonlSinkConfig {
+                columns: Some(vec!["key".into(), "caption".into(), "checksum".into()]),
+                ..JsonlSinkConfig::default()
+            },
+            &["checksum"],
+        )
         .compile(&latentflow_operators::registry())
 }
 
@@ -29,7 +36,10 @@ mod tests {
         let from_file = Plan::from_file(path.as_ref(), &[], &latentflow_operators::registry()).unwrap();
         assert_eq!(format!("{:?}", from_code.job), format!("{:?}", from_file.job));
         let describe = |p: &Plan| -> Vec<String> {
-            p.nodes.iter().map(|n| format!("{} {} {:?} {} {:?}", n.id, n.type_name, n.inputs, n.schema, n.spec)).collect()
+            p.nodes
+                .iter()
+                .map(|n| format!("{} {} {:?} {} {:?}", n.id, n.type_name, n.inputs, n.schema, n.spec))
+                .collect()
         };
         assert_eq!(describe(&from_code), describe(&from_file));
     }

@@ -134,7 +134,10 @@ impl NodeSpec for ProbeSinkConfig {
     }
 
     fn instantiate(&self, _ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
-        Ok(OperatorImpl::Sink(Box::new(ProbeSink { probe: probe(&self.probe), delay: Duration::from_millis(self.delay_ms) })))
+        Ok(OperatorImpl::Sink(Box::new(ProbeSink {
+            probe: probe(&self.probe),
+            delay: Duration::from_millis(self.delay_ms),
+        })))
     }
 }
 
@@ -246,7 +249,8 @@ impl OperatorConfig for FailAtConfig {
     const KIND: OperatorKind = OperatorKind::Map;
     const SUMMARY: &'static str = "test: fails on one key, rejects odd keys";
     const EXAMPLE: &'static str = "key = 3";
-    const KEYS: &'static [(&'static str, &'static str)] = &[("key", "fail on this key"), ("reject_odd", "reject odd keys")];
+    const KEYS: &'static [(&'static str, &'static str)] =
+        &[("key", "fail on this key"), ("reject_odd", "reject odd keys")];
 }
 
 impl NodeSpec for FailAtConfig {

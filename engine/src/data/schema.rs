@@ -136,14 +136,11 @@ impl Ports {
         let mut problems = Vec::new();
         for need in &self.requires {
             match input.get(&need.name) {
-                None => problems.push(format!(
-                    "needs column `{}` ({}) but its input has {}",
-                    need.name, need.ty, input
-                )),
-                Some(have) if have.ty != need.ty => problems.push(format!(
-                    "needs column `{}` as {} but its input has it as {}",
-                    need.name, need.ty, have.ty
-                )),
+                None => {
+                    problems.push(format!("needs column `{}` ({}) but its input has {}", need.name, need.ty, input))
+                }
+                Some(have) if have.ty != need.ty => problems
+                    .push(format!("needs column `{}` as {} but its input has it as {}", need.name, need.ty, have.ty)),
                 Some(_) => {}
             }
         }

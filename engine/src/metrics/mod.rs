@@ -6,9 +6,9 @@ mod profile;
 mod progress;
 mod trace;
 
-pub use counters::{MetricsRegistry, MetricsSnapshot, OperatorMetrics};
 pub(crate) use counters::IdleClock;
+pub use counters::{MetricsRegistry, MetricsSnapshot, OperatorMetrics};
 pub use profile::{OperatorProfile, Profile};
-pub(crate) use progress::ProgressReporter;
 pub use progress::ProgressMode;
+pub(crate) use progress::ProgressReporter;
 pub use trace::TraceRecorder;

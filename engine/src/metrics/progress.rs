@@ -40,7 +40,10 @@ impl ProgressReporter {
             ProgressMode::Off => return ProgressReporter { done, thread: None },
             ProgressMode::Auto if std::io::stderr().is_terminal() => {
                 let bar = indicatif::ProgressBar::new_spinner();
-                bar.set_style(indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {wide_msg}").expect("template"));
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {wide_msg}")
+                        .expect("template"),
+                );
                 Some(bar)
             }
             _ => None,

@@ -63,8 +63,7 @@ impl KeyError {
     /// assert_eq!(e.message, "must be between 1 and 10, got 0");
     /// ```
     pub fn check_range<T: PartialOrd + fmt::Display>(key: &str, value: T, lo: T, hi: T) -> Option<KeyError> {
-        (value < lo || value > hi)
-            .then(|| KeyError::new(key, format!("must be between {lo} and {hi}, got {value}")))
+        (value < lo || value > hi).then(|| KeyError::new(key, format!("must be between {lo} and {hi}, got {value}")))
     }
 }
 

@@ -34,7 +34,12 @@ pub fn compile(doc: &Document, catalog: &Catalog) -> Result<Plan, PlanErrors> {
     let mut c = Compiler { doc, catalog, errors: Vec::new() };
     for key in doc.table.keys() {
         if key != "job" && key != "nodes" {
-            c.error(c.doc.map.key(&[key]), None, None, format!("unknown table `{key}`; a topology has `[job]` and `[nodes.ID]` tables"));
+            c.error(
+                c.doc.map.key(&[key]),
+                None,
+                None,
+                format!("unknown table `{key}`; a topology has `[job]` and `[nodes.ID]` tables"),
+            );
         }
     }
     let job = c.job();
@@ -77,20 +82,17 @@ impl<'a> Compiler<'a> {
                 self.error(self.doc.map.key(&["job", &key]), None, None, format!("unknown key `job.{key}`{hint}"));
             }
         }
-        let job: JobConfig = match parse_keys(known, |t| toml::Value::Table(t).try_into::<JobConfig>().map_err(|e| e.message().to_string())) {
-            Ok(job) => job,
-            Err(problems) => {
-                for (key, message) in problems {
-                    let location = match &key {
-                        Some(k) => self.doc.map.value(&["job", k]),
-                        None => self.doc.map.key(&["job"]),
-                    };
-                    let key = key.map(|k| format!("job.{k}"));
-                    self.error(location, None, key.as_deref(), message);
-                }
-                return JobConfig::default();
-            }
-        };
+        let (job, problems) =
+            parse_keys(known, |t| toml::Value::Table(t).try_into::<JobConfig>().map_err(|e| e.message().to_string()));
+        for (key, message) in problems {
+            let location = match &key {
+                Some(k) => self.doc.map.value(&["job", k]),
+                None => self.doc.map.key(&["job"]),
+            };
+            let key = key.map(|k| format!("job.{k}"));
+            self.error(location, None, key.as_deref(), message);
+        }
+        let job = job.unwrap_or_default();
         for e in job.validate() {
             let location = self.doc.map.value(&["job", &e.key]);
             self.error(location, None, Some(&format!("job.{}", e.key)), e.message);
@@ -102,22 +104,42 @@ impl<'a> Compiler<'a> {
         let nodes = match self.doc.table.get("nodes") {
             Some(toml::Value::Table(t)) => t,
             Some(_) => {
-                self.error(self.doc.map.key(&["nodes"]), None, None, "`nodes` must be a table of `[nodes.ID]` tables".into());
+                self.error(
+                    self.doc.map.key(&["nodes"]),
+                    None,
+                    None,
+                    "`nodes` must be a table of `[nodes.ID]` tables".into(),
+                );
                 return Vec::new();
             }
             None => {
-                self.error(Location::Unknown, None, None, "no nodes; add `[nodes.ID]` tables, starting with a source".into());
+                self.error(
+                    Location::Unknown,
+                    None,
+                    None,
+                    "no nodes; add `[nodes.ID]` tables, starting with a source".into(),
+                );
                 return Vec::new();
             }
         };
         let mut drafts = Vec::new();
         for (id, value) in nodes {
             if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-                self.error(self.doc.map.key(&["nodes", id]), Some(id), None, "node ids are letters, digits, `_` and `-`".into());
+                self.error(
+                    self.doc.map.key(&["nodes", id]),
+                    Some(id),
+                    None,
+                    "node ids are letters, digits, `_` and `-`".into(),
+                );
             }
             match value {
                 toml::Value::Table(table) => drafts.push(self.node(id, table)),
-                _ => self.error(self.doc.map.key(&["nodes", id]), Some(id), None, "must be a table (`[nodes.ID]`)".into()),
+                _ => self.error(
+                    self.doc.map.key(&["nodes", id]),
+                    Some(id),
+                    None,
+                    "must be a table (`[nodes.ID]`)".into(),
+                ),
             }
         }
         drafts
@@ -125,14 +147,26 @@ impl<'a> Compiler<'a> {
 
     fn node(&mut self, id: &str, table: &toml::Table) -> Draft<'a> {
         let map = &self.doc.map;
-        let mut draft = Draft { id: id.to_string(), entry: None, inputs: Vec::new(), placement: Placement::All, spec: None };
+        let mut draft =
+            Draft { id: id.to_string(), entry: None, inputs: Vec::new(), placement: Placement::All, spec: None };
         match table.get("type") {
-            None => self.error(map.key(&["nodes", id]), Some(id), None, "missing `type`; `latentflow operators` lists them".into()),
+            None => self.error(
+                map.key(&["nodes", id]),
+                Some(id),
+                None,
+                "missing `type`; `latentflow operators` lists them".into(),
+            ),
             Some(toml::Value::String(name)) => match self.catalog.get(name) {
                 Some(entry) => draft.entry = Some(entry),
                 None => {
-                    let hint = self.catalog.closest(name).map(|c| format!(" (did you mean `{c}`?)")).unwrap_or_default();
-                    self.error(map.value(&["nodes", id, "type"]), Some(id), Some("type"), format!("unknown operator type `{name}`{hint}; `latentflow operators` lists them"));
+                    let hint =
+                        self.catalog.closest(name).map(|c| format!(" (did you mean `{c}`?)")).unwrap_or_default();
+                    self.error(
+                        map.value(&["nodes", id, "type"]),
+                        Some(id),
+                        Some("type"),
+                        format!("unknown operator type `{name}`{hint}; `latentflow operators` lists them"),
+                    );
                 }
             },
             Some(_) => self.error(map.value(&["nodes", id, "type"]), Some(id), Some("type"), "must be a string".into()),
@@ -143,17 +177,31 @@ impl<'a> Compiler<'a> {
             Some(toml::Value::Array(items)) if items.iter().all(|v| v.is_str()) => {
                 draft.inputs = items.iter().filter_map(|v| v.as_str().map(str::to_string)).collect();
             }
-            Some(_) => self.error(map.value(&["nodes", id, "inputs"]), Some(id), Some("inputs"), "must be a list of node ids, e.g. [\"read\"]".into()),
+            Some(_) => self.error(
+                map.value(&["nodes", id, "inputs"]),
+                Some(id),
+                Some("inputs"),
+                "must be a list of node ids, e.g. [\"read\"]".into(),
+            ),
         }
         match table.get("placement") {
             None => {}
             Some(toml::Value::String(s)) => match s.parse() {
                 Ok(p) => draft.placement = p,
-                Err(message) => self.error(map.value(&["nodes", id, "placement"]), Some(id), Some("placement"), message),
+                Err(message) => {
+                    self.error(map.value(&["nodes", id, "placement"]), Some(id), Some("placement"), message)
+                }
             },
-            Some(_) => self.error(map.value(&["nodes", id, "placement"]), Some(id), Some("placement"), "must be \"all\" or \"gpu\"".into()),
+            Some(_) => self.error(
+                map.value(&["nodes", id, "placement"]),
+                Some(id),
+                Some("placement"),
+                "must be \"all\" or \"gpu\"".into(),
+            ),
         }
-        let Some(entry) = draft.entry else { return draft };
+        let Some(entry) = draft.entry else {
+            return draft;
+        };
         let mut own = toml::Table::new();
         for (key, value) in table {
             if ENGINE_KEYS.contains(&key.as_str()) {
@@ -163,25 +211,27 @@ impl<'a> Compiler<'a> {
                 own.insert(key.clone(), value.clone());
             } else {
                 let hint = hint(key, entry.fields.iter().chain(ENGINE_KEYS).copied());
-                self.error(map.key(&["nodes", id, key]), Some(id), None, format!("unknown key `{key}` for `{}`{hint}", entry.type_name));
+                self.error(
+                    map.key(&["nodes", id, key]),
+                    Some(id),
+                    None,
+                    format!("unknown key `{key}` for `{}`{hint}", entry.type_name),
+                );
             }
         }
-        match parse_keys(own, |t| entry.parse(t)) {
-            Ok(spec) => {
-                for e in spec.validate() {
-                    self.error(map.value(&["nodes", id, &e.key]), Some(id), Some(&e.key), e.message);
-                }
-                draft.spec = Some(spec);
+        let (spec, problems) = parse_keys(own, |t| entry.parse(t));
+        for (key, message) in problems {
+            let location = match &key {
+                Some(k) => map.value(&["nodes", id, k]),
+                None => map.key(&["nodes", id]),
+            };
+            self.error(location, Some(id), key.as_deref(), message);
+        }
+        if let Some(spec) = spec {
+            for e in spec.validate() {
+                self.error(map.value(&["nodes", id, &e.key]), Some(id), Some(&e.key), e.message);
             }
-            Err(problems) => {
-                for (key, message) in problems {
-                    let location = match &key {
-                        Some(k) => map.value(&["nodes", id, k]),
-                        None => map.key(&["nodes", id]),
-                    };
-                    self.error(location, Some(id), key.as_deref(), message);
-                }
-            }
+            draft.spec = Some(spec);
         }
         draft
     }
@@ -191,13 +241,30 @@ impl<'a> Compiler<'a> {
         let index: HashMap<&str, usize> = drafts.iter().enumerate().map(|(i, d)| (d.id.as_str(), i)).collect();
         let mut edges: Vec<Vec<usize>> = vec![Vec::new(); drafts.len()];
         let mut consumed = vec![false; drafts.len()];
+        // Nodes whose inputs are wrong are not type-checked: the input error says it all.
+        let mut inputs_ok = vec![true; drafts.len()];
         for (i, d) in drafts.iter().enumerate() {
             let inputs_at = self.doc.map.value(&["nodes", &d.id, "inputs"]);
             if let Some(entry) = d.entry {
                 if entry.kind == OperatorKind::Source && !d.inputs.is_empty() {
-                    self.error(inputs_at.clone(), Some(&d.id), Some("inputs"), format!("`{}` is a source and takes no inputs", entry.type_name));
+                    inputs_ok[i] = false;
+                    self.error(
+                        inputs_at.clone(),
+                        Some(&d.id),
+                        Some("inputs"),
+                        format!("`{}` is a source and takes no inputs", entry.type_name),
+                    );
                 } else if entry.kind != OperatorKind::Source && d.inputs.is_empty() {
-                    self.error(self.doc.map.key(&["nodes", &d.id]), Some(&d.id), Some("inputs"), format!("missing `inputs`: `{}` is a {} and needs at least one input", entry.type_name, entry.kind));
+                    inputs_ok[i] = false;
+                    self.error(
+                        self.doc.map.key(&["nodes", &d.id]),
+                        Some(&d.id),
+                        Some("inputs"),
+                        format!(
+                            "missing `inputs`: `{}` is a {} and needs at least one input",
+                            entry.type_name, entry.kind
+                        ),
+                    );
                 }
             }
             for input in &d.inputs {
@@ -207,13 +274,24 @@ impl<'a> Compiler<'a> {
                         consumed[j] = true;
                     }
                     None => {
+                        inputs_ok[i] = false;
                         let hint = hint(input, drafts.iter().map(|d| d.id.as_str()));
-                        self.error(inputs_at.clone(), Some(&d.id), Some("inputs"), format!("unknown input `{input}`{hint}"));
+                        self.error(
+                            inputs_at.clone(),
+                            Some(&d.id),
+                            Some("inputs"),
+                            format!("unknown input `{input}`{hint}"),
+                        );
                     }
                 }
             }
             if d.placement == Placement::Gpu && job.devices.is_empty() {
-                self.error(self.doc.map.value(&["nodes", &d.id, "placement"]), Some(&d.id), Some("placement"), "placement \"gpu\" needs at least one entry in `job.devices`".into());
+                self.error(
+                    self.doc.map.value(&["nodes", &d.id, "placement"]),
+                    Some(&d.id),
+                    Some("placement"),
+                    "placement \"gpu\" needs at least one entry in `job.devices`".into(),
+                );
             }
         }
         for cycle in find_cycles(&edges) {
@@ -230,19 +308,28 @@ impl<'a> Compiler<'a> {
                 OperatorKind::Sink => sinks += 1,
                 _ => {}
             }
-            if entry.kind != OperatorKind::Sink && !used {
+            // With an unknown input somewhere, "goes nowhere" is likely the same typo again.
+            if entry.kind != OperatorKind::Sink && !used && inputs_ok.iter().all(|ok| *ok) {
                 self.error(self.doc.map.key(&["nodes", &d.id]), Some(&d.id), None, format!("its output goes nowhere; list `{}` in the `inputs` of another node or of a sink such as `null_sink`", d.id));
             }
         }
-        if !drafts.is_empty() && (sources == 0 || sinks == 0) {
-            let missing = if sources == 0 { "a source" } else { "a sink" };
-            self.error(Location::Unknown, None, None, format!("the topology has no {missing}; every job needs at least one source and one sink"));
+        let all_known = drafts.iter().all(|d| d.entry.is_some());
+        if !drafts.is_empty() && all_known && (sources == 0 || sinks == 0) {
+            let missing = if sources == 0 { "source" } else { "sink" };
+            self.error(
+                Location::Unknown,
+                None,
+                None,
+                format!("the topology has no {missing}; every job needs at least one source and one sink"),
+            );
         }
         let order = topological_order(&edges)?;
         let mut schemas: Vec<Option<Schema>> = vec![None; drafts.len()];
         for &i in &order {
             let d = &drafts[i];
-            let Some(spec) = &d.spec else { continue };
+            let Some(spec) = d.spec.as_ref().filter(|_| inputs_ok[i]) else {
+                continue;
+            };
             let ports = spec.ports();
             let inputs: Option<Vec<&Schema>> = edges[i].iter().map(|&j| schemas[j].as_ref()).collect();
             let Some(inputs) = inputs else { continue };
@@ -262,7 +349,16 @@ impl<'a> Compiler<'a> {
                 Err(problems) => {
                     let from: Vec<&str> = edges[i].iter().map(|&j| drafts[j].id.as_str()).collect();
                     for p in problems {
-                        self.error(self.doc.map.value(&["nodes", &d.id, "inputs"]), Some(&d.id), Some("inputs"), format!("type mismatch on input `{}`: `{}` {p}", from.join("`, `"), d.entry.map_or("", |e| e.type_name)));
+                        self.error(
+                            self.doc.map.value(&["nodes", &d.id, "inputs"]),
+                            Some(&d.id),
+                            Some("inputs"),
+                            format!(
+                                "type mismatch on input `{}`: `{}` {p}",
+                                from.join("`, `"),
+                                d.entry.map_or("", |e| e.type_name)
+                            ),
+                        );
                     }
                 }
             }
@@ -298,24 +394,30 @@ fn hint<'s>(name: &str, candidates: impl IntoIterator<Item = &'s str>) -> String
 
 /// Parses a table with `parse`; on failure finds every key whose value is at fault by parsing
 /// each key alone (a lone key fails only for its own value, or for a missing required key,
-/// which is not its fault), so one bad value does not hide the next.
-fn parse_keys<T>(table: toml::Table, parse: impl Fn(toml::Table) -> Result<T, String>) -> Result<T, Vec<(Option<String>, String)>> {
+/// which is not its fault), so one bad value does not hide the next. Returns the parse of the
+/// keys that are not at fault (so their values can still be validated) and the problems.
+fn parse_keys<T>(
+    table: toml::Table,
+    parse: impl Fn(toml::Table) -> Result<T, String>,
+) -> (Option<T>, Vec<(Option<String>, String)>) {
     let whole = match parse(table.clone()) {
-        Ok(value) => return Ok(value),
+        Ok(value) => return (Some(value), Vec::new()),
         Err(message) => message,
     };
     let mut problems = Vec::new();
+    let mut good = toml::Table::new();
     for (key, value) in table {
-        if let Err(message) = parse(toml::Table::from_iter([(key.clone(), value)])) {
-            if !message.starts_with("missing field") {
-                problems.push((Some(key), message));
+        match parse(toml::Table::from_iter([(key.clone(), value.clone())])) {
+            Err(message) if !message.starts_with("missing field") => problems.push((Some(key), message)),
+            _ => {
+                good.insert(key, value);
             }
         }
     }
     if problems.is_empty() {
-        problems.push((None, whole));
+        return (None, vec![(None, whole)]);
     }
-    Err(problems)
+    (parse(good).ok(), problems)
 }
 
 /// Each cycle once, as the chain of nodes in data-flow order with the first repeated at the end.

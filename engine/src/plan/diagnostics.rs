@@ -146,17 +146,22 @@ impl SourceMap {
     }
 }
 
-/// The candidate closest to `name` by edit distance, if it is close enough to be a typo.
+/// The candidate closest to `name` by edit distance, if it is close enough to be a typo (or
+/// one is a prefix of the other).
 ///
 /// ```
 /// use latentflow_engine::plan::closest;
 /// assert_eq!(closest("resolutin", ["resolution", "crop"]), Some("resolution"));
+/// assert_eq!(closest("delay", ["delay_ms"]), Some("delay_ms"));
 /// assert_eq!(closest("zzz", ["resolution", "crop"]), None);
 /// ```
 pub fn closest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     candidates
         .into_iter()
-        .map(|c| (strsim::damerau_levenshtein(name, c), c))
+        .map(|c| {
+            let prefix = name.len() >= 3 && (c.starts_with(name) || name.starts_with(c));
+            (if prefix { 1 } else { strsim::damerau_levenshtein(name, c) }, c)
+        })
         .filter(|(d, c)| *d <= (name.len().max(c.len()) / 3).max(2))
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c)

@@ -125,9 +125,8 @@ mod tests {
     #[test]
     fn bad_overrides_are_all_reported() {
         let mut doc = Document::parse("t.toml", TOPOLOGY).unwrap();
-        let errors = doc
-            .apply_overrides(&["nodes.raed.count=1".into(), "count".into(), "other.x=1".into()])
-            .unwrap_err();
+        let errors =
+            doc.apply_overrides(&["nodes.raed.count=1".into(), "count".into(), "other.x=1".into()]).unwrap_err();
         let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
         assert_eq!(
             text,

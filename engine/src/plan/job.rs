@@ -66,15 +66,15 @@ impl JobConfig {
 
     /// Threads for the map pool.
     pub fn cpu_threads(&self) -> usize {
-        self.cpu_threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        self.cpu_threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
     }
 
     /// Every bad value.
     pub fn validate(&self) -> Vec<KeyError> {
         let mut errors = Vec::new();
         if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            errors.push(KeyError::new("name", format!("must be letters, digits, `-`, `_` or `.`, got {:?}", self.name)));
+            errors
+                .push(KeyError::new("name", format!("must be letters, digits, `-`, `_` or `.`, got {:?}", self.name)));
         }
         errors.extend(KeyError::check_range("max_epochs_in_flight", self.max_epochs_in_flight, 1, 1 << 20));
         if let Some(b) = self.max_bytes_in_flight {
@@ -89,10 +89,16 @@ impl JobConfig {
             }
         }
         if !(self.connect_timeout_s > 0.0 && self.connect_timeout_s <= 86400.0) {
-            errors.push(KeyError::new("connect_timeout_s", format!("must be between 0 and 86400 seconds, got {}", self.connect_timeout_s)));
+            errors.push(KeyError::new(
+                "connect_timeout_s",
+                format!("must be between 0 and 86400 seconds, got {}", self.connect_timeout_s),
+            ));
         }
         if !(self.log_interval_s > 0.0 && self.log_interval_s <= 86400.0) {
-            errors.push(KeyError::new("log_interval_s", format!("must be between 0 and 86400 seconds, got {}", self.log_interval_s)));
+            errors.push(KeyError::new(
+                "log_interval_s",
+                format!("must be between 0 and 86400 seconds, got {}", self.log_interval_s),
+            ));
         }
         errors
     }

@@ -73,8 +73,16 @@ impl Plan {
     /// Checks topology text; `origin` names it in errors.
     pub fn from_toml(origin: &str, text: &str, overrides: &[String], catalog: &Catalog) -> Result<Plan, PlanErrors> {
         let mut doc = Document::parse(origin, text).map_err(|e| PlanErrors(vec![e]))?;
-        doc.apply_overrides(overrides).map_err(PlanErrors)?;
-        compile(&doc, catalog)
+        // Bad overrides are reported together with whatever else is wrong.
+        let mut errors = doc.apply_overrides(overrides).err().unwrap_or_default();
+        match compile(&doc, catalog) {
+            Ok(plan) if errors.is_empty() => Ok(plan),
+            Ok(_) => Err(PlanErrors(errors)),
+            Err(PlanErrors(more)) => {
+                errors.extend(more);
+                Err(PlanErrors(errors))
+            }
+        }
     }
 
     /// The node with this id.

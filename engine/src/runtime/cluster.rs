@@ -2,6 +2,7 @@
 //! clear error when a peer goes away.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, Once};
 
 use crossbeam_channel::Sender;
@@ -58,7 +59,7 @@ impl ClusterOptions {
         }
         for (line, address) in self.addresses.iter().enumerate() {
             let port = address.rsplit_once(':').map(|(_, p)| p);
-            if !port.is_some_and(|p| p.parse::<u16>().is_ok()) {
+            if port.is_none_or(|p| p.parse::<u16>().is_err()) {
                 return Err(EngineError::Options(format!(
                     "{origin}: address {} (`{address}`) is not `host:port`",
                     line + 1
@@ -71,6 +72,8 @@ impl ClusterOptions {
 
 static HOOK: Once = Once::new();
 static PEER_LOST: Mutex<Option<Sender<String>>> = Mutex::new(None);
+/// Set once a peer was lost: the panics that follow on timely's threads are consequences, not news.
+static LOST: AtomicBool = AtomicBool::new(false);
 
 /// Reports timely's network failures ("timely communication error: ...", raised as panics on
 /// its network threads) to `events` instead of leaving the workers waiting forever.
@@ -86,11 +89,14 @@ pub(crate) fn watch_peers(events: Sender<String>) {
                 .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
             let sender = PEER_LOST.lock().ok().and_then(|s| s.clone());
-            let is_network = message.starts_with("timely communication error") || message.contains("MergeQueue poisoned");
+            let is_network =
+                message.starts_with("timely communication error") || message.contains("MergeQueue poisoned");
             match sender {
                 Some(sender) if is_network => {
+                    LOST.store(true, Ordering::SeqCst);
                     let _ = sender.send(message);
                 }
+                Some(_) if LOST.load(Ordering::SeqCst) => {}
                 _ => previous(info),
             }
         }));

@@ -31,6 +31,9 @@ fn build<'s>(scope: Scope<'s, u64>, shared: &Arc<JobShared>, index: usize, peers
     let mut streams: Vec<Option<StreamVec<'s, u64, Batch>>> = Vec::with_capacity(plan.nodes.len());
     let mut done = Vec::new();
     let mut controls = Vec::new();
+    let chained = chain_next(plan);
+    // The maps gathered so far for the chain being built (its head's input and its links).
+    let mut open_chain: Option<(StreamVec<'s, u64, Batch>, Vec<map_op::ChainLink>)> = None;
     for (i, node) in plan.nodes.iter().enumerate() {
         let workers = node.placement.workers(shared.threads, shared.processes, plan.job.devices.len());
         let runtime = NodeRuntime {
@@ -40,9 +43,13 @@ fn build<'s>(scope: Scope<'s, u64>, shared: &Arc<JobShared>, index: usize, peers
             shared: Arc::clone(shared),
         };
         let instance = if workers.contains(&index) { instantiate(node, &runtime) } else { None };
-        let input = (!node.inputs.is_empty()).then(|| {
+        let input = (!node.inputs.is_empty() && open_chain.is_none()).then(|| {
             let inputs = node.inputs.iter().map(|&j| streams[j].clone().expect("inputs come first"));
-            let merged = if node.inputs.len() == 1 { inputs.into_iter().next().expect("one input") } else { scope.concatenate(inputs) };
+            let merged = if node.inputs.len() == 1 {
+                inputs.into_iter().next().expect("one input")
+            } else {
+                scope.concatenate(inputs)
+            };
             if workers.len() == peers {
                 merged
             } else {
@@ -70,7 +77,18 @@ fn build<'s>(scope: Scope<'s, u64>, shared: &Arc<JobShared>, index: usize, peers
                     Some(OperatorImpl::Map(m)) => Some(m),
                     _ => None,
                 };
-                map_op::build(input.expect("checked: maps have inputs"), runtime, map)
+                let (head_input, mut links) = match open_chain.take() {
+                    Some(chain) => chain,
+                    None => (input.expect("checked: maps have inputs"), Vec::new()),
+                };
+                links.push((runtime, map));
+                if chained[i] {
+                    // The next node continues this chain; nothing else reads this node's output.
+                    open_chain = Some((head_input, links));
+                    streams.push(None);
+                    continue;
+                }
+                map_op::build(head_input, links)
             }
             (OperatorKind::Stage | OperatorKind::Sink, instance) => {
                 let stage: Option<Box<dyn Stage>> = match instance {
@@ -90,6 +108,23 @@ fn build<'s>(scope: Scope<'s, u64>, shared: &Arc<JobShared>, index: usize, peers
     // Sinks' progress closes the loop into every source's gate; stop requests reach every worker.
     scope.concatenate(done).connect_loop(gate_handle);
     scope.concatenate(controls).broadcast().connect_loop(ctl_handle);
+}
+
+/// `chain_next[i]`: map `i` feeds the next node, a map on the same workers that reads only it,
+/// and nothing else reads `i`; the two then run as one operator.
+fn chain_next(plan: &crate::plan::Plan) -> Vec<bool> {
+    let nodes = &plan.nodes;
+    (0..nodes.len())
+        .map(|i| {
+            let Some(next) = nodes.get(i + 1) else { return false };
+            let readers = nodes.iter().filter(|n| n.inputs.contains(&i)).count();
+            nodes[i].kind == OperatorKind::Map
+                && next.kind == OperatorKind::Map
+                && next.inputs == [i]
+                && readers == 1
+                && next.placement == nodes[i].placement
+        })
+        .collect()
 }
 
 fn worker_info(shared: &JobShared, index: usize, peers: usize, workers: &[usize]) -> WorkerInfo {

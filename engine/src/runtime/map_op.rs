@@ -1,5 +1,9 @@
 //! Map operators: each batch becomes a job on the process's thread pool; the operator holds the
 //! batch's epoch capability until the result is back, so the gate counts work on the pool.
+//!
+//! A chain of maps (each the only consumer of the one before, on the same workers) runs as one
+//! timely operator and one pool job per batch, saving a round trip through the worker per map;
+//! each map in the chain is still counted and traced as its own node.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,15 +22,18 @@ use crate::error::OpError;
 use crate::metrics::IdleClock;
 use crate::operator::Map;
 
-type Done = (u64, Result<Batch, OpError>);
+type Done = (u64, Result<Batch, (NodeRuntime, OpError)>);
 
-/// Builds a map operator. `map` is `None` on workers outside the node's placement or when the
-/// instance failed to build; batches reaching it are dropped.
-pub(crate) fn build<'s>(
-    input: StreamVec<'s, u64, Batch>,
-    node: NodeRuntime,
-    map: Option<Arc<dyn Map>>,
-) -> StreamVec<'s, u64, Batch> {
+/// One map of a chain: the node and its instance (`None` on workers outside the node's
+/// placement or when the instance failed to build; batches reaching it are dropped).
+pub(crate) type ChainLink = (NodeRuntime, Option<Arc<dyn Map>>);
+
+/// Builds the operator for a chain of one or more maps.
+pub(crate) fn build<'s>(input: StreamVec<'s, u64, Batch>, chain: Vec<ChainLink>) -> StreamVec<'s, u64, Batch> {
+    let node = chain[0].0.clone();
+    let last = chain[chain.len() - 1].0.clone();
+    let chain: Option<Arc<Vec<(NodeRuntime, Arc<dyn Map>)>>> =
+        chain.into_iter().map(|(n, m)| m.map(|m| (n, m))).collect::<Option<Vec<_>>>().map(Arc::new);
     let scope = input.scope();
     let mut builder = OperatorBuilder::new(format!("map {}", node.id), scope);
     let info = builder.operator_info();
@@ -44,23 +51,20 @@ pub(crate) fn build<'s>(
         let mut idle = IdleClock::new();
         move |frontiers| {
             input.for_each(|cap, data| {
-                let Some(held) = cap.retain_least(0) else { return };
+                let Some(held) = cap.retain_least(0) else {
+                    return;
+                };
                 for batch in data.drain(..) {
                     node.metrics.record_in(&batch);
-                    let Some(map) = map.as_ref() else { continue };
+                    let Some(chain) = chain.as_ref() else { continue };
                     let (id, epoch) = (next_id, *held.time());
                     next_id += 1;
                     pending.insert(id, held.clone());
                     idle.started(&node.metrics);
-                    let (map, job_node, done, activator, track) =
-                        (Arc::clone(map), node.clone(), done_tx.clone(), activator.clone(), Arc::clone(&track));
+                    let (chain, done, activator, track) =
+                        (Arc::clone(chain), done_tx.clone(), activator.clone(), Arc::clone(&track));
                     node.shared.pool.spawn(move || {
-                        let node = job_node;
-                        let mut ctx = node.context();
-                        ctx.set_epoch(epoch);
-                        let began = Instant::now();
-                        let result = map.map(batch, &mut ctx);
-                        node.finish_call(&mut ctx, began, &track);
+                        let result = run_chain(&chain, batch, epoch, &track);
                         if done.send((id, result)).is_ok() {
                             let _ = activator.activate();
                         }
@@ -74,11 +78,11 @@ pub(crate) fn build<'s>(
                 match result {
                     Ok(batch) if batch.is_empty() => {}
                     Ok(batch) => {
-                        node.metrics.record_out(&batch);
+                        last.metrics.record_out(&batch);
                         node.shared.status.record_bytes(*held.time(), batch.byte_size() as u64);
                         out.session(&held).give(batch);
                     }
-                    Err(error) => node.fail(error),
+                    Err((failed, error)) => failed.fail(error),
                 }
                 // Dropping `held` lets the epoch complete downstream.
             }
@@ -88,4 +92,27 @@ pub(crate) fn build<'s>(
         }
     });
     stream
+}
+
+/// Runs a batch through every map of a chain, counting each as its own node. An empty batch
+/// ends the chain early (every row was rejected).
+fn run_chain(chain: &[(NodeRuntime, Arc<dyn Map>)], mut batch: Batch, epoch: u64, track: &str) -> Result<Batch, (NodeRuntime, OpError)> {
+    for (i, (node, map)) in chain.iter().enumerate() {
+        if i > 0 {
+            node.metrics.record_in(&batch);
+        }
+        let mut ctx = node.context();
+        ctx.set_epoch(epoch);
+        let began = Instant::now();
+        let result = map.map(batch, &mut ctx);
+        node.finish_call(&mut ctx, began, track);
+        batch = result.map_err(|e| (node.clone(), e))?;
+        if batch.is_empty() {
+            return Ok(batch);
+        }
+        if i + 1 < chain.len() {
+            node.metrics.record_out(&batch);
+        }
+    }
+    Ok(batch)
 }

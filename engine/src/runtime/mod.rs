@@ -19,7 +19,9 @@ pub use shared::JobStatus;
 pub use stop::{StopReason, StopSignal};
 
 use crate::error::EngineError;
-use crate::metrics::{MetricsRegistry, MetricsSnapshot, OperatorProfile, Profile, ProgressMode, ProgressReporter, TraceRecorder};
+use crate::metrics::{
+    MetricsRegistry, MetricsSnapshot, OperatorProfile, Profile, ProgressMode, ProgressReporter, TraceRecorder,
+};
 use crate::plan::Plan;
 use shared::JobShared;
 
@@ -102,7 +104,13 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<RunReport, EngineError> 
         Some(c) => {
             c.check("hostfile")?;
             let addresses = c.addresses[..c.processes].to_vec();
-            let config = timely::CommunicationConfig::Cluster { threads, process: c.process_id, addresses, report: false, zerocopy: false };
+            let config = timely::CommunicationConfig::Cluster {
+                threads,
+                process: c.process_id,
+                addresses,
+                report: false,
+                zerocopy: false,
+            };
             (c.processes, c.process_id, config)
         }
     };
@@ -174,7 +182,9 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<RunReport, EngineError> 
             });
         }
         Err(WaitError::PeerLost(message)) => return Err(EngineError::PeerLost(message)),
-        Err(WaitError::Start(message)) => return Err(EngineError::Options(format!("cannot start the workers: {message}"))),
+        Err(WaitError::Start(message)) => {
+            return Err(EngineError::Options(format!("cannot start the workers: {message}")))
+        }
     };
     if let Some(failure) = shared.failure.lock().expect("failure lock").take() {
         return Err(failure);

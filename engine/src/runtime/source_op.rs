@@ -69,8 +69,12 @@ pub(crate) fn build<'s>(
                 }
                 data.clear();
             });
-            let Some((data_cap, ctl_cap)) = caps.as_mut() else { return };
-            let Some(events) = events.as_ref() else { return };
+            let Some((data_cap, ctl_cap)) = caps.as_mut() else {
+                return;
+            };
+            let Some(events) = events.as_ref() else {
+                return;
+            };
             // The gate only moves forward, so reading it once per activation is conservative.
             let gate = frontiers[0].frontier();
             if let Some(&f) = gate.iter().min() {
@@ -85,7 +89,8 @@ pub(crate) fn build<'s>(
             loop {
                 let t = *data_cap.time();
                 let gate_open = gate.iter().all(|f| t < f + k);
-                let budget_open = budget.is_none_or(|b| shared.status.bytes_in_flight() < b || gate.iter().all(|f| *f >= t));
+                let budget_open =
+                    budget.is_none_or(|b| shared.status.bytes_in_flight() < b || gate.iter().all(|f| *f >= t));
                 if !gate_open || !budget_open {
                     blocked_since.get_or_insert_with(Instant::now);
                     return; // rescheduled when the gate frontier moves
@@ -95,7 +100,11 @@ pub(crate) fn build<'s>(
                         if let Some(since) = blocked_since.take() {
                             node.metrics.add_wait(since.elapsed());
                         }
-                        shared.positions.lock().expect("positions lock").insert((node.id.to_string(), node.worker.index), position);
+                        shared
+                            .positions
+                            .lock()
+                            .expect("positions lock")
+                            .insert((node.id.to_string(), node.worker.index), position);
                         if batch.is_empty() {
                             continue;
                         }

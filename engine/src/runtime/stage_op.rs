@@ -33,6 +33,14 @@ enum StageOut {
     Failed(OpError),
 }
 
+/// One epoch's state on the operator: its capability (held until the thread is done with it)
+/// and batches not yet handed to the thread.
+struct Epoch {
+    cap: Capability<u64>,
+    buffered: Vec<Batch>,
+    ended: bool,
+}
+
 /// Runs a [`Sink`] as a stage that emits nothing.
 pub(crate) struct SinkStage(pub Box<dyn Sink>);
 
@@ -73,31 +81,42 @@ pub(crate) fn build<'s>(
     builder.build(move |mut caps| {
         // Held until the final flush, trailing the input frontier so it never holds back the gate.
         let mut held: Option<Capability<u64>> = caps.pop().filter(|_| thread.is_some());
-        let mut epochs: BTreeMap<u64, (Capability<u64>, bool)> = BTreeMap::new();
+        let mut epochs: BTreeMap<u64, Epoch> = BTreeMap::new();
         let mut finish_sent = false;
         let mut failed = false;
         move |frontiers| {
             let frontier = frontiers[0].frontier();
             input.for_each(|cap, data| {
-                let Some(time) = cap.least().copied() else { return };
-                let batches: Vec<Batch> = data.drain(..).collect();
+                let Some(time) = cap.least().copied() else {
+                    return;
+                };
+                let batches: Vec<Batch> = std::mem::take(data);
                 for batch in &batches {
                     node.metrics.record_in(batch);
                 }
-                let Some((tx, _)) = thread.as_ref().filter(|_| !failed) else { return };
-                if !epochs.contains_key(&time) {
-                    let Some(c) = cap.retain_least(0) else { return };
-                    epochs.insert(time, (c, false));
+                if thread.is_none() || failed {
+                    return;
                 }
-                let _ = tx.send(StageIn::Batches(time, batches));
+                if let std::collections::btree_map::Entry::Vacant(entry) = epochs.entry(time) {
+                    let Some(cap) = cap.retain_least(0) else { return };
+                    entry.insert(Epoch { cap, buffered: Vec::new(), ended: false });
+                }
+                epochs.get_mut(&time).expect("inserted").buffered.extend(batches);
             });
-            let Some((tx, rx)) = thread.as_ref() else { return };
-            // Epochs the input has moved past are complete on this worker.
-            for (time, (_, notified)) in epochs.iter_mut() {
-                if !*notified && !frontier.less_equal(time) {
-                    *notified = true;
-                    let _ = tx.send(StageIn::EndEpoch(*time));
+            let Some((tx, rx)) = thread.as_ref() else {
+                return;
+            };
+            // The thread sees one epoch at a time: the oldest open epoch's batches go now, later
+            // epochs wait until it has ended (the input frontier moved past it).
+            for (time, epoch) in epochs.iter_mut().filter(|(_, e)| !e.ended) {
+                if !epoch.buffered.is_empty() {
+                    let _ = tx.send(StageIn::Batches(*time, std::mem::take(&mut epoch.buffered)));
                 }
+                if frontier.less_equal(time) {
+                    break;
+                }
+                epoch.ended = true;
+                let _ = tx.send(StageIn::EndEpoch(*time));
             }
             if let (Some(h), Some(&f)) = (held.as_mut(), frontier.iter().min()) {
                 if f > *h.time() {
@@ -108,7 +127,7 @@ pub(crate) fn build<'s>(
             for event in rx.try_iter() {
                 match event {
                     StageOut::Output(time, batch) => {
-                        let cap = epochs.get(&time).map(|(c, _)| c).or(held.as_ref());
+                        let cap = epochs.get(&time).map(|e| &e.cap).or(held.as_ref());
                         if let Some(cap) = cap {
                             node.metrics.record_out(&batch);
                             node.shared.status.record_bytes(time, batch.byte_size() as u64);
@@ -133,7 +152,7 @@ pub(crate) fn build<'s>(
                     }
                 }
             }
-            if frontier.is_empty() && !finish_sent && !failed && epochs.values().all(|(_, n)| *n) {
+            if frontier.is_empty() && !finish_sent && !failed && epochs.values().all(|e| e.ended) {
                 finish_sent = true;
                 let _ = tx.send(StageIn::Finish);
             }
@@ -187,7 +206,10 @@ fn spawn_thread(
                     StageIn::EndEpoch(time) => {
                         ctx.set_epoch(time);
                         stage.end_epoch(time, &mut ctx).map(|out| {
-                            out.map(|b| StageOut::Output(time, b)).into_iter().chain([StageOut::EpochDone(time)]).collect()
+                            out.map(|b| StageOut::Output(time, b))
+                                .into_iter()
+                                .chain([StageOut::EpochDone(time)])
+                                .collect()
                         })
                     }
                     StageIn::Finish => stage.finish(&mut ctx).map(|out| vec![StageOut::Finished(out)]),

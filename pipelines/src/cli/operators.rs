@@ -18,7 +18,10 @@ pub fn describe(catalog: &Catalog) -> String {
         if let Ok(spec) = entry.example_spec() {
             let ports = spec.ports();
             if entry.kind != OperatorKind::Source {
-                out.push_str(&format!("  accepts: {}\n", if ports.requires.is_empty() { "any columns".into() } else { ports.accepts().to_string() }));
+                out.push_str(&format!(
+                    "  accepts: {}\n",
+                    if ports.requires.is_empty() { "any columns".into() } else { ports.accepts().to_string() }
+                ));
             }
             if !ports.adds.is_empty() {
                 out.push_str(&format!("  adds:    {}\n", Schema::new(ports.adds.clone())));

@@ -79,7 +79,11 @@ fn execute(plan: &Plan, args: &RunArgs) -> anyhow::Result<i32> {
     if let (Some(path), Some(trace)) = (&args.trace, &report.trace) {
         let path = per_process(path, process);
         trace.write(&path).with_context(|| "writing the trace")?;
-        tracing::info!("trace written to {} ({} spans; open it in https://ui.perfetto.dev)", path.display(), trace.len());
+        tracing::info!(
+            "trace written to {} ({} spans; open it in https://ui.perfetto.dev)",
+            path.display(),
+            trace.len()
+        );
     }
     if report.interrupted {
         eprintln!("interrupted: in-flight work was drained and every operator flushed");

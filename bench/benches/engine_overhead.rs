@@ -1,0 +1,86 @@
+//! Engine overhead: the same four operators (`demo_source → checksum → checksum → null_sink`)
+//! run by the engine and called in a plain loop, at batch 64, in items per second. The ratio
+//! engine / loop is printed at the end (goal: the engine adds at most 5 %).
+//!
+//! Both sides get one thread for operator work (`cpu_threads = 1`, one worker) so the ratio
+//! measures scheduling overhead, not parallelism; the engine's threads still overlap reading
+//! with hashing, which the loop cannot.
+
+// `criterion_group!` defines an undocumented public function.
+#![allow(missing_docs)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use criterion::{criterion_group, Criterion, Throughput};
+use latentflow_bench::four_operator_plan;
+use latentflow_engine::{run, InstanceContext, JobConfig, OpContext, OperatorImpl, RunOptions, WorkerInfo};
+
+const ROWS: u64 = 20_000;
+const BATCH: usize = 64;
+const PAYLOAD: usize = 1024;
+
+/// Calls the plan's operators directly, batch by batch, with no engine.
+fn plain_loop() -> u64 {
+    let plan = four_operator_plan(ROWS, BATCH, PAYLOAD, 1).expect("valid plan");
+    let job = JobConfig::default();
+    let mut instances = plan.nodes.iter().map(|n| {
+        let ctx = InstanceContext { node: &n.id, job: &job, worker: WorkerInfo::single() };
+        n.spec.instantiate(&ctx).expect("instance")
+    });
+    let (Some(OperatorImpl::Source(mut source)), Some(OperatorImpl::Map(m1)), Some(OperatorImpl::Map(m2)), Some(OperatorImpl::Sink(mut sink))) =
+        (instances.next(), instances.next(), instances.next(), instances.next())
+    else {
+        panic!("unexpected operator shapes");
+    };
+    let mut ctx = OpContext::detached("loop");
+    let mut rows = 0;
+    while let Some(batch) = source.next_batch(&mut ctx).expect("read") {
+        let batch = m2.map(m1.map(batch, &mut ctx).expect("map"), &mut ctx).expect("map");
+        rows += batch.rows() as u64;
+        sink.write(batch, &mut ctx).expect("write");
+    }
+    sink.finish(&mut ctx).expect("finish");
+    rows
+}
+
+fn engine() -> u64 {
+    let plan = four_operator_plan(ROWS, BATCH, PAYLOAD, 1).expect("valid plan");
+    let report = run(&plan, &RunOptions::default()).expect("run");
+    report.profile.operator("sink").map_or(0, |o| o.items_in)
+}
+
+fn overhead(c: &mut Criterion) {
+    assert_eq!(plain_loop(), ROWS);
+    assert_eq!(engine(), ROWS);
+    let mut group = c.benchmark_group("engine_overhead");
+    group.throughput(Throughput::Elements(ROWS));
+    group.sample_size(20).measurement_time(Duration::from_secs(10));
+    group.bench_function("plain_loop", |b| b.iter(plain_loop));
+    group.bench_function("engine", |b| b.iter(engine));
+    group.finish();
+}
+
+criterion_group!(benches, overhead);
+
+/// Criterion's mean estimate (ns per iteration) for one benchmark of this run.
+fn mean_ns(name: &str) -> Option<f64> {
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target").into());
+    let path = Path::new(&target).join("criterion/engine_overhead").join(name).join("new/estimates.json");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    json["mean"]["point_estimate"].as_f64()
+}
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    if let (Some(plain), Some(engine)) = (mean_ns("plain_loop"), mean_ns("engine")) {
+        let rate = |ns: f64| ROWS as f64 / (ns * 1e-9);
+        println!(
+            "engine_overhead: plain loop {:.0} items/s, engine {:.0} items/s, engine/loop throughput ratio {:.3} (batch {BATCH}, {PAYLOAD} B rows)",
+            rate(plain),
+            rate(engine),
+            plain / engine
+        );
+    }
+}

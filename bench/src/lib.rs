@@ -1,0 +1,27 @@
+//! Shared pieces of latentflow's benchmarks: the pipelines they run and how they read memory.
+//!
+//! Run them with `cargo bench -p latentflow-bench`; results of past runs are in
+//! `bench/results/`.
+
+use latentflow_engine::{Plan, PlanErrors, TopologyBuilder};
+use latentflow_operators::{ChecksumConfig, DemoSourceConfig, NullSinkConfig};
+
+/// `demo_source → checksum → checksum → null_sink`: four operators of cheap, fixed work per
+/// row (generating and hashing `payload_bytes` bytes), for measuring what the engine adds.
+pub fn four_operator_plan(count: u64, batch_size: usize, payload_bytes: usize, workers_threads: usize) -> Result<Plan, PlanErrors> {
+    TopologyBuilder::new("overhead")
+        .job(|job| job.cpu_threads = Some(workers_threads))
+        .node("read", DemoSourceConfig { count, batch_size, payload_bytes }, &[])
+        .node("sum1", ChecksumConfig::default(), &["read"])
+        .node("sum2", ChecksumConfig::default(), &["sum1"])
+        .node("sink", NullSinkConfig::default(), &["sum2"])
+        .compile(&latentflow_operators::registry())
+}
+
+/// Peak resident memory of this process (`VmHWM`), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,3 @@
+//! The ops, each with its CPU reference.
+
+pub mod normalize;
