@@ -20,7 +20,8 @@ fn child(rows: u64) {
 }
 
 fn measure(rows: u64) -> (f64, f64, u64) {
-    let out = Command::new(std::env::current_exe().expect("own path")).env(CHILD, rows.to_string()).output().expect("child");
+    let out =
+        Command::new(std::env::current_exe().expect("own path")).env(CHILD, rows.to_string()).output().expect("child");
     assert!(out.status.success(), "child failed: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     let mut fields = text.split_whitespace();
@@ -41,7 +42,18 @@ fn main() {
     let n = 2_000;
     let (small, t_small, f_small) = measure(n);
     let (large, t_large, f_large) = measure(10 * n);
-    println!("backpressure_rss: {n} rows of {} KiB: peak RSS {small:.1} MiB in {t_small:.2} s, max {f_small} rows in flight", PAYLOAD / 1024);
-    println!("backpressure_rss: {} rows of {} KiB: peak RSS {large:.1} MiB in {t_large:.2} s, max {f_large} rows in flight", 10 * n, PAYLOAD / 1024);
-    println!("backpressure_rss: peak RSS ratio 10N/N = {:.3} (goal <= 1.2; the data is {:.0} MiB at 10N)", large / small, (10 * n) as f64 * PAYLOAD as f64 / (1 << 20) as f64);
+    println!(
+        "backpressure_rss: {n} rows of {} KiB: peak RSS {small:.1} MiB in {t_small:.2} s, max {f_small} rows in flight",
+        PAYLOAD / 1024
+    );
+    println!(
+        "backpressure_rss: {} rows of {} KiB: peak RSS {large:.1} MiB in {t_large:.2} s, max {f_large} rows in flight",
+        10 * n,
+        PAYLOAD / 1024
+    );
+    println!(
+        "backpressure_rss: peak RSS ratio 10N/N = {:.3} (goal <= 1.2; the data is {:.0} MiB at 10N)",
+        large / small,
+        (10 * n) as f64 * PAYLOAD as f64 / (1 << 20) as f64
+    );
 }

@@ -28,8 +28,12 @@ fn plain_loop() -> u64 {
         let ctx = InstanceContext { node: &n.id, job: &job, worker: WorkerInfo::single() };
         n.spec.instantiate(&ctx).expect("instance")
     });
-    let (Some(OperatorImpl::Source(mut source)), Some(OperatorImpl::Map(m1)), Some(OperatorImpl::Map(m2)), Some(OperatorImpl::Sink(mut sink))) =
-        (instances.next(), instances.next(), instances.next(), instances.next())
+    let (
+        Some(OperatorImpl::Source(mut source)),
+        Some(OperatorImpl::Map(m1)),
+        Some(OperatorImpl::Map(m2)),
+        Some(OperatorImpl::Sink(mut sink)),
+    ) = (instances.next(), instances.next(), instances.next(), instances.next())
     else {
         panic!("unexpected operator shapes");
     };
@@ -65,7 +69,8 @@ criterion_group!(benches, overhead);
 
 /// Criterion's mean estimate (ns per iteration) for one benchmark of this run.
 fn mean_ns(name: &str) -> Option<f64> {
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target").into());
+    let target =
+        std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target").into());
     let path = Path::new(&target).join("criterion/engine_overhead").join(name).join("new/estimates.json");
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
     json["mean"]["point_estimate"].as_f64()

@@ -8,7 +8,12 @@ use latentflow_operators::{ChecksumConfig, DemoSourceConfig, NullSinkConfig};
 
 /// `demo_source → checksum → checksum → null_sink`: four operators of cheap, fixed work per
 /// row (generating and hashing `payload_bytes` bytes), for measuring what the engine adds.
-pub fn four_operator_plan(count: u64, batch_size: usize, payload_bytes: usize, workers_threads: usize) -> Result<Plan, PlanErrors> {
+pub fn four_operator_plan(
+    count: u64,
+    batch_size: usize,
+    payload_bytes: usize,
+    workers_threads: usize,
+) -> Result<Plan, PlanErrors> {
     TopologyBuilder::new("overhead")
         .job(|job| job.cpu_threads = Some(workers_threads))
         .node("read", DemoSourceConfig { count, batch_size, payload_bytes }, &[])

@@ -199,8 +199,11 @@ inputs = ["last"]
         )
     };
     let report = run(&plan(&text("")), &RunOptions::default()).unwrap();
-    let counts: Vec<(u64, u64)> =
-        ["filter", "sum", "last"].iter().map(|id| report.profile.operator(id).unwrap()).map(|o| (o.items_in, o.items_out)).collect();
+    let counts: Vec<(u64, u64)> = ["filter", "sum", "last"]
+        .iter()
+        .map(|id| report.profile.operator(id).unwrap())
+        .map(|o| (o.items_in, o.items_out))
+        .collect();
     assert_eq!(counts, [(101, 51), (51, 51), (51, 51)]);
     assert!(report.profile.operator("sum").unwrap().batches_in > 0);
     let err = run(&plan(&text("key = 40")), &RunOptions::default()).unwrap_err();

@@ -22,7 +22,11 @@ use crate::error::OpError;
 use crate::metrics::IdleClock;
 use crate::operator::Map;
 
-type Done = (u64, Result<Batch, (NodeRuntime, OpError)>);
+/// A finished job: its id, and the output or the index in the chain of the map that failed.
+type Done = (u64, Result<Batch, (usize, OpError)>);
+
+/// The maps of a chain that all have an instance on this worker.
+type Links = Arc<Vec<(NodeRuntime, Arc<dyn Map>)>>;
 
 /// One map of a chain: the node and its instance (`None` on workers outside the node's
 /// placement or when the instance failed to build; batches reaching it are dropped).
@@ -32,7 +36,7 @@ pub(crate) type ChainLink = (NodeRuntime, Option<Arc<dyn Map>>);
 pub(crate) fn build<'s>(input: StreamVec<'s, u64, Batch>, chain: Vec<ChainLink>) -> StreamVec<'s, u64, Batch> {
     let node = chain[0].0.clone();
     let last = chain[chain.len() - 1].0.clone();
-    let chain: Option<Arc<Vec<(NodeRuntime, Arc<dyn Map>)>>> =
+    let chain: Option<Links> =
         chain.into_iter().map(|(n, m)| m.map(|m| (n, m))).collect::<Option<Vec<_>>>().map(Arc::new);
     let scope = input.scope();
     let mut builder = OperatorBuilder::new(format!("map {}", node.id), scope);
@@ -82,7 +86,10 @@ pub(crate) fn build<'s>(input: StreamVec<'s, u64, Batch>, chain: Vec<ChainLink>)
                         node.shared.status.record_bytes(*held.time(), batch.byte_size() as u64);
                         out.session(&held).give(batch);
                     }
-                    Err((failed, error)) => failed.fail(error),
+                    Err((failed, error)) => match &chain {
+                        Some(links) => links[failed].0.fail(error),
+                        None => node.fail(error),
+                    },
                 }
                 // Dropping `held` lets the epoch complete downstream.
             }
@@ -96,7 +103,12 @@ pub(crate) fn build<'s>(input: StreamVec<'s, u64, Batch>, chain: Vec<ChainLink>)
 
 /// Runs a batch through every map of a chain, counting each as its own node. An empty batch
 /// ends the chain early (every row was rejected).
-fn run_chain(chain: &[(NodeRuntime, Arc<dyn Map>)], mut batch: Batch, epoch: u64, track: &str) -> Result<Batch, (NodeRuntime, OpError)> {
+fn run_chain(
+    chain: &[(NodeRuntime, Arc<dyn Map>)],
+    mut batch: Batch,
+    epoch: u64,
+    track: &str,
+) -> Result<Batch, (usize, OpError)> {
     for (i, (node, map)) in chain.iter().enumerate() {
         if i > 0 {
             node.metrics.record_in(&batch);
@@ -106,7 +118,7 @@ fn run_chain(chain: &[(NodeRuntime, Arc<dyn Map>)], mut batch: Batch, epoch: u64
         let began = Instant::now();
         let result = map.map(batch, &mut ctx);
         node.finish_call(&mut ctx, began, track);
-        batch = result.map_err(|e| (node.clone(), e))?;
+        batch = result.map_err(|e| (i, e))?;
         if batch.is_empty() {
             return Ok(batch);
         }

@@ -111,9 +111,11 @@ pub(crate) fn build<'s>(
                         node.metrics.record_out(&batch);
                         shared.status.record_source(t, batch.rows() as u64, batch.byte_size() as u64);
                         data_out.activate().session(&*data_cap).give(batch);
-                        // Close epoch t before possibly blocking on t + 1.
+                        // Close epoch t before possibly blocking on t + 1. The control
+                        // capability stays at its first epoch: its stream feeds only disconnected
+                        // inputs, so holding it back costs nothing, while moving it would cost
+                        // progress traffic every epoch.
                         data_cap.downgrade(&(t + 1));
-                        ctl_cap.downgrade(&(t + 1));
                     }
                     Ok(SourceEvent::End) | Err(TryRecvError::Disconnected) => {
                         caps = None;
