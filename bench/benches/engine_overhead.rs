@@ -1,6 +1,7 @@
 //! Engine overhead: the same four operators (`demo_source → checksum → checksum → null_sink`)
-//! run by the engine and called in a plain loop, at batch 64, in items per second. The ratio
-//! engine / loop is printed at the end (goal: the engine adds at most 5 %).
+//! run by the engine and called in a plain loop, at batch 64 and 1024, in items per second. The
+//! ratios engine / loop (throughput and CPU time) are printed at the end (goal: the engine adds at
+//! most 5 % at batch 64).
 //!
 //! Both sides get one thread for operator work (`cpu_threads = 1`, one worker) so the ratio
 //! measures scheduling overhead, not parallelism; the engine's threads still overlap reading
@@ -17,12 +18,12 @@ use latentflow_bench::four_operator_plan;
 use latentflow_engine::{run, InstanceContext, JobConfig, OpContext, OperatorImpl, RunOptions, WorkerInfo};
 
 const ROWS: u64 = 20_000;
-const BATCH: usize = 64;
+const BATCHES: [usize; 2] = [64, 1024];
 const PAYLOAD: usize = 1024;
 
 /// Calls the plan's operators directly, batch by batch, with no engine.
-fn plain_loop() -> u64 {
-    let plan = four_operator_plan(ROWS, BATCH, PAYLOAD, 1).expect("valid plan");
+fn plain_loop(batch_size: usize) -> u64 {
+    let plan = four_operator_plan(ROWS, batch_size, PAYLOAD, 1).expect("valid plan");
     let job = JobConfig::default();
     let mut instances = plan.nodes.iter().map(|n| {
         let ctx = InstanceContext { node: &n.id, job: &job, worker: WorkerInfo::single() };
@@ -48,20 +49,22 @@ fn plain_loop() -> u64 {
     rows
 }
 
-fn engine() -> u64 {
-    let plan = four_operator_plan(ROWS, BATCH, PAYLOAD, 1).expect("valid plan");
+fn engine(batch_size: usize) -> u64 {
+    let plan = four_operator_plan(ROWS, batch_size, PAYLOAD, 1).expect("valid plan");
     let report = run(&plan, &RunOptions::default()).expect("run");
     report.profile.operator("sink").map_or(0, |o| o.items_in)
 }
 
 fn overhead(c: &mut Criterion) {
-    assert_eq!(plain_loop(), ROWS);
-    assert_eq!(engine(), ROWS);
     let mut group = c.benchmark_group("engine_overhead");
     group.throughput(Throughput::Elements(ROWS));
-    group.sample_size(20).measurement_time(Duration::from_secs(10));
-    group.bench_function("plain_loop", |b| b.iter(plain_loop));
-    group.bench_function("engine", |b| b.iter(engine));
+    group.sample_size(20).measurement_time(Duration::from_secs(8));
+    for batch in BATCHES {
+        assert_eq!(plain_loop(batch), ROWS);
+        assert_eq!(engine(batch), ROWS);
+        group.bench_function(format!("plain_loop_batch{batch}"), |b| b.iter(|| plain_loop(batch)));
+        group.bench_function(format!("engine_batch{batch}"), |b| b.iter(|| engine(batch)));
+    }
     group.finish();
 }
 
@@ -79,13 +82,30 @@ fn mean_ns(name: &str) -> Option<f64> {
 fn main() {
     benches();
     Criterion::default().configure_from_args().final_summary();
-    if let (Some(plain), Some(engine)) = (mean_ns("plain_loop"), mean_ns("engine")) {
+    for batch in BATCHES {
+        // CPU time per run, outside criterion: what the engine's threads cost in total.
+        let cpu_per_run = |f: &dyn Fn() -> u64| {
+            let before = latentflow_bench::cpu_seconds().unwrap_or(0.0);
+            for _ in 0..20 {
+                f();
+            }
+            (latentflow_bench::cpu_seconds().unwrap_or(0.0) - before) / 20.0
+        };
+        let cpu_loop = cpu_per_run(&|| plain_loop(batch));
+        let cpu_engine = cpu_per_run(&|| engine(batch));
+        let (Some(plain), Some(engine)) =
+            (mean_ns(&format!("plain_loop_batch{batch}")), mean_ns(&format!("engine_batch{batch}")))
+        else {
+            continue;
+        };
         let rate = |ns: f64| ROWS as f64 / (ns * 1e-9);
         println!(
-            "engine_overhead: plain loop {:.0} items/s, engine {:.0} items/s, engine/loop throughput ratio {:.3} (batch {BATCH}, {PAYLOAD} B rows)",
+            "engine_overhead batch {batch}: plain loop {:.0} items/s, engine {:.0} items/s, throughput ratio engine/loop {:.3}; \
+             CPU s per run: loop {cpu_loop:.4}, engine {cpu_engine:.4} (ratio {:.2})",
             rate(plain),
             rate(engine),
-            plain / engine
+            plain / engine,
+            cpu_engine / cpu_loop.max(1e-9)
         );
     }
 }
