@@ -5,9 +5,11 @@
 //! topology compiler knows; `latentflow operators` prints it.
 
 pub mod checksum;
+pub mod clip;
 pub mod demo_source;
 pub mod jsonl_sink;
 pub mod null_sink;
+pub mod tokenize;
 
 use latentflow_engine::{Catalog, OperatorEntry};
 
@@ -15,6 +17,7 @@ pub use checksum::ChecksumConfig;
 pub use demo_source::DemoSourceConfig;
 pub use jsonl_sink::JsonlSinkConfig;
 pub use null_sink::NullSinkConfig;
+pub use tokenize::TokenizeConfig;
 
 /// Every registered operator type.
 ///
@@ -28,6 +31,7 @@ pub fn registry() -> Catalog {
         OperatorEntry::of::<ChecksumConfig>(),
         OperatorEntry::of::<NullSinkConfig>(),
         OperatorEntry::of::<JsonlSinkConfig>(),
+        OperatorEntry::of::<TokenizeConfig>(),
     ])
 }
 

@@ -40,3 +40,23 @@ pub fn text(output: &Output) -> String {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
+
+/// A tensor from `tests/fixtures/golden.safetensors`: its shape and raw little-endian bytes.
+pub fn golden(name: &str) -> (Vec<usize>, Vec<u8>) {
+    let bytes = std::fs::read(fixture("golden.safetensors")).expect("golden.safetensors");
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
+    let view = tensors.tensor(name).unwrap_or_else(|e| panic!("golden tensor {name}: {e}"));
+    (view.shape().to_vec(), view.data().to_vec())
+}
+
+/// A golden `int64` tensor's values.
+pub fn golden_i64(name: &str) -> (Vec<usize>, Vec<i64>) {
+    let (shape, data) = golden(name);
+    (shape, data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+}
+
+/// A golden `float32` tensor's values.
+pub fn golden_f32(name: &str) -> (Vec<usize>, Vec<f32>) {
+    let (shape, data) = golden(name);
+    (shape, data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
+}
