@@ -5,7 +5,7 @@ mod cleanup;
 mod vocab;
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -190,9 +190,7 @@ impl ClipTokenizer {
     }
 
     fn encode_word(&self, word: &str, ids: &mut Vec<u32>) {
-        let mut h = self.hasher.build_hasher();
-        word.hash(&mut h);
-        let shard = &self.cache[h.finish() as usize % CACHE_SHARDS];
+        let shard = &self.cache[self.hasher.hash_one(word) as usize % CACHE_SHARDS];
         if let Some(cached) = shard.lock().expect("cache lock").get(word) {
             ids.extend_from_slice(cached);
             return;
