@@ -7,14 +7,17 @@
 pub mod checksum;
 pub mod clip;
 pub mod demo_source;
+pub mod image_transform;
 pub mod jsonl_sink;
 pub mod null_sink;
+pub mod pixels;
 pub mod tokenize;
 
 use latentflow_engine::{Catalog, OperatorEntry};
 
 pub use checksum::ChecksumConfig;
 pub use demo_source::DemoSourceConfig;
+pub use image_transform::ImageTransformConfig;
 pub use jsonl_sink::JsonlSinkConfig;
 pub use null_sink::NullSinkConfig;
 pub use tokenize::TokenizeConfig;
@@ -32,6 +35,7 @@ pub fn registry() -> Catalog {
         OperatorEntry::of::<NullSinkConfig>(),
         OperatorEntry::of::<JsonlSinkConfig>(),
         OperatorEntry::of::<TokenizeConfig>(),
+        OperatorEntry::of::<ImageTransformConfig>(),
     ])
 }
 
