@@ -1,4 +1,4 @@
-//! Engine overhead: the same four operators (`demo_source → checksum → checksum → null_sink`)
+//! Engine overhead: the same four operators (`bytes_source → checksum → checksum → null_sink`)
 //! run by the engine and called in a plain loop, at batch 64 and 1024, in items per second. The
 //! ratios engine / loop (throughput and CPU time) are printed at the end (goal: the engine adds at
 //! most 5 % at batch 64).

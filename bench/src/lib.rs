@@ -4,9 +4,9 @@
 //! `bench/results/`.
 
 use latentflow_engine::{Plan, PlanErrors, TopologyBuilder};
-use latentflow_operators::{ChecksumConfig, DemoSourceConfig, NullSinkConfig};
+use latentflow_operators::{BytesSourceConfig, ChecksumConfig, NullSinkConfig};
 
-/// `demo_source → checksum → checksum → null_sink`: four operators of cheap, fixed work per
+/// `bytes_source → checksum → checksum → null_sink`: four operators of cheap, fixed work per
 /// row (generating and hashing `payload_bytes` bytes), for measuring what the engine adds.
 pub fn four_operator_plan(
     count: u64,
@@ -16,7 +16,7 @@ pub fn four_operator_plan(
 ) -> Result<Plan, PlanErrors> {
     TopologyBuilder::new("overhead")
         .job(|job| job.cpu_threads = Some(workers_threads))
-        .node("read", DemoSourceConfig { count, batch_size, payload_bytes }, &[])
+        .node("read", BytesSourceConfig { count, batch_size, payload_bytes }, &[])
         .node("sum1", ChecksumConfig::default(), &["read"])
         .node("sum2", ChecksumConfig::default(), &["sum1"])
         .node("sink", NullSinkConfig::default(), &["sum2"])

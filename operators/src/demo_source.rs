@@ -1,5 +1,5 @@
-//! `demo_source`: a deterministic stream of synthetic rows, so every pipeline runs with no data
-//! files.
+//! `demo_source`: deterministic procedural captioned images (coloured shapes on varied
+//! backgrounds, JPEG, 256-800 px), so every pipeline runs on a fresh machine with no data files.
 
 use latentflow_engine::{
     Batch, Column, ColumnType, Field, InstanceContext, KeyError, NodeSpec, OpContext, OpError, OperatorConfig,
@@ -8,11 +8,13 @@ use latentflow_engine::{
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
+use crate::demo::demo_image;
+use crate::sharding::KeyShard;
+
 /// Config of `demo_source`.
 ///
-/// Rows have a `key` (0..count), a `caption` and an `image` payload of `payload_bytes`
-/// deterministic bytes derived from the job seed and the key. Rows are split across workers by
-/// `key % workers`, so any worker count yields every key exactly once.
+/// Row `key` (0..count) is always the same image and caption for the same job seed; rows are
+/// split across workers by `key % workers`, so any worker count yields every key once.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DemoSourceConfig {
@@ -20,25 +22,25 @@ pub struct DemoSourceConfig {
     pub count: u64,
     /// Rows per batch (one epoch) on each worker.
     pub batch_size: usize,
-    /// Bytes of the synthetic `image` payload per row.
-    pub payload_bytes: usize,
+    /// JPEG quality, 1-100.
+    pub quality: u8,
 }
 
 impl Default for DemoSourceConfig {
     fn default() -> Self {
-        DemoSourceConfig { count: 512, batch_size: 32, payload_bytes: 1024 }
+        DemoSourceConfig { count: 512, batch_size: 32, quality: 90 }
     }
 }
 
 impl OperatorConfig for DemoSourceConfig {
     const TYPE: &'static str = "demo_source";
     const KIND: OperatorKind = OperatorKind::Source;
-    const SUMMARY: &'static str = "deterministic synthetic captioned rows (no files needed)";
+    const SUMMARY: &'static str = "deterministic procedural captioned JPEG images (no files needed)";
     const EXAMPLE: &'static str = "count = 512\nbatch_size = 32";
     const KEYS: &'static [(&'static str, &'static str)] = &[
         ("count", "rows in total over all workers (default 512)"),
         ("batch_size", "rows per epoch on each worker (default 32)"),
-        ("payload_bytes", "bytes of the synthetic `image` payload per row (default 1024)"),
+        ("quality", "JPEG quality 1-100 (default 90)"),
     ];
 }
 
@@ -47,7 +49,7 @@ impl NodeSpec for DemoSourceConfig {
         [
             KeyError::check_range("count", self.count, 1, 1_000_000_000_000),
             KeyError::check_range("batch_size", self.batch_size, 1, 1_000_000),
-            KeyError::check_range("payload_bytes", self.payload_bytes, 0, 1_000_000_000),
+            KeyError::check_range("quality", self.quality, 1, 100),
         ]
         .into_iter()
         .flatten()
@@ -66,126 +68,63 @@ impl NodeSpec for DemoSourceConfig {
     }
 
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
-        Ok(OperatorImpl::Source(Box::new(DemoSource::new(
-            self.clone(),
-            ctx.job.seed,
-            ctx.worker.shard as u64,
-            ctx.worker.shards as u64,
-        ))))
+        let keys = KeyShard::new(self.count, ctx.worker.shard as u64, ctx.worker.shards as u64);
+        Ok(OperatorImpl::Source(Box::new(DemoSource { config: self.clone(), seed: ctx.job.seed, keys })))
     }
 }
 
-/// One worker's share of the demo rows.
+/// One worker's share of the demo images.
 #[derive(Debug)]
 pub struct DemoSource {
     config: DemoSourceConfig,
     seed: u64,
-    shard: u64,
-    shards: u64,
-    /// Rows of this shard emitted so far.
-    emitted: u64,
+    keys: KeyShard,
 }
 
 impl DemoSource {
-    /// The rows `key % shards == shard` of `config`.
+    /// The rows `key % shards == shard` of `config` for job seed `seed`.
     pub fn new(config: DemoSourceConfig, seed: u64, shard: u64, shards: u64) -> Self {
-        DemoSource { config, seed, shard, shards: shards.max(1), emitted: 0 }
-    }
-
-    fn rows_in_shard(&self) -> u64 {
-        let c = self.config.count;
-        c / self.shards + u64::from(self.shard < c % self.shards)
+        let keys = KeyShard::new(config.count, shard, shards);
+        DemoSource { config, seed, keys }
     }
 }
 
 impl Source for DemoSource {
     fn next_batch(&mut self, _ctx: &mut OpContext) -> Result<Option<Batch>, OpError> {
-        let end = (self.emitted + self.config.batch_size as u64).min(self.rows_in_shard());
-        if self.emitted >= end {
+        let keys = self.keys.next_keys(self.config.batch_size);
+        if keys.is_empty() {
             return Ok(None);
         }
-        let keys: Vec<i64> = (self.emitted..end).map(|i| (i * self.shards + self.shard) as i64).collect();
-        let captions = keys.iter().map(|k| format!("demo row {k}")).collect();
-        let images =
-            keys.iter().map(|&k| ByteBuf::from(payload(self.seed, k as u64, self.config.payload_bytes))).collect();
-        self.emitted = end;
+        let rows: Vec<_> = keys.iter().map(|&k| demo_image(self.seed, k as u64, self.config.quality)).collect();
         let batch = Batch::new()
             .with("key", Column::I64(keys))?
-            .with("caption", Column::Str(captions))?
-            .with("image", Column::Bytes(images))?;
+            .with("caption", Column::Str(rows.iter().map(|r| r.caption.clone()).collect()))?
+            .with("image", Column::Bytes(rows.into_iter().map(|r| ByteBuf::from(r.jpeg)).collect()))?;
         Ok(Some(batch))
     }
 
     fn position(&self) -> serde_json::Value {
-        serde_json::json!({ "emitted": self.emitted })
+        self.keys.position()
     }
 
     fn seek(&mut self, position: &serde_json::Value) -> Result<(), OpError> {
-        let emitted = position
-            .get("emitted")
-            .and_then(|v| v.as_u64())
-            .ok_or_else(|| OpError::msg(format!("demo_source: bad position {position}")))?;
-        self.emitted = emitted.min(self.rows_in_shard());
-        Ok(())
+        self.keys.seek(position)
     }
-}
-
-/// Deterministic bytes for row `key` (splitmix64 stream).
-fn payload(seed: u64, key: u64, len: usize) -> Vec<u8> {
-    let mut state = seed ^ key.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn drain(source: &mut DemoSource) -> Vec<i64> {
+    #[test]
+    fn emits_captioned_jpegs_in_key_order() {
+        let mut source = DemoSource::new(DemoSourceConfig { count: 3, batch_size: 2, quality: 80 }, 0, 0, 1);
         let mut ctx = OpContext::detached("read");
-        let mut keys = Vec::new();
-        while let Some(batch) = source.next_batch(&mut ctx).unwrap() {
-            keys.extend_from_slice(batch.i64s("key").unwrap());
-        }
-        keys
-    }
-
-    #[test]
-    fn shards_cover_every_key_once() {
-        let config = DemoSourceConfig { count: 10, batch_size: 3, payload_bytes: 4 };
-        let mut all: Vec<i64> = (0..3).flat_map(|s| drain(&mut DemoSource::new(config.clone(), 0, s, 3))).collect();
-        all.sort_unstable();
-        assert_eq!(all, (0..10).collect::<Vec<_>>());
-    }
-
-    #[test]
-    fn rows_are_deterministic_and_seeded() {
-        let config = DemoSourceConfig { count: 4, batch_size: 4, payload_bytes: 16 };
-        let mut ctx = OpContext::detached("read");
-        let a = DemoSource::new(config.clone(), 1, 0, 1).next_batch(&mut ctx).unwrap().unwrap();
-        let b = DemoSource::new(config.clone(), 1, 0, 1).next_batch(&mut ctx).unwrap().unwrap();
-        let c = DemoSource::new(config, 2, 0, 1).next_batch(&mut ctx).unwrap().unwrap();
-        assert_eq!(a, b);
-        assert_ne!(a.bytes("image").unwrap(), c.bytes("image").unwrap());
-        assert_eq!(a.strs("caption").unwrap()[3], "demo row 3");
-    }
-
-    #[test]
-    fn seek_resumes_after_the_last_batch() {
-        let config = DemoSourceConfig { count: 10, batch_size: 4, payload_bytes: 0 };
-        let mut first = DemoSource::new(config.clone(), 0, 0, 1);
-        first.next_batch(&mut OpContext::detached("read")).unwrap();
-        let mut resumed = DemoSource::new(config, 0, 0, 1);
-        resumed.seek(&first.position()).unwrap();
-        assert_eq!(drain(&mut resumed), (4..10).collect::<Vec<_>>());
-        assert!(resumed.seek(&serde_json::json!({})).is_err());
+        let first = source.next_batch(&mut ctx).unwrap().unwrap();
+        assert_eq!(first.i64s("key").unwrap(), &[0, 1]);
+        assert!(first.bytes("image").unwrap()[0].starts_with(&[0xFF, 0xD8]), "JPEG magic");
+        assert_eq!(first.strs("caption").unwrap()[0], demo_image(0, 0, 80).caption);
+        assert_eq!(source.next_batch(&mut ctx).unwrap().unwrap().rows(), 1);
+        assert!(source.next_batch(&mut ctx).unwrap().is_none());
     }
 }

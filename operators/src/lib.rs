@@ -4,19 +4,25 @@
 //! `[nodes.ID]` table), its logic and its unit tests. [`registry`] is the closed list the
 //! topology compiler knows; `latentflow operators` prints it.
 
+pub mod bytes_source;
 pub mod checksum;
 pub mod clip;
+pub mod demo;
 pub mod demo_source;
+pub mod image_sink;
 pub mod image_transform;
 pub mod jsonl_sink;
 pub mod null_sink;
 pub mod pixels;
+pub mod sharding;
 pub mod tokenize;
 
 use latentflow_engine::{Catalog, OperatorEntry};
 
+pub use bytes_source::BytesSourceConfig;
 pub use checksum::ChecksumConfig;
 pub use demo_source::DemoSourceConfig;
+pub use image_sink::ImageSinkConfig;
 pub use image_transform::ImageTransformConfig;
 pub use jsonl_sink::JsonlSinkConfig;
 pub use null_sink::NullSinkConfig;
@@ -31,11 +37,13 @@ pub use tokenize::TokenizeConfig;
 pub fn registry() -> Catalog {
     Catalog::new(vec![
         OperatorEntry::of::<DemoSourceConfig>(),
+        OperatorEntry::of::<BytesSourceConfig>(),
         OperatorEntry::of::<ChecksumConfig>(),
         OperatorEntry::of::<NullSinkConfig>(),
         OperatorEntry::of::<JsonlSinkConfig>(),
         OperatorEntry::of::<TokenizeConfig>(),
         OperatorEntry::of::<ImageTransformConfig>(),
+        OperatorEntry::of::<ImageSinkConfig>(),
     ])
 }
 

@@ -1,27 +1,21 @@
-//! The engine demo pipeline, defined in Rust: synthetic rows → checksum → JSON lines.
-//! `topologies/demo.toml` is the same pipeline as a file.
+//! The data-path demo pipeline, defined in Rust: procedural captioned images → transform →
+//! tokenize → PNG crops. `topologies/demo.toml` is the same pipeline as a file.
 
 use latentflow_engine::{Plan, PlanErrors, TopologyBuilder};
-use latentflow_operators::{ChecksumConfig, DemoSourceConfig, JsonlSinkConfig};
+use latentflow_operators::{DemoSourceConfig, ImageSinkConfig, ImageTransformConfig, TokenizeConfig};
 
-/// The demo pipeline over `count` synthetic rows, written under `runs/demo`.
+/// The demo pipeline over `count` procedural images, written under `runs/demo`.
 ///
 /// ```
 /// let plan = latentflow_pipelines::demo::plan(64).unwrap();
-/// assert_eq!(plan.nodes.len(), 3);
+/// assert_eq!(plan.nodes.len(), 4);
 /// ```
 pub fn plan(count: u64) -> Result<Plan, PlanErrors> {
     TopologyBuilder::new("demo")
         .node("read", DemoSourceConfig { count, ..DemoSourceConfig::default() }, &[])
-        .node("checksum", ChecksumConfig::default(), &["read"])
-        .node(
-            "rows",
-            JsonlSinkConfig {
-                columns: Some(vec!["key".into(), "caption".into(), "checksum".into()]),
-                ..JsonlSinkConfig::default()
-            },
-            &["checksum"],
-        )
+        .node("transform", ImageTransformConfig::default(), &["read"])
+        .node("tokenize", TokenizeConfig::default(), &["transform"])
+        .node("images", ImageSinkConfig { max_images: 32, ..ImageSinkConfig::default() }, &["tokenize"])
         .compile(&latentflow_operators::registry())
 }
 

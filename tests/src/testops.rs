@@ -11,8 +11,8 @@ use latentflow_engine::{
     Batch, Catalog, Column, ColumnType, Field, InstanceContext, Map, NodeSpec, OpContext, OpError, OperatorConfig,
     OperatorEntry, OperatorImpl, OperatorKind, Ports, Sink, Source, Stage,
 };
-use latentflow_operators::demo_source::DemoSource;
-use latentflow_operators::DemoSourceConfig;
+use latentflow_operators::bytes_source::BytesSource;
+use latentflow_operators::BytesSourceConfig;
 use serde::{Deserialize, Serialize};
 
 /// What the test operators saw.
@@ -52,7 +52,7 @@ pub fn catalog() -> Catalog {
     Catalog::new(entries)
 }
 
-/// `probe_source`: `demo_source` that counts the rows it produces into its probe.
+/// `probe_source`: `bytes_source` that counts the rows it produces into its probe.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProbeSourceConfig {
@@ -75,18 +75,18 @@ impl OperatorConfig for ProbeSourceConfig {
 
 impl NodeSpec for ProbeSourceConfig {
     fn ports(&self) -> Ports {
-        DemoSourceConfig::default().ports()
+        BytesSourceConfig::default().ports()
     }
 
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
-        let config = DemoSourceConfig { count: self.count, batch_size: self.batch_size, payload_bytes: 8 };
-        let inner = DemoSource::new(config, ctx.job.seed, ctx.worker.shard as u64, ctx.worker.shards as u64);
+        let config = BytesSourceConfig { count: self.count, batch_size: self.batch_size, payload_bytes: 8 };
+        let inner = BytesSource::new(config, ctx.job.seed, ctx.worker.shard as u64, ctx.worker.shards as u64);
         Ok(OperatorImpl::Source(Box::new(ProbeSource { inner, probe: probe(&self.probe) })))
     }
 }
 
 struct ProbeSource {
-    inner: DemoSource,
+    inner: BytesSource,
     probe: Arc<Probe>,
 }
 

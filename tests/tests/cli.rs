@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use latentflow_tests::{latentflow, text, topology};
+use latentflow_tests::{fixture, latentflow, text, topology};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lf");
 
@@ -89,7 +89,7 @@ fn operators_lists_types_ports_and_keys() {
 #[test]
 fn run_writes_outputs_profile_and_trace() {
     let dir = tempfile::tempdir().unwrap();
-    let demo = topology("demo.toml");
+    let demo = fixture("engine.toml");
     let out = latentflow(
         BIN,
         dir.path(),
@@ -124,7 +124,7 @@ fn run_writes_outputs_profile_and_trace() {
     // The sink wrote every row, one file per worker, under the job's output directory.
     let rows: usize = (0..2)
         .map(|w| {
-            std::fs::read_to_string(dir.path().join(format!("runs/demo/rows/part-0000{w}.jsonl")))
+            std::fs::read_to_string(dir.path().join(format!("runs/engine/rows/part-0000{w}.jsonl")))
                 .unwrap()
                 .lines()
                 .count()
@@ -137,7 +137,7 @@ fn run_writes_outputs_profile_and_trace() {
 fn an_operator_failure_exits_1_naming_the_node() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("blocker"), "a file where a folder should be").unwrap();
-    let demo = topology("demo.toml");
+    let demo = fixture("engine.toml");
     let out = latentflow(BIN, dir.path(), &["run", demo.to_str().unwrap(), "--set", "nodes.rows.dir=blocker/rows"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -147,7 +147,7 @@ fn an_operator_failure_exits_1_naming_the_node() {
 #[test]
 fn ctrl_c_drains_flushes_and_exits_130() {
     let dir = tempfile::tempdir().unwrap();
-    let demo = topology("demo.toml");
+    let demo = fixture("engine.toml");
     let child = Command::new(BIN)
         .args(["run", demo.to_str().unwrap(), "--set", "nodes.read.count=1000000", "--set", "nodes.read.batch_size=4"])
         .current_dir(dir.path())
@@ -157,7 +157,7 @@ fn ctrl_c_drains_flushes_and_exits_130() {
         .spawn()
         .unwrap();
     // Wait until the sink has opened its file, so the job is under way.
-    let temp = dir.path().join("runs/demo/rows/.part-00000.jsonl.tmp");
+    let temp = dir.path().join("runs/engine/rows/.part-00000.jsonl.tmp");
     for _ in 0..200 {
         if temp.exists() {
             break;
@@ -170,7 +170,7 @@ fn ctrl_c_drains_flushes_and_exits_130() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", text(&out));
     // The sink got its final flush: the file has its final name and whole lines only.
-    let rows = std::fs::read_to_string(dir.path().join("runs/demo/rows/part-00000.jsonl")).unwrap();
+    let rows = std::fs::read_to_string(dir.path().join("runs/engine/rows/part-00000.jsonl")).unwrap();
     assert!(!rows.is_empty() && rows.ends_with('\n'));
     let n = rows.lines().count();
     assert!(n < 1_000_000, "stopped early");

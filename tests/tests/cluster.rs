@@ -17,7 +17,7 @@ output_dir = "out"
 connect_timeout_s = 30
 
 [nodes.read]
-type = "demo_source"
+type = "bytes_source"
 count = 5000
 batch_size = 16
 

@@ -146,7 +146,7 @@ fn the_trace_records_operator_spans() {
     let p = plan(
         r#"
 [nodes.read]
-type = "demo_source"
+type = "bytes_source"
 count = 64
 batch_size = 8
 
@@ -174,7 +174,7 @@ fn chained_maps_count_and_fail_as_their_own_nodes() {
         format!(
             r#"
 [nodes.read]
-type = "demo_source"
+type = "bytes_source"
 count = 101
 batch_size = 8
 
