@@ -53,7 +53,9 @@ pub struct ImageTransformConfig {
     pub exif_transpose: bool,
     /// Reject images with more pixels than this (checked in the header, before decoding).
     pub max_pixels: u64,
-    /// Decode JPEGs at least twice the resolution at 1/2, 1/4 or 1/8 scale (default true).
+    /// Decode JPEGs at least twice the resolution at 1/2, 1/4 or 1/8 scale (default false:
+    /// with the Rust decoders available it is slower than a full-size decode, see
+    /// `bench/results/`).
     pub dct_scaling: bool,
 }
 
@@ -66,7 +68,7 @@ impl Default for ImageTransformConfig {
             hflip_prob: 0.0,
             exif_transpose: true,
             max_pixels: 100_000_000,
-            dct_scaling: true,
+            dct_scaling: false,
         }
     }
 }
@@ -83,7 +85,7 @@ impl OperatorConfig for ImageTransformConfig {
         ("hflip_prob", "probability of a horizontal flip per row (default 0)"),
         ("exif_transpose", "apply the EXIF orientation (default true)"),
         ("max_pixels", "reject images with more pixels, read from the header (default 100000000)"),
-        ("dct_scaling", "decode large JPEGs at 1/2, 1/4 or 1/8 scale, then resize (default true)"),
+        ("dct_scaling", "decode large JPEGs at 1/2, 1/4 or 1/8 scale, then resize (default false: slower with the available decoders)"),
     ];
 }
 

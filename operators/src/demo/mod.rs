@@ -2,10 +2,12 @@
 //! aspect 0.5-2.0, as JPEG, with a caption that names what is drawn. Row `key` under job seed
 //! `seed` is always the same image.
 
+mod parquet;
 mod render;
 mod rng;
 mod scene;
 
+pub use parquet::{img2dataset_schema, write_demo_parquet, ROWS_PER_GROUP};
 pub use render::{encode_jpeg, render};
 pub use rng::Rng;
 pub use scene::{Background, Scene, Shape, ShapeKind, COLOURS};

@@ -25,6 +25,22 @@ pub enum Command {
     Validate(TopologyArgs),
     /// List the operator types, their inputs, outputs and keys.
     Operators,
+    /// Write procedural captioned demo images as parquet (img2dataset layout).
+    DemoData(DemoDataArgs),
+}
+
+/// `latentflow demo-data`.
+#[derive(Debug, Args)]
+pub struct DemoDataArgs {
+    /// The parquet file to write.
+    #[arg(long, value_name = "FILE.parquet")]
+    pub out: PathBuf,
+    /// Number of rows.
+    #[arg(long, default_value_t = 1000)]
+    pub n: u64,
+    /// Seed (row `k` of a seed is always the same image).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 /// A topology file and overrides.

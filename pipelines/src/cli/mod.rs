@@ -1,8 +1,9 @@
-//! The `latentflow` command line: `run`, `validate` and `operators`.
+//! The `latentflow` command line: `run`, `validate`, `operators` and `demo-data`.
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 usage or topology error, 130 interrupted.
 
 mod args;
+mod demo_data;
 mod operators;
 mod run;
 
@@ -10,7 +11,7 @@ use std::ffi::OsString;
 
 use clap::Parser;
 
-pub use args::{Cli, Command, RunArgs, TopologyArgs};
+pub use args::{Cli, Command, DemoDataArgs, RunArgs, TopologyArgs};
 
 /// Success.
 pub const EXIT_OK: i32 = 0;
@@ -40,6 +41,7 @@ pub fn main_with<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I) 
         Command::Run(args) => run::run(&args),
         Command::Validate(args) => run::validate(&args),
         Command::Operators => operators::list(),
+        Command::DemoData(args) => demo_data::write(&args.out, args.n, args.seed),
     }
 }
 

@@ -1,0 +1,71 @@
+//! Which files a `path` means: one file, every matching file under a folder, or a glob.
+
+use std::path::{Path, PathBuf};
+
+/// The files `path` names, sorted: a file itself, the files under a folder (recursively) whose
+/// extension is one of `extensions`, or the files a glob pattern matches.
+///
+/// ```no_run
+/// use latentflow_operators::tables::files::expand;
+/// let files = expand("data/laion/*.parquet", &["parquet"]).unwrap();
+/// ```
+pub fn expand(path: &str, extensions: &[&str]) -> Result<Vec<PathBuf>, String> {
+    let mut files = if path.contains(['*', '?', '[']) {
+        let paths = glob::glob(path).map_err(|e| format!("`{path}` is not a valid glob: {e}"))?;
+        paths.filter_map(Result::ok).filter(|p| p.is_file()).collect()
+    } else {
+        let p = Path::new(path);
+        if p.is_dir() {
+            let mut found = Vec::new();
+            walk(p, extensions, &mut found).map_err(|e| format!("cannot list {path}: {e}"))?;
+            found
+        } else if p.is_file() {
+            vec![p.to_path_buf()]
+        } else {
+            return Err(format!("{path} does not exist"));
+        }
+    };
+    files.sort();
+    if files.is_empty() {
+        return Err(format!("no {} files match `{path}`", extensions.join("/")));
+    }
+    Ok(files)
+}
+
+fn walk(dir: &Path, extensions: &[&str], out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            walk(&path, extensions, out)?;
+        } else if has_extension(&path, extensions) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// True when `path`'s extension is one of `extensions` (case-insensitive).
+pub fn has_extension(path: &Path, extensions: &[&str]) -> bool {
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| extensions.iter().any(|x| x.eq_ignore_ascii_case(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_folders_and_globs() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        for name in ["b.parquet", "a.parquet", "sub/c.PARQUET", "notes.txt"] {
+            std::fs::write(dir.path().join(name), "").unwrap();
+        }
+        let root = dir.path().to_str().unwrap();
+        let names = |v: Vec<PathBuf>| v.iter().map(|p| p.strip_prefix(root).unwrap().display().to_string()).collect::<Vec<_>>();
+        assert_eq!(names(expand(root, &["parquet"]).unwrap()), ["a.parquet", "b.parquet", "sub/c.PARQUET"]);
+        assert_eq!(names(expand(&format!("{root}/*.parquet"), &["parquet"]).unwrap()), ["a.parquet", "b.parquet"]);
+        assert_eq!(names(expand(&format!("{root}/a.parquet"), &["parquet"]).unwrap()), ["a.parquet"]);
+        assert!(expand(&format!("{root}/none/*.parquet"), &["parquet"]).unwrap_err().starts_with("no parquet files match"));
+        assert!(expand(&format!("{root}/missing.parquet"), &["parquet"]).unwrap_err().ends_with("does not exist"));
+    }
+}

@@ -1,0 +1,9 @@
+//! Parquet and file plumbing for the sources and sinks: path expansion, column resolution and
+//! atomic writing.
+
+pub mod columns;
+pub mod files;
+pub mod writer;
+
+pub use columns::{extract, resolve, ColumnNames, Resolved, Rows};
+pub use writer::AtomicParquetWriter;
