@@ -26,11 +26,17 @@ struct Data {
 
 fn data() -> Data {
     let rows: Vec<_> = (0..IMAGES).map(|k| demo_image(1, k, 90)).collect();
-    Data { captions: rows.iter().map(|r| r.caption.clone()).collect(), jpegs: rows.into_iter().map(|r| r.jpeg).collect() }
+    Data {
+        captions: rows.iter().map(|r| r.caption.clone()).collect(),
+        jpegs: rows.into_iter().map(|r| r.jpeg).collect(),
+    }
 }
 
 fn transform(dct: bool) -> ImageTransform {
-    ImageTransform::new(ImageTransformConfig { resolution: RES, dct_scaling: dct, ..ImageTransformConfig::default() }, 0)
+    ImageTransform::new(
+        ImageTransformConfig { resolution: RES, dct_scaling: dct, ..ImageTransformConfig::default() },
+        0,
+    )
 }
 
 fn data_path(c: &mut Criterion) {
@@ -39,24 +45,33 @@ fn data_path(c: &mut Criterion) {
     group.sample_size(10).measurement_time(Duration::from_secs(6));
     group.throughput(Throughput::Elements(IMAGES));
     let full = DecodeOptions { exif_transpose: true, max_pixels: 100_000_000, dct_target: None };
-    group.bench_function("decode", |b| b.iter(|| data.jpegs.iter().map(|j| decode(j, &full).unwrap().width).sum::<u32>()));
+    group.bench_function("decode", |b| {
+        b.iter(|| data.jpegs.iter().map(|j| decode(j, &full).unwrap().width).sum::<u32>())
+    });
     let scaled = DecodeOptions { dct_target: Some(RES), ..full };
-    group.bench_function("decode_dct", |b| b.iter(|| data.jpegs.iter().map(|j| decode(j, &scaled).unwrap().width).sum::<u32>()));
+    group.bench_function("decode_dct", |b| {
+        b.iter(|| data.jpegs.iter().map(|j| decode(j, &scaled).unwrap().width).sum::<u32>())
+    });
     for (name, dct) in [("transform", false), ("transform_dct", true)] {
         let t = transform(dct);
-        group.bench_function(name, |b| b.iter(|| data.jpegs.iter().map(|j| t.apply(j, 0).unwrap().pixels.len()).sum::<usize>()));
+        group.bench_function(name, |b| {
+            b.iter(|| data.jpegs.iter().map(|j| t.apply(j, 0).unwrap().pixels.len()).sum::<usize>())
+        });
     }
     let (tokenizer, padding, max_length) = TokenizeConfig::default().build().unwrap();
     let captions: Vec<String> = (0..50).flat_map(|_| data.captions.iter().cloned()).collect();
     group.throughput(Throughput::Elements(captions.len() as u64));
-    group.bench_function("tokenize", |b| b.iter(|| captions.iter().map(|c| tokenizer.input_ids(c, padding, max_length).0.len()).sum::<usize>()));
+    group.bench_function("tokenize", |b| {
+        b.iter(|| captions.iter().map(|c| tokenizer.input_ids(c, padding, max_length).0.len()).sum::<usize>())
+    });
     group.finish();
 }
 
 criterion_group!(benches, data_path);
 
 fn mean_ns(name: &str) -> Option<f64> {
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target").into());
+    let target =
+        std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target").into());
     let path = Path::new(&target).join("criterion/data_path").join(name).join("new/estimates.json");
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
     json["mean"]["point_estimate"].as_f64()
@@ -104,7 +119,9 @@ fn main() {
     Criterion::default().configure_from_args().final_summary();
     let rate = |name: &str, n: f64| mean_ns(name).map(|ns| n / (ns * 1e-9));
     let images = IMAGES as f64;
-    let (Some(decode), Some(full), Some(dct)) = (rate("decode", images), rate("transform", images), rate("transform_dct", images)) else {
+    let (Some(decode), Some(full), Some(dct)) =
+        (rate("decode", images), rate("transform", images), rate("transform_dct", images))
+    else {
         return;
     };
     let tokenize = rate("tokenize", images * 50.0).unwrap_or(0.0);
@@ -126,5 +143,8 @@ fn main() {
     write_demo_parquet(&file, IMAGES * 4, 1, 2).expect("demo parquet");
     let (one, two) = (engine_rate(&file, 1), engine_rate(&file, 2));
     let _ = std::fs::remove_file(&file);
-    println!("data_path engine scaling (parquet -> transform): 1 thread {one:.0}/s, 2 threads {two:.0}/s, ratio {:.2}", two / one);
+    println!(
+        "data_path engine scaling (parquet -> transform): 1 thread {one:.0}/s, 2 threads {two:.0}/s, ratio {:.2}",
+        two / one
+    );
 }

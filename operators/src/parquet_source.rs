@@ -11,7 +11,9 @@ use latentflow_engine::{
     Batch, Column, ColumnType, Field, InstanceContext, KeyError, NodeSpec, OpContext, OpError, OperatorConfig,
     OperatorImpl, OperatorKind, Ports, Source,
 };
-use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder,
+};
 use parquet::arrow::ProjectionMask;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -125,7 +127,12 @@ impl ParquetSourceConfig {
             at += 1;
         }
         for f in &self.filter {
-            checks.push((at, f.min.unwrap_or(f64::NEG_INFINITY), f.max.unwrap_or(f64::INFINITY), format!("filter:{}", f.column)));
+            checks.push((
+                at,
+                f.min.unwrap_or(f64::NEG_INFINITY),
+                f.max.unwrap_or(f64::INFINITY),
+                format!("filter:{}", f.column),
+            ));
             at += 1;
         }
         checks
@@ -134,12 +141,14 @@ impl ParquetSourceConfig {
 
 fn open_metadata(path: &PathBuf) -> Result<ArrowReaderMetadata, String> {
     let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(|e| format!("{}: not a readable parquet file: {e}", path.display()))
+    ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
+        .map_err(|e| format!("{}: not a readable parquet file: {e}", path.display()))
 }
 
 impl NodeSpec for ParquetSourceConfig {
     fn validate(&self) -> Vec<KeyError> {
-        let mut errors: Vec<KeyError> = KeyError::check_range("batch_size", self.batch_size, 1, 1_000_000).into_iter().collect();
+        let mut errors: Vec<KeyError> =
+            KeyError::check_range("batch_size", self.batch_size, 1, 1_000_000).into_iter().collect();
         errors.extend(KeyError::check_range("shuffle_buffer", self.shuffle_buffer, 0, 10_000_000));
         for f in &self.filter {
             if let (Some(lo), Some(hi)) = (f.min, f.max) {
@@ -289,7 +298,8 @@ impl ParquetSource {
         let unit = self.units()?[u].clone();
         let path = &self.files[unit.file];
         let meta = open_metadata(path).map_err(OpError::msg)?;
-        let resolved = resolve(meta.schema(), &names).map_err(|(_, m)| OpError::msg(format!("{}: {m}", path.display())))?;
+        let resolved =
+            resolve(meta.schema(), &names).map_err(|(_, m)| OpError::msg(format!("{}: {m}", path.display())))?;
         let mask = ProjectionMask::roots(meta.parquet_schema(), resolved.roots());
         let file = File::open(path).map_err(|e| OpError::io(path, e))?;
         let offset = at - unit.stream_start;
@@ -328,7 +338,8 @@ impl ParquetSource {
                     let rows = extract(&batch, &open.resolved)
                         .map_err(|e| OpError::msg(format!("{}: {e}", self.files[unit.file].display())))?;
                     let n = rows.images.len();
-                    let synthetic = |i: usize| ((unit.file as i64) << 40) | (unit.first_row + open.offset + i as u64) as i64;
+                    let synthetic =
+                        |i: usize| ((unit.file as i64) << 40) | (unit.first_row + open.offset + i as u64) as i64;
                     let mut images = rows.images.into_iter();
                     let mut captions = rows.captions.into_iter();
                     for i in 0..n {
@@ -337,7 +348,12 @@ impl ParquetSource {
                             None => Some(synthetic(i)),
                         };
                         let numeric = rows.numeric.iter().map(|c| c[i]).collect();
-                        self.raw.push_back(RawRow { key, caption: captions.next().flatten(), image: images.next().flatten(), numeric });
+                        self.raw.push_back(RawRow {
+                            key,
+                            caption: captions.next().flatten(),
+                            image: images.next().flatten(),
+                            numeric,
+                        });
                     }
                     open.offset += n as u64;
                 }
@@ -357,7 +373,10 @@ impl ParquetSource {
         } else if raw.image.as_ref().is_none_or(|b| b.is_empty()) {
             Some("empty_image".to_string())
         } else {
-            self.checks.iter().find(|(col, lo, hi, _)| !raw.numeric[*col].is_some_and(|v| v >= *lo && v <= *hi)).map(|c| c.3.clone())
+            self.checks
+                .iter()
+                .find(|(col, lo, hi, _)| !raw.numeric[*col].is_some_and(|v| v >= *lo && v <= *hi))
+                .map(|c| c.3.clone())
         };
         if let Some(reason) = reason {
             ctx.reject(label, reason);
@@ -444,7 +463,10 @@ impl Source for ParquetSource {
     }
 
     fn seek(&mut self, position: &serde_json::Value) -> Result<(), OpError> {
-        let row = position.get("row").and_then(|v| v.as_u64()).ok_or_else(|| OpError::msg(format!("bad parquet_source position {position}")))?;
+        let row = position
+            .get("row")
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| OpError::msg(format!("bad parquet_source position {position}")))?;
         let emitted = position.get("emitted_in_window").and_then(|v| v.as_u64()).unwrap_or(0);
         self.open = None;
         self.raw.clear();

@@ -35,7 +35,8 @@ fn the_demo_topology_writes_crops_and_captions() {
         let caption = std::fs::read_to_string(images.join(format!("{key}.txt"))).unwrap();
         assert!(caption.contains(" on a ") && caption.ends_with("background"), "{caption}");
     }
-    let profile: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("p.json")).unwrap()).unwrap();
+    let profile: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("p.json")).unwrap()).unwrap();
     let tokenize = &profile["operators"][2];
     assert_eq!((tokenize["id"].as_str(), tokenize["items_out"].as_u64()), (Some("tokenize"), Some(12)));
 }

@@ -27,7 +27,8 @@ pub fn img2dataset_schema() -> Arc<Schema> {
 /// Writes `n` demo rows (keys `0..n` of `seed`) to `path`, generating on `threads` threads.
 pub fn write_demo_parquet(path: &Path, n: u64, seed: u64, threads: usize) -> Result<(), String> {
     let schema = img2dataset_schema();
-    let mut writer = AtomicParquetWriter::create(path, Arc::clone(&schema), &[("latentflow.demo_seed", seed.to_string())])?;
+    let mut writer =
+        AtomicParquetWriter::create(path, Arc::clone(&schema), &[("latentflow.demo_seed", seed.to_string())])?;
     let mut start = 0;
     while start < n {
         let end = (start + ROWS_PER_GROUP).min(n);

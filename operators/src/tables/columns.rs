@@ -38,7 +38,8 @@ pub struct Resolved {
 impl Resolved {
     /// Top-level columns to read (the projection).
     pub fn roots(&self) -> Vec<usize> {
-        let mut roots: Vec<usize> = [self.image.0, self.caption].into_iter().chain(self.key).chain(self.numeric.iter().copied()).collect();
+        let mut roots: Vec<usize> =
+            [self.image.0, self.caption].into_iter().chain(self.key).chain(self.numeric.iter().copied()).collect();
         roots.sort_unstable();
         roots.dedup();
         roots
@@ -63,7 +64,8 @@ pub fn resolve(schema: &Schema, names: &ColumnNames) -> Result<Resolved, (&'stat
 }
 
 fn resolve_inner(schema: &Schema, names: &ColumnNames) -> Result<Resolved, String> {
-    let found = || schema.fields().iter().map(|f| format!("{} ({})", f.name(), f.data_type())).collect::<Vec<_>>().join(", ");
+    let found =
+        || schema.fields().iter().map(|f| format!("{} ({})", f.name(), f.data_type())).collect::<Vec<_>>().join(", ");
     let index = |name: &str| schema.index_of(name).ok();
     let missing = |what: &str, name: &str| format!("no {what} column `{name}`; the file has: {}", found());
     let image_at = index(&names.image).ok_or_else(|| missing("image", &names.image))?;
@@ -71,13 +73,30 @@ fn resolve_inner(schema: &Schema, names: &ColumnNames) -> Result<Resolved, Strin
         DataType::Binary | DataType::LargeBinary | DataType::BinaryView => (image_at, None),
         DataType::Struct(fields) => match fields.iter().position(|f| f.name() == "bytes" && is_binary(f.data_type())) {
             Some(child) => (image_at, Some(child)),
-            None => return Err(format!("image column `{}` is a struct without a binary `bytes` field; the file has: {}", names.image, found())),
+            None => {
+                return Err(format!(
+                    "image column `{}` is a struct without a binary `bytes` field; the file has: {}",
+                    names.image,
+                    found()
+                ))
+            }
         },
-        other => return Err(format!("image column `{}` is {other}, expected binary or a struct {{bytes, path}}; the file has: {}", names.image, found())),
+        other => {
+            return Err(format!(
+                "image column `{}` is {other}, expected binary or a struct {{bytes, path}}; the file has: {}",
+                names.image,
+                found()
+            ))
+        }
     };
     let caption = index(&names.caption).ok_or_else(|| missing("caption", &names.caption))?;
     if !matches!(schema.field(caption).data_type(), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) {
-        return Err(format!("caption column `{}` is {}, expected a string; the file has: {}", names.caption, schema.field(caption).data_type(), found()));
+        return Err(format!(
+            "caption column `{}` is {}, expected a string; the file has: {}",
+            names.caption,
+            schema.field(caption).data_type(),
+            found()
+        ));
     }
     let key = match &names.key {
         Some(name) => {
@@ -93,7 +112,11 @@ fn resolve_inner(schema: &Schema, names: &ColumnNames) -> Result<Resolved, Strin
         .map(|name| {
             let at = index(name).ok_or_else(|| missing("filter", name))?;
             if !schema.field(at).data_type().is_numeric() {
-                return Err(format!("filter column `{name}` is {}, expected a number; the file has: {}", schema.field(at).data_type(), found()));
+                return Err(format!(
+                    "filter column `{name}` is {}, expected a number; the file has: {}",
+                    schema.field(at).data_type(),
+                    found()
+                ));
             }
             Ok(at)
         })
@@ -109,7 +132,11 @@ fn check_integer(schema: &Schema, at: usize, name: &str, found: &dyn Fn() -> Str
     if schema.field(at).data_type().is_integer() {
         Ok(())
     } else {
-        Err(format!("key column `{name}` is {}, expected an integer; the file has: {}", schema.field(at).data_type(), found()))
+        Err(format!(
+            "key column `{name}` is {}, expected an integer; the file has: {}",
+            schema.field(at).data_type(),
+            found()
+        ))
     }
 }
 
@@ -137,7 +164,9 @@ pub fn extract(batch: &RecordBatch, resolved: &Resolved) -> Result<Rows, String>
             let bytes = Arc::clone(parent.column(child));
             // A null struct means a null image even if its child has a value.
             match parent.nulls() {
-                Some(nulls) => arrow_array::make_array(bytes.to_data().into_builder().nulls(Some(nulls.clone())).build().map_err(|e| e.to_string())?),
+                Some(nulls) => arrow_array::make_array(
+                    bytes.to_data().into_builder().nulls(Some(nulls.clone())).build().map_err(|e| e.to_string())?,
+                ),
                 None => bytes,
             }
         }

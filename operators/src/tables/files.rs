@@ -61,11 +61,14 @@ mod tests {
             std::fs::write(dir.path().join(name), "").unwrap();
         }
         let root = dir.path().to_str().unwrap();
-        let names = |v: Vec<PathBuf>| v.iter().map(|p| p.strip_prefix(root).unwrap().display().to_string()).collect::<Vec<_>>();
+        let names =
+            |v: Vec<PathBuf>| v.iter().map(|p| p.strip_prefix(root).unwrap().display().to_string()).collect::<Vec<_>>();
         assert_eq!(names(expand(root, &["parquet"]).unwrap()), ["a.parquet", "b.parquet", "sub/c.PARQUET"]);
         assert_eq!(names(expand(&format!("{root}/*.parquet"), &["parquet"]).unwrap()), ["a.parquet", "b.parquet"]);
         assert_eq!(names(expand(&format!("{root}/a.parquet"), &["parquet"]).unwrap()), ["a.parquet"]);
-        assert!(expand(&format!("{root}/none/*.parquet"), &["parquet"]).unwrap_err().starts_with("no parquet files match"));
+        assert!(expand(&format!("{root}/none/*.parquet"), &["parquet"])
+            .unwrap_err()
+            .starts_with("no parquet files match"));
         assert!(expand(&format!("{root}/missing.parquet"), &["parquet"]).unwrap_err().ends_with("does not exist"));
     }
 }

@@ -28,7 +28,8 @@ impl AtomicParquetWriter {
         let temp = path.with_file_name(format!(".{name}.tmp"));
         let file = File::create(&temp).map_err(|e| format!("{}: {e}", temp.display()))?;
         let kv = metadata.iter().map(|(k, v)| KeyValue::new(k.to_string(), v.clone())).collect();
-        let props = WriterProperties::builder().set_compression(Compression::SNAPPY).set_key_value_metadata(Some(kv)).build();
+        let props =
+            WriterProperties::builder().set_compression(Compression::SNAPPY).set_key_value_metadata(Some(kv)).build();
         let writer = ArrowWriter::try_new(file, schema, Some(props)).map_err(|e| format!("{}: {e}", temp.display()))?;
         Ok(AtomicParquetWriter { path: path.to_path_buf(), temp, writer })
     }
