@@ -11,7 +11,7 @@ use crate::data::Schema;
 use crate::operator::{NodeSpec, OperatorKind};
 
 /// Keys of a node that the engine reads itself; the rest belong to the operator.
-pub const ENGINE_KEYS: &[&str] = &["type", "inputs", "placement"];
+pub const ENGINE_KEYS: &[&str] = &["type", "inputs", "placement", "reject_log"];
 
 /// A node after its own keys were checked, before the graph is.
 struct Draft<'c> {
@@ -19,6 +19,7 @@ struct Draft<'c> {
     entry: Option<&'c OperatorEntry>,
     inputs: Vec<String>,
     placement: Placement,
+    reject_log: Option<std::path::PathBuf>,
     spec: Option<Arc<dyn NodeSpec>>,
 }
 
@@ -147,8 +148,14 @@ impl<'a> Compiler<'a> {
 
     fn node(&mut self, id: &str, table: &toml::Table) -> Draft<'a> {
         let map = &self.doc.map;
-        let mut draft =
-            Draft { id: id.to_string(), entry: None, inputs: Vec::new(), placement: Placement::All, spec: None };
+        let mut draft = Draft {
+            id: id.to_string(),
+            entry: None,
+            inputs: Vec::new(),
+            placement: Placement::All,
+            reject_log: None,
+            spec: None,
+        };
         match table.get("type") {
             None => self.error(
                 map.key(&["nodes", id]),
@@ -197,6 +204,16 @@ impl<'a> Compiler<'a> {
                 Some(id),
                 Some("placement"),
                 "must be \"all\" or \"gpu\"".into(),
+            ),
+        }
+        match table.get("reject_log") {
+            None => {}
+            Some(toml::Value::String(path)) if !path.is_empty() => draft.reject_log = Some(path.into()),
+            Some(_) => self.error(
+                map.value(&["nodes", id, "reject_log"]),
+                Some(id),
+                Some("reject_log"),
+                "must be a file path, e.g. \"runs/rejects.jsonl\"".into(),
             ),
         }
         let Some(entry) = draft.entry else {
@@ -379,6 +396,7 @@ impl<'a> Compiler<'a> {
                     kind: entry.kind,
                     inputs: edges[i].iter().map(|j| position[j]).collect(),
                     placement: d.placement,
+                    reject_log: d.reject_log,
                     schema: schemas[i].take().expect("checked"),
                     spec: d.spec.expect("checked"),
                 }

@@ -48,6 +48,8 @@ pub struct PlanNode {
     pub inputs: Vec<usize>,
     /// Which workers run it.
     pub placement: Placement,
+    /// Where its rejected rows are logged as JSON lines, if anywhere.
+    pub reject_log: Option<std::path::PathBuf>,
     /// The columns it outputs.
     pub schema: Schema,
     /// Its checked config.

@@ -41,6 +41,7 @@ fn build<'s>(scope: Scope<'s, u64>, shared: &Arc<JobShared>, index: usize, peers
             worker: worker_info(shared, index, peers, &workers),
             metrics: shared.metrics.register(i, index),
             shared: Arc::clone(shared),
+            reject_log: node.reject_log.as_ref().and_then(|p| shared.reject_logs.get(p).cloned()),
         };
         let instance = if workers.contains(&index) { instantiate(node, &runtime) } else { None };
         let input = (!node.inputs.is_empty() && open_chain.is_none()).then(|| {

@@ -3,6 +3,7 @@
 mod cluster;
 mod dataflow;
 mod map_op;
+mod reject_log;
 mod shared;
 mod source_op;
 mod stage_op;
@@ -120,6 +121,7 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<RunReport, EngineError> 
         .build()
         .map_err(|e| EngineError::Options(format!("cannot start the thread pool: {e}")))?;
     let start = Instant::now();
+    let reject_logs = reject_log::open_all(plan, process, processes)?;
     let shared = Arc::new(JobShared {
         plan: plan.clone(),
         threads,
@@ -132,6 +134,7 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<RunReport, EngineError> 
         trace: options.trace.then(|| Arc::new(TraceRecorder::new(start, process))),
         failure: Mutex::new(None),
         positions: Mutex::new(BTreeMap::new()),
+        reject_logs,
     });
     let _interrupts = options.handle_interrupts.then(|| stop::handle_interrupts(&shared.stop));
     let (peer_tx, peer_rx) = unbounded::<String>();
@@ -229,6 +232,9 @@ fn wait(
 
 fn report(shared: &JobShared) -> RunReport {
     let plan = &shared.plan;
+    for log in shared.reject_logs.values() {
+        log.flush();
+    }
     let per_node = shared.metrics.per_node(plan.nodes.len());
     let operators = plan
         .nodes

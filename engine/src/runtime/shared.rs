@@ -89,6 +89,7 @@ pub(crate) struct JobShared {
     pub trace: Option<Arc<TraceRecorder>>,
     pub failure: Mutex<Option<EngineError>>,
     pub positions: Mutex<BTreeMap<(String, usize), serde_json::Value>>,
+    pub reject_logs: std::collections::HashMap<std::path::PathBuf, Arc<super::reject_log::RejectLog>>,
 }
 
 impl JobShared {
@@ -111,6 +112,7 @@ pub(crate) struct NodeRuntime {
     pub worker: WorkerInfo,
     pub metrics: Arc<OperatorMetrics>,
     pub shared: Arc<JobShared>,
+    pub reject_log: Option<Arc<super::reject_log::RejectLog>>,
 }
 
 impl NodeRuntime {
@@ -125,7 +127,11 @@ impl NodeRuntime {
     /// Counts a finished call: busy time, rejections and a trace span.
     pub(crate) fn finish_call(&self, ctx: &mut OpContext, began: Instant, track: &str) {
         self.metrics.add_busy(began.elapsed());
-        self.metrics.record_rejections(&self.id, ctx.take_rejections());
+        let rejections = ctx.take_rejections();
+        if let (Some(log), false) = (&self.reject_log, rejections.is_empty()) {
+            log.write(&self.id, &rejections);
+        }
+        self.metrics.record_rejections(&self.id, rejections);
         if let Some(trace) = &self.shared.trace {
             trace.span(&self.id, "operator", track, began, ctx.epoch());
         }

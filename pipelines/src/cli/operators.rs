@@ -41,6 +41,6 @@ pub fn describe(catalog: &Catalog) -> String {
         }
         out.push('\n');
     }
-    out.push_str("Every node also takes `type`, `inputs` (node ids) and `placement` (\"all\" or \"gpu\").\n");
+    out.push_str("Every node also takes `type`, `inputs` (node ids), `placement` (\"all\" or \"gpu\") and `reject_log` (a JSON-lines file of rejected rows).\n");
     out
 }
