@@ -13,6 +13,7 @@ pub mod folder_source;
 pub mod image_sink;
 pub mod image_transform;
 pub mod jsonl_sink;
+pub mod models;
 pub mod null_sink;
 pub mod parquet_source;
 pub mod pixels;

@@ -60,3 +60,30 @@ pub fn golden_f32(name: &str) -> (Vec<usize>, Vec<f32>) {
     let (shape, data) = golden(name);
     (shape, data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
 }
+
+/// Every tensor of `tests/fixtures/golden.safetensors`, as candle tensors on the CPU.
+pub fn golden_tensors() -> std::collections::HashMap<String, candle_core::Tensor> {
+    candle_core::safetensors::load(fixture("golden.safetensors"), &candle_core::Device::Cpu)
+        .expect("golden.safetensors")
+}
+
+/// Largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let d = (a.to_dtype(candle_core::DType::F32).unwrap() - b.to_dtype(candle_core::DType::F32).unwrap()).unwrap();
+    d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Largest absolute value of a tensor.
+pub fn max_abs(a: &candle_core::Tensor) -> f32 {
+    a.to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}

@@ -1,0 +1,519 @@
+//! Model configs as diffusers and transformers write them (`config.json`), checked against
+//! what this implementation supports, plus the built-in presets.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::error::{ModelError, Result};
+
+/// A config field that is one number for every block or one per block.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlock {
+    /// The same value everywhere.
+    One(usize),
+    /// One value per block.
+    Each(Vec<usize>),
+}
+
+impl PerBlock {
+    /// The value for block `i` of `n`.
+    pub fn get(&self, i: usize) -> usize {
+        match self {
+            PerBlock::One(v) => *v,
+            PerBlock::Each(v) => v[i.min(v.len() - 1)],
+        }
+    }
+
+    fn len(&self) -> Option<usize> {
+        match self {
+            PerBlock::One(_) => None,
+            PerBlock::Each(v) => Some(v.len()),
+        }
+    }
+}
+
+/// `unet/config.json` of a `UNet2DConditionModel` (the SD1 and SD2 families).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UNetConfig {
+    /// Latent channels in.
+    #[serde(default = "four")]
+    pub in_channels: usize,
+    /// Channels out.
+    #[serde(default = "four")]
+    pub out_channels: usize,
+    /// `[cos, sin]` order of the timestep embedding.
+    #[serde(default = "yes")]
+    pub flip_sin_to_cos: bool,
+    /// Frequency shift of the timestep embedding.
+    #[serde(default)]
+    pub freq_shift: f32,
+    /// Down blocks: `CrossAttnDownBlock2D` or `DownBlock2D`.
+    pub down_block_types: Vec<String>,
+    /// Up blocks: `CrossAttnUpBlock2D` or `UpBlock2D`.
+    pub up_block_types: Vec<String>,
+    /// Mid block: `UNetMidBlock2DCrossAttn`.
+    #[serde(default = "mid_block")]
+    pub mid_block_type: Option<String>,
+    /// Channels per resolution level.
+    pub block_out_channels: Vec<usize>,
+    /// ResNet blocks per down block (up blocks have one more).
+    #[serde(default = "two")]
+    pub layers_per_block: usize,
+    /// Padding of the downsampling convolutions.
+    #[serde(default = "one")]
+    pub downsample_padding: usize,
+    /// Scale of the mid block's residuals.
+    #[serde(default = "one_f")]
+    pub mid_block_scale_factor: f64,
+    /// Activation: `silu`.
+    #[serde(default = "silu")]
+    pub act_fn: String,
+    /// Groups of every GroupNorm.
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: usize,
+    /// Epsilon of the ResNet GroupNorms.
+    #[serde(default = "norm_eps")]
+    pub norm_eps: f64,
+    /// Width of the text embeddings.
+    pub cross_attention_dim: usize,
+    /// Transformer layers per attention block.
+    #[serde(default = "per_block_one")]
+    pub transformer_layers_per_block: PerBlock,
+    /// The NUMBER of attention heads per block (a historical naming quirk of diffusers), unless
+    /// `num_attention_heads` is set.
+    #[serde(default = "per_block_eight")]
+    pub attention_head_dim: PerBlock,
+    /// Heads per block, when set.
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock>,
+    /// Linear (SD2) rather than 1x1-conv (SD1) projections into and out of the transformers.
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    /// Nominal latent size (informational).
+    #[serde(default)]
+    pub sample_size: Option<usize>,
+    /// Must be false.
+    #[serde(default)]
+    pub only_cross_attention: serde_json::Value,
+    /// Must be false.
+    #[serde(default)]
+    pub dual_cross_attention: bool,
+    /// Must be null.
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    /// Must be null.
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    /// Must be null.
+    #[serde(default)]
+    pub encoder_hid_dim: Option<usize>,
+    /// Must be `default`.
+    #[serde(default = "default_str")]
+    pub resnet_time_scale_shift: String,
+    /// Must be `positional`.
+    #[serde(default = "positional")]
+    pub time_embedding_type: String,
+    /// Must be 3.
+    #[serde(default = "three")]
+    pub conv_in_kernel: usize,
+    /// Must be 3.
+    #[serde(default = "three")]
+    pub conv_out_kernel: usize,
+}
+
+fn one() -> usize {
+    1
+}
+fn two() -> usize {
+    2
+}
+fn three() -> usize {
+    3
+}
+fn four() -> usize {
+    4
+}
+fn thirty_two() -> usize {
+    32
+}
+fn one_f() -> f64 {
+    1.0
+}
+fn yes() -> bool {
+    true
+}
+fn norm_eps() -> f64 {
+    1e-5
+}
+fn silu() -> String {
+    "silu".into()
+}
+fn default_str() -> String {
+    "default".into()
+}
+fn positional() -> String {
+    "positional".into()
+}
+fn mid_block() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
+fn per_block_one() -> PerBlock {
+    PerBlock::One(1)
+}
+fn per_block_eight() -> PerBlock {
+    PerBlock::One(8)
+}
+
+fn unsupported(origin: &Path, field: &str, value: impl std::fmt::Display, supported: &str) -> ModelError {
+    ModelError::Unsupported {
+        origin: origin.to_path_buf(),
+        field: field.into(),
+        value: value.to_string(),
+        supported: supported.into(),
+    }
+}
+
+impl UNetConfig {
+    /// Heads of the attention blocks at level `i`.
+    pub fn heads(&self, i: usize) -> usize {
+        self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim).get(i)
+    }
+
+    /// Checks every value this implementation relies on.
+    pub fn check(&self, origin: &Path) -> Result<()> {
+        let n = self.block_out_channels.len();
+        if n == 0 {
+            return Err(unsupported(origin, "block_out_channels", "[]", "at least one level"));
+        }
+        if self.down_block_types.len() != n || self.up_block_types.len() != n {
+            return Err(unsupported(
+                origin,
+                "down_block_types",
+                format!("{:?}", self.down_block_types),
+                "one down and one up block per entry of block_out_channels",
+            ));
+        }
+        for t in &self.down_block_types {
+            if t != "CrossAttnDownBlock2D" && t != "DownBlock2D" {
+                return Err(unsupported(origin, "down_block_types", t, "CrossAttnDownBlock2D, DownBlock2D"));
+            }
+        }
+        for t in &self.up_block_types {
+            if t != "CrossAttnUpBlock2D" && t != "UpBlock2D" {
+                return Err(unsupported(origin, "up_block_types", t, "CrossAttnUpBlock2D, UpBlock2D"));
+            }
+        }
+        if self.mid_block_type.as_deref() != Some("UNetMidBlock2DCrossAttn") {
+            return Err(unsupported(
+                origin,
+                "mid_block_type",
+                format!("{:?}", self.mid_block_type),
+                "UNetMidBlock2DCrossAttn",
+            ));
+        }
+        let checks: [(&str, bool, String, &str); 9] = [
+            ("act_fn", self.act_fn == "silu", self.act_fn.clone(), "silu"),
+            (
+                "only_cross_attention",
+                matches!(self.only_cross_attention, serde_json::Value::Null | serde_json::Value::Bool(false)),
+                self.only_cross_attention.to_string(),
+                "false",
+            ),
+            ("dual_cross_attention", !self.dual_cross_attention, "true".into(), "false"),
+            ("class_embed_type", self.class_embed_type.is_none(), format!("{:?}", self.class_embed_type), "null"),
+            (
+                "addition_embed_type",
+                self.addition_embed_type.is_none(),
+                format!("{:?}", self.addition_embed_type),
+                "null",
+            ),
+            ("encoder_hid_dim", self.encoder_hid_dim.is_none(), format!("{:?}", self.encoder_hid_dim), "null"),
+            (
+                "resnet_time_scale_shift",
+                self.resnet_time_scale_shift == "default",
+                self.resnet_time_scale_shift.clone(),
+                "default",
+            ),
+            (
+                "time_embedding_type",
+                self.time_embedding_type == "positional",
+                self.time_embedding_type.clone(),
+                "positional",
+            ),
+            (
+                "conv_in_kernel",
+                self.conv_in_kernel == 3 && self.conv_out_kernel == 3,
+                format!("{}/{}", self.conv_in_kernel, self.conv_out_kernel),
+                "3",
+            ),
+        ];
+        for (field, ok, value, supported) in checks {
+            if !ok {
+                return Err(unsupported(origin, field, value, supported));
+            }
+        }
+        for (field, value) in [
+            ("attention_head_dim", Some(&self.attention_head_dim)),
+            ("num_attention_heads", self.num_attention_heads.as_ref()),
+            ("transformer_layers_per_block", Some(&self.transformer_layers_per_block)),
+        ] {
+            if let Some(len) = value.and_then(PerBlock::len) {
+                if len != n {
+                    return Err(unsupported(
+                        origin,
+                        field,
+                        format!("{value:?}"),
+                        "one value, or one per entry of block_out_channels",
+                    ));
+                }
+            }
+        }
+        for (i, &c) in self.block_out_channels.iter().enumerate() {
+            if c % self.norm_num_groups != 0 || self.heads(i) == 0 || c % self.heads(i) != 0 {
+                return Err(unsupported(
+                    origin,
+                    "block_out_channels",
+                    c,
+                    "multiples of norm_num_groups and of the heads",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The built-in sizes: `tiny` (like the test fixtures), `sd2-base` and `sd1`.
+    pub fn preset(name: &str) -> Option<UNetConfig> {
+        let (channels, heads, cross, linear, layers, groups, down, up): (
+            Vec<usize>,
+            PerBlock,
+            usize,
+            bool,
+            usize,
+            usize,
+            Vec<&str>,
+            Vec<&str>,
+        ) = match name {
+            "tiny" => (
+                vec![32, 64],
+                PerBlock::Each(vec![2, 4]),
+                32,
+                true,
+                1,
+                16,
+                vec!["CrossAttnDownBlock2D", "DownBlock2D"],
+                vec!["UpBlock2D", "CrossAttnUpBlock2D"],
+            ),
+            "sd2-base" => {
+                (vec![320, 640, 1280, 1280], PerBlock::Each(vec![5, 10, 20, 20]), 1024, true, 2, 32, sd_down(), sd_up())
+            }
+            "sd1" => (vec![320, 640, 1280, 1280], PerBlock::One(8), 768, false, 2, 32, sd_down(), sd_up()),
+            _ => return None,
+        };
+        Some(UNetConfig {
+            in_channels: 4,
+            out_channels: 4,
+            flip_sin_to_cos: true,
+            freq_shift: 0.0,
+            down_block_types: down.into_iter().map(String::from).collect(),
+            up_block_types: up.into_iter().map(String::from).collect(),
+            mid_block_type: mid_block(),
+            block_out_channels: channels,
+            layers_per_block: layers,
+            downsample_padding: 1,
+            mid_block_scale_factor: 1.0,
+            act_fn: silu(),
+            norm_num_groups: groups,
+            norm_eps: 1e-5,
+            cross_attention_dim: cross,
+            transformer_layers_per_block: PerBlock::One(1),
+            attention_head_dim: heads,
+            num_attention_heads: None,
+            use_linear_projection: linear,
+            sample_size: Some(if name == "tiny" { 8 } else { 64 }),
+            only_cross_attention: serde_json::Value::Bool(false),
+            dual_cross_attention: false,
+            class_embed_type: None,
+            addition_embed_type: None,
+            encoder_hid_dim: None,
+            resnet_time_scale_shift: default_str(),
+            time_embedding_type: positional(),
+            conv_in_kernel: 3,
+            conv_out_kernel: 3,
+        })
+    }
+}
+
+fn sd_down() -> Vec<&'static str> {
+    vec!["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+}
+
+fn sd_up() -> Vec<&'static str> {
+    vec!["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+}
+
+/// `vae/config.json` of an `AutoencoderKL`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VaeConfig {
+    /// Image channels.
+    #[serde(default = "three")]
+    pub in_channels: usize,
+    /// Image channels out.
+    #[serde(default = "three")]
+    pub out_channels: usize,
+    /// Channels per level.
+    pub block_out_channels: Vec<usize>,
+    /// ResNet blocks per encoder level (decoder levels have one more).
+    #[serde(default = "one")]
+    pub layers_per_block: usize,
+    /// Latent channels.
+    #[serde(default = "four")]
+    pub latent_channels: usize,
+    /// Groups of every GroupNorm.
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: usize,
+    /// Latents are multiplied by this (0.18215 for SD).
+    #[serde(default = "sd_scaling")]
+    pub scaling_factor: f64,
+    /// Activation: `silu`.
+    #[serde(default = "silu")]
+    pub act_fn: String,
+    /// Whether `quant_conv` exists.
+    #[serde(default = "yes")]
+    pub use_quant_conv: bool,
+    /// Whether `post_quant_conv` exists.
+    #[serde(default = "yes")]
+    pub use_post_quant_conv: bool,
+    /// Whether the mid blocks have attention.
+    #[serde(default = "yes")]
+    pub mid_block_add_attention: bool,
+}
+
+fn sd_scaling() -> f64 {
+    0.18215
+}
+
+impl VaeConfig {
+    /// Checks every value this implementation relies on.
+    pub fn check(&self, origin: &Path) -> Result<()> {
+        if self.act_fn != "silu" {
+            return Err(unsupported(origin, "act_fn", &self.act_fn, "silu"));
+        }
+        if self.block_out_channels.is_empty() || self.block_out_channels.iter().any(|c| c % self.norm_num_groups != 0) {
+            return Err(unsupported(
+                origin,
+                "block_out_channels",
+                format!("{:?}", self.block_out_channels),
+                "non-empty, multiples of norm_num_groups",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The built-in sizes: `tiny` (like the test fixtures) and `sd2-base` / `sd1` (the SD VAE).
+    pub fn preset(name: &str) -> Option<VaeConfig> {
+        let (channels, layers, groups) = match name {
+            "tiny" => (vec![32, 32, 64, 64], 1, 16),
+            "sd2-base" | "sd1" => (vec![128, 256, 512, 512], 2, 32),
+            _ => return None,
+        };
+        Some(VaeConfig {
+            in_channels: 3,
+            out_channels: 3,
+            block_out_channels: channels,
+            layers_per_block: layers,
+            latent_channels: 4,
+            norm_num_groups: groups,
+            scaling_factor: sd_scaling(),
+            act_fn: silu(),
+            use_quant_conv: true,
+            use_post_quant_conv: true,
+            mid_block_add_attention: true,
+        })
+    }
+}
+
+/// `text_encoder/config.json` of a transformers `CLIPTextModel`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClipTextConfig {
+    /// Token vocabulary size.
+    pub vocab_size: usize,
+    /// Width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Layers.
+    pub num_hidden_layers: usize,
+    /// Heads.
+    pub num_attention_heads: usize,
+    /// Positions (77).
+    #[serde(default = "seventy_seven")]
+    pub max_position_embeddings: usize,
+    /// `gelu` (exact) or `quick_gelu`.
+    #[serde(default = "quick_gelu_name")]
+    pub hidden_act: String,
+    /// LayerNorm epsilon.
+    #[serde(default = "norm_eps")]
+    pub layer_norm_eps: f64,
+}
+
+fn seventy_seven() -> usize {
+    77
+}
+fn quick_gelu_name() -> String {
+    "quick_gelu".into()
+}
+
+impl ClipTextConfig {
+    /// Checks every value this implementation relies on.
+    pub fn check(&self, origin: &Path) -> Result<()> {
+        if self.hidden_act != "gelu" && self.hidden_act != "quick_gelu" {
+            return Err(unsupported(origin, "hidden_act", &self.hidden_act, "gelu, quick_gelu"));
+        }
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return Err(unsupported(
+                origin,
+                "num_attention_heads",
+                self.num_attention_heads,
+                "a divisor of hidden_size",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The built-in sizes: `tiny` (like the test fixtures), `sd2-base` (OpenCLIP ViT-H/14 text
+    /// tower as SD2 uses it: 23 layers, 1024 wide) and `sd1` (CLIP ViT-L/14: 12 layers, 768).
+    pub fn preset(name: &str) -> Option<ClipTextConfig> {
+        let (hidden, mlp, layers, heads, act) = match name {
+            "tiny" => (32, 64, 2, 4, "gelu"),
+            "sd2-base" => (1024, 4096, 23, 16, "gelu"),
+            "sd1" => (768, 3072, 12, 12, "quick_gelu"),
+            _ => return None,
+        };
+        Some(ClipTextConfig {
+            vocab_size: 49408,
+            hidden_size: hidden,
+            intermediate_size: mlp,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            max_position_embeddings: 77,
+            hidden_act: act.into(),
+            layer_norm_eps: 1e-5,
+        })
+    }
+}
+
+/// Reads and parses `dir/config.json`.
+pub fn read_config<T: DeserializeOwned>(dir: &Path) -> Result<(T, PathBuf)> {
+    let path = dir.join("config.json");
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| ModelError::File { path: path.clone(), message: e.to_string() })?;
+    let config = serde_json::from_str(&text)
+        .map_err(|e| ModelError::File { path: path.clone(), message: format!("not a valid config: {e}") })?;
+    Ok((config, path))
+}
+
+/// The preset names every model accepts.
+pub const PRESETS: [&str; 3] = ["tiny", "sd2-base", "sd1"];

@@ -1,0 +1,56 @@
+//! Model errors: each names the file, tensor or config field at fault.
+
+use std::path::PathBuf;
+
+/// Why a model could not be built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A model file is missing or unreadable.
+    #[error("{}: {message}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A weights file lacks a tensor the config needs.
+    #[error("{}: missing tensor `{name}` (shape {expected:?})", origin.display())]
+    MissingTensor {
+        /// The weights file(s).
+        origin: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+    },
+    /// A tensor has another shape than the config implies.
+    #[error("{}: tensor `{name}` has shape {found:?}, the config needs {expected:?}", origin.display())]
+    Shape {
+        /// The weights file(s).
+        origin: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        found: Vec<usize>,
+    },
+    /// A config value this implementation does not support.
+    #[error("{}: `{field}` = {value} is not supported ({supported})", origin.display())]
+    Unsupported {
+        /// The config file.
+        origin: PathBuf,
+        /// The field.
+        field: String,
+        /// Its value.
+        value: String,
+        /// What is supported.
+        supported: String,
+    },
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Results of model code.
+pub type Result<T> = std::result::Result<T, ModelError>;

@@ -1,0 +1,21 @@
+//! The models of the Stable Diffusion family, in candle, with every op differentiable:
+//! [`ClipTextModel`], [`AutoencoderKl`] and [`UNet`] (per-sample timesteps). They load
+//! diffusers / transformers folders (`config.json` + safetensors in f32, f16 or bf16) or start
+//! from built-in presets with seeded random weights.
+
+pub mod blocks;
+pub mod clip_text;
+pub mod config;
+pub mod error;
+pub mod load;
+pub mod nn;
+pub mod unet;
+pub mod vae;
+pub mod weights;
+
+pub use clip_text::ClipTextModel;
+pub use config::{ClipTextConfig, UNetConfig, VaeConfig, PRESETS};
+pub use error::{ModelError, Result};
+pub use unet::UNet;
+pub use vae::{AutoencoderKl, Posterior};
+pub use weights::{Init, Weights};

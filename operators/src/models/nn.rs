@@ -1,0 +1,220 @@
+//! The layers the models are built from, each differentiable end to end (candle's fused
+//! LayerNorm and `softmax_last_dim` have no backward pass, so these are composed from ops
+//! that do), with parameters cast to the input's dtype so a bf16 forward trains f32 masters.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::error::Result;
+use super::weights::{Init, Scope};
+
+/// Casts a parameter to the compute dtype of `like` (a no-op when they match).
+fn cast(p: &Tensor, like: &Tensor) -> Result<Tensor> {
+    Ok(if p.dtype() == like.dtype() { p.clone() } else { p.to_dtype(like.dtype())? })
+}
+
+/// `y = x W^T + b` over the last dimension.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// `weight` [out, in] and, when `bias`, `bias` [out], under `s`.
+    pub fn new(s: &Scope, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let weight = s.get("weight", &[out_dim, in_dim], Init::Uniform(bound))?;
+        let bias = bias.then(|| s.get("bias", &[out_dim], Init::Uniform(bound))).transpose()?;
+        Ok(Linear { weight, bias })
+    }
+
+    /// Applies the layer to `x` of shape `[..., in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let w = cast(&self.weight, x)?;
+        let mut y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&cast(b, x)?)?;
+        }
+        let mut out = dims;
+        *out.last_mut().expect("non-empty") = self.weight.dim(0)?;
+        Ok(y.reshape(out)?)
+    }
+}
+
+/// A 2-D convolution with square kernel, stride and symmetric padding.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    padding: usize,
+    stride: usize,
+}
+
+impl Conv2d {
+    /// `weight` [out, in, k, k] and `bias` [out] under `s`.
+    pub fn new(s: &Scope, in_ch: usize, out_ch: usize, kernel: usize, stride: usize, padding: usize) -> Result<Conv2d> {
+        let bound = 1.0 / ((in_ch * kernel * kernel) as f64).sqrt();
+        let weight = s.get("weight", &[out_ch, in_ch, kernel, kernel], Init::Uniform(bound))?;
+        let bias = Some(s.get("bias", &[out_ch], Init::Uniform(bound))?);
+        Ok(Conv2d { weight, bias, padding, stride })
+    }
+
+    /// Applies the convolution to `x` [B, C, H, W].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv2d(&cast(&self.weight, x)?, self.padding, self.stride, 1, 1)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(&cast(b, x)?.reshape((1, (), 1, 1))?)?,
+            None => y,
+        })
+    }
+}
+
+/// Group normalisation over `[B, C, ...]`, statistics in f32.
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// `weight` and `bias` [channels] under `s`.
+    pub fn new(s: &Scope, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm> {
+        Ok(GroupNorm {
+            weight: s.get("weight", &[channels], Init::Ones)?,
+            bias: s.get("bias", &[channels], Init::Zeros)?,
+            groups,
+            eps,
+        })
+    }
+
+    /// Normalises `x`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        let dtype = x.dtype();
+        let grouped = x.to_dtype(DType::F32)?.reshape((b, self.groups, ()))?;
+        let mean = grouped.mean_keepdim(D::Minus1)?;
+        let centred = grouped.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?.reshape(dims.clone())?.to_dtype(dtype)?;
+        let mut shape = vec![1, c];
+        shape.resize(dims.len(), 1);
+        let w = cast(&self.weight, x)?.reshape(shape.clone())?;
+        let bias = cast(&self.bias, x)?.reshape(shape)?;
+        Ok(normed.broadcast_mul(&w)?.broadcast_add(&bias)?)
+    }
+}
+
+/// Layer normalisation over the last dimension, statistics in f32.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// `weight` and `bias` [dim] under `s`.
+    pub fn new(s: &Scope, dim: usize, eps: f64) -> Result<LayerNorm> {
+        Ok(LayerNorm { weight: s.get("weight", &[dim], Init::Ones)?, bias: s.get("bias", &[dim], Init::Zeros)?, eps })
+    }
+
+    /// Normalises `x`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x32 = x.to_dtype(DType::F32)?;
+        let mean = x32.mean_keepdim(D::Minus1)?;
+        let centred = x32.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        Ok(normed.broadcast_mul(&cast(&self.weight, x)?)?.broadcast_add(&cast(&self.bias, x)?)?)
+    }
+}
+
+/// Differentiable softmax over the last dimension, computed in f32.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.to_dtype(dtype)?)
+}
+
+/// Multi-head scaled dot-product attention: `q` [B, Nq, H*d], `k`, `v` [B, Nk, H*d], optional
+/// additive `mask` broadcastable to [B, H, Nq, Nk].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (b, nq, inner) = q.dims3()?;
+    let nk = k.dim(1)?;
+    let d = inner / heads;
+    let split =
+        |t: &Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous()?) };
+    let (q, k, v) = (split(q, nq)?, split(k, nk)?, split(v, nk)?);
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(mask)?;
+    }
+    let probs = softmax(&scores)?;
+    Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, nq, inner))?)
+}
+
+/// A [N, N] additive mask that hides later positions (`-inf` above the diagonal).
+pub fn causal_mask(n: usize, device: &Device) -> Result<Tensor> {
+    let values: Vec<f32> =
+        (0..n).flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    Ok(Tensor::from_vec(values, (n, n), device)?)
+}
+
+/// Nearest-neighbour 2x upsampling as reshape + broadcast (exact gradient, cheap backward).
+pub fn upsample2x(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    Ok(x.reshape((b, c, h, 1, w, 1))?.broadcast_as((b, c, h, 2, w, 2))?.reshape((b, c, 2 * h, 2 * w))?)
+}
+
+/// Exact (erf) GELU.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    Ok(x.gelu_erf()?)
+}
+
+/// OpenAI's `quick_gelu`: `x * sigmoid(1.702 x)`.
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    let s = ((x * -1.702)?.exp()? + 1.0)?.recip()?;
+    Ok((x * s)?)
+}
+
+/// SiLU.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    Ok(x.silu()?)
+}
+
+/// Sinusoidal timestep embedding of `timesteps` (one per sample), computed in f32 exactly as
+/// diffusers does: `[cos, sin]` when `flip_sin_to_cos`.
+pub fn timestep_embedding(
+    timesteps: &[f32],
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f32,
+    device: &Device,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let freqs: Vec<f32> = (0..half).map(|i| (-(10000f32.ln()) * i as f32 / (half as f32 - freq_shift)).exp()).collect();
+    let mut values = Vec::with_capacity(timesteps.len() * dim);
+    for &t in timesteps {
+        let args: Vec<f32> = freqs.iter().map(|f| t * f).collect();
+        let (sin, cos): (Vec<f32>, Vec<f32>) = args.iter().map(|a| (a.sin(), a.cos())).unzip();
+        if flip_sin_to_cos {
+            values.extend(cos);
+            values.extend(sin);
+        } else {
+            values.extend(sin);
+            values.extend(cos);
+        }
+        values.resize(values.len() + dim % 2, 0.0);
+    }
+    Ok(Tensor::from_vec(values, (timesteps.len(), dim), device)?)
+}
