@@ -286,53 +286,57 @@ impl UNetConfig {
 
     /// The built-in sizes: `tiny` (like the test fixtures), `sd2-base` and `sd1`.
     pub fn preset(name: &str) -> Option<UNetConfig> {
-        let (channels, heads, cross, linear, layers, groups, down, up): (
-            Vec<usize>,
-            PerBlock,
-            usize,
-            bool,
-            usize,
-            usize,
-            Vec<&str>,
-            Vec<&str>,
-        ) = match name {
-            "tiny" => (
-                vec![32, 64],
-                PerBlock::Each(vec![2, 4]),
-                32,
-                true,
-                1,
-                16,
-                vec!["CrossAttnDownBlock2D", "DownBlock2D"],
-                vec!["UpBlock2D", "CrossAttnUpBlock2D"],
-            ),
-            "sd2-base" => {
-                (vec![320, 640, 1280, 1280], PerBlock::Each(vec![5, 10, 20, 20]), 1024, true, 2, 32, sd_down(), sd_up())
+        let mut config = UNetConfig::sd2_base();
+        match name {
+            "sd2-base" => {}
+            "sd1" => {
+                config.attention_head_dim = PerBlock::One(8);
+                config.cross_attention_dim = 768;
+                config.use_linear_projection = false;
             }
-            "sd1" => (vec![320, 640, 1280, 1280], PerBlock::One(8), 768, false, 2, 32, sd_down(), sd_up()),
+            "tiny" => {
+                config.block_out_channels = vec![32, 64];
+                config.attention_head_dim = PerBlock::Each(vec![2, 4]);
+                config.cross_attention_dim = 32;
+                config.layers_per_block = 1;
+                config.norm_num_groups = 16;
+                config.down_block_types = strings(&["CrossAttnDownBlock2D", "DownBlock2D"]);
+                config.up_block_types = strings(&["UpBlock2D", "CrossAttnUpBlock2D"]);
+                config.sample_size = Some(8);
+            }
             _ => return None,
-        };
-        Some(UNetConfig {
+        }
+        Some(config)
+    }
+
+    /// Stable Diffusion 2 base (512 px, 64x64 latents, OpenCLIP ViT-H text features).
+    fn sd2_base() -> UNetConfig {
+        UNetConfig {
             in_channels: 4,
             out_channels: 4,
             flip_sin_to_cos: true,
             freq_shift: 0.0,
-            down_block_types: down.into_iter().map(String::from).collect(),
-            up_block_types: up.into_iter().map(String::from).collect(),
+            down_block_types: strings(&[
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ]),
+            up_block_types: strings(&["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]),
             mid_block_type: mid_block(),
-            block_out_channels: channels,
-            layers_per_block: layers,
+            block_out_channels: vec![320, 640, 1280, 1280],
+            layers_per_block: 2,
             downsample_padding: 1,
             mid_block_scale_factor: 1.0,
             act_fn: silu(),
-            norm_num_groups: groups,
+            norm_num_groups: 32,
             norm_eps: 1e-5,
-            cross_attention_dim: cross,
+            cross_attention_dim: 1024,
             transformer_layers_per_block: PerBlock::One(1),
-            attention_head_dim: heads,
+            attention_head_dim: PerBlock::Each(vec![5, 10, 20, 20]),
             num_attention_heads: None,
-            use_linear_projection: linear,
-            sample_size: Some(if name == "tiny" { 8 } else { 64 }),
+            use_linear_projection: true,
+            sample_size: Some(64),
             only_cross_attention: serde_json::Value::Bool(false),
             dual_cross_attention: false,
             class_embed_type: None,
@@ -342,16 +346,12 @@ impl UNetConfig {
             time_embedding_type: positional(),
             conv_in_kernel: 3,
             conv_out_kernel: 3,
-        })
+        }
     }
 }
 
-fn sd_down() -> Vec<&'static str> {
-    vec!["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
-}
-
-fn sd_up() -> Vec<&'static str> {
-    vec!["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+fn strings(names: &[&str]) -> Vec<String> {
+    names.iter().map(|name| name.to_string()).collect()
 }
 
 /// `vae/config.json` of an `AutoencoderKL`.
