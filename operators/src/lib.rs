@@ -17,9 +17,11 @@ pub mod models;
 pub mod null_sink;
 pub mod parquet_source;
 pub mod pixels;
+pub mod rng;
 pub mod sharding;
 pub mod tables;
 pub mod tokenize;
+pub mod training;
 
 use latentflow_engine::{Catalog, OperatorEntry};
 

@@ -18,7 +18,7 @@ use parquet::arrow::ProjectionMask;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
-use crate::demo::Rng;
+use crate::rng::Rng;
 use crate::tables::files::expand;
 use crate::tables::{extract, resolve, ColumnNames, Resolved};
 

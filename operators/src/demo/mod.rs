@@ -4,12 +4,11 @@
 
 mod parquet;
 mod render;
-mod rng;
 mod scene;
 
+use crate::rng::Rng;
 pub use parquet::{img2dataset_schema, write_demo_parquet, ROWS_PER_GROUP};
 pub use render::{encode_jpeg, render};
-pub use rng::Rng;
 pub use scene::{Background, Scene, Shape, ShapeKind, COLOURS};
 
 /// One demo row.

@@ -2,8 +2,8 @@
 
 use std::f64::consts::PI;
 
-use super::rng::Rng;
 use super::scene::{Background, Scene, Shape, ShapeKind};
+use crate::rng::Rng;
 
 /// The scene as row-major RGB bytes.
 pub fn render(scene: &Scene) -> Vec<u8> {

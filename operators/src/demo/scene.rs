@@ -1,7 +1,7 @@
 //! Procedural scenes: a background and a few coloured shapes inside the central square (what a
 //! center crop keeps), and a caption that names them.
 
-use super::rng::Rng;
+use crate::rng::Rng;
 
 /// A named colour.
 pub type Colour = (&'static str, [u8; 3]);

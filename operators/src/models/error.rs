@@ -47,6 +47,9 @@ pub enum ModelError {
         /// What is supported.
         supported: String,
     },
+    /// Bad input to a model or to training (shapes, options, a non-finite loss).
+    #[error("{0}")]
+    Input(String),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -12,6 +12,15 @@ fn cast(p: &Tensor, like: &Tensor) -> Result<Tensor> {
     Ok(if p.dtype() == like.dtype() { p.clone() } else { p.to_dtype(like.dtype())? })
 }
 
+/// The dtype statistics are computed in: f32 for half types and f32, f64 for f64.
+fn stats_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// `y = x W^T + b` over the last dimension.
 #[derive(Clone, Debug)]
 pub struct Linear {
@@ -97,7 +106,7 @@ impl GroupNorm {
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
         let dtype = x.dtype();
-        let grouped = x.to_dtype(DType::F32)?.reshape((b, self.groups, ()))?;
+        let grouped = x.to_dtype(stats_dtype(dtype))?.reshape((b, self.groups, ()))?;
         let mean = grouped.mean_keepdim(D::Minus1)?;
         let centred = grouped.broadcast_sub(&mean)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
@@ -127,7 +136,7 @@ impl LayerNorm {
     /// Normalises `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
-        let x32 = x.to_dtype(DType::F32)?;
+        let x32 = x.to_dtype(stats_dtype(dtype))?;
         let mean = x32.mean_keepdim(D::Minus1)?;
         let centred = x32.broadcast_sub(&mean)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
@@ -139,7 +148,7 @@ impl LayerNorm {
 /// Differentiable softmax over the last dimension, computed in f32.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
+    let x = x.to_dtype(stats_dtype(dtype))?;
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.to_dtype(dtype)?)

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::error::{ModelError, Result};
-use crate::demo::Rng;
+use crate::rng::Rng;
 
 /// How a parameter is initialised when there are no weights to load.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -33,6 +33,7 @@ enum Source {
 pub struct Weights {
     source: Source,
     device: Device,
+    dtype: DType,
     trainable: bool,
     /// Aliases for old names: `new name` → `old name` tried when the new one is missing.
     aliases: Vec<(String, String)>,
@@ -66,6 +67,7 @@ impl Weights {
         Ok(Weights {
             source: Source::Loaded { tensors, origin },
             device: device.clone(),
+            dtype: DType::F32,
             trainable,
             aliases: Vec::new(),
             created: Mutex::new(BTreeMap::new()),
@@ -78,6 +80,7 @@ impl Weights {
         Weights {
             source: Source::Random { seed },
             device: device.clone(),
+            dtype: DType::F32,
             trainable,
             aliases: Vec::new(),
             created: Mutex::new(BTreeMap::new()),
@@ -87,6 +90,12 @@ impl Weights {
     /// Accepts `old` names for tensors the model asks for as `new` (substring replacement).
     pub fn with_alias(mut self, new: &str, old: &str) -> Weights {
         self.aliases.push((new.to_string(), old.to_string()));
+        self
+    }
+
+    /// Keeps parameters in `dtype` instead of f32 (f64 for gradient checks).
+    pub fn in_dtype(mut self, dtype: DType) -> Weights {
+        self.dtype = dtype;
         self
     }
 
@@ -137,6 +146,7 @@ impl Weights {
             }
             Source::Random { seed } => initialise(*seed, name, shape, init, &self.device)?,
         };
+        let tensor = tensor.to_dtype(self.dtype)?;
         if !self.trainable {
             return Ok(tensor);
         }
@@ -199,13 +209,7 @@ fn initialise(seed: u64, name: &str, shape: &[usize], init: Init, device: &Devic
             let mut rng = Rng::new(seed, key);
             match init {
                 Init::Uniform(_) => (0..n).map(|_| rng.range(-bound, bound) as f32).collect(),
-                _ => (0..n)
-                    .map(|_| {
-                        // Box-Muller.
-                        let (u, v) = (rng.unit().max(1e-12), rng.unit());
-                        (bound * (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
-                    })
-                    .collect(),
+                _ => (0..n).map(|_| (bound * rng.normal()) as f32).collect(),
             }
         }
     };

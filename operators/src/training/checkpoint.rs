@@ -1,0 +1,174 @@
+//! Checkpoints in the diffusers layout: `checkpoint-STEP/unet/{config.json,
+//! diffusion_pytorch_model.safetensors}` (loadable by `UNet2DConditionModel.from_pretrained`),
+//! `unet_ema/` when EMA is on, `optimizer.safetensors` and `state.json` (step, random stream,
+//! data position). Each is written into a temporary folder that is renamed into place, so a
+//! crash never leaves a half-written checkpoint behind; only the newest `keep_last` are kept.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::adamw::AdamW;
+use super::ema::Ema;
+use super::options::TrainingOptions;
+use super::schedule::NoiseSchedule;
+use super::trainer::{Trainer, TrainerState};
+use crate::models::config::UNetConfig;
+use crate::models::error::{ModelError, Result};
+use crate::models::load::{load_unet, ModelSource};
+use crate::rng::Rng;
+
+/// `state.json` of a checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointState {
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// The training random stream's state.
+    pub rng: u64,
+    /// Where the input stream stood (its sources' positions), for an exact resume.
+    pub data_position: serde_json::Value,
+    /// The options the run had (informational; a resume uses the current ones).
+    pub options: TrainingOptions,
+    /// The loss of the last step.
+    pub loss: Option<f64>,
+}
+
+const STATE: &str = "state.json";
+const OPTIMIZER: &str = "optimizer.safetensors";
+const WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> ModelError + '_ {
+    move |e| ModelError::File { path: path.to_path_buf(), message: e.to_string() }
+}
+
+/// Writes a UNet folder (`config.json` with diffusers' class name, f32 safetensors).
+pub fn write_unet(dir: &Path, config: &UNetConfig, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut json = serde_json::to_value(config).map_err(|e| ModelError::Input(e.to_string()))?;
+    if let serde_json::Value::Object(map) = &mut json {
+        map.insert("_class_name".into(), "UNet2DConditionModel".into());
+        map.insert("_diffusers_version".into(), "0.42.1".into());
+    }
+    let path = dir.join("config.json");
+    let text = serde_json::to_string_pretty(&json).map_err(|e| ModelError::Input(e.to_string()))?;
+    std::fs::write(&path, text + "\n").map_err(io(&path))?;
+    save_tensors(&dir.join(WEIGHTS), tensors)
+}
+
+fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let on_cpu: HashMap<String, Tensor> =
+        tensors.iter().map(|(n, t)| Ok((n.clone(), t.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
+    candle_core::safetensors::save(&on_cpu, path)
+        .map_err(|e| ModelError::File { path: path.to_path_buf(), message: e.to_string() })
+}
+
+fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, device).map_err(|e| ModelError::File {
+        path: path.to_path_buf(),
+        message: format!("not a readable checkpoint file: {e}"),
+    })
+}
+
+/// The step a `checkpoint-STEP` folder name stands for.
+fn step_of(path: &Path) -> Option<u64> {
+    path.file_name()?.to_str()?.strip_prefix("checkpoint-")?.parse().ok()
+}
+
+/// The checkpoints under `run_dir`, oldest first.
+pub fn list(run_dir: &Path) -> Result<Vec<PathBuf>> {
+    if !run_dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(run_dir)
+        .map_err(io(run_dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join(STATE).is_file())
+        .filter_map(|p| step_of(&p).map(|s| (s, p)))
+        .collect();
+    found.sort();
+    Ok(found.into_iter().map(|(_, p)| p).collect())
+}
+
+/// The newest checkpoint under `run_dir`, if any.
+pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
+    Ok(list(run_dir)?.pop())
+}
+
+/// Saves `trainer` as `run_dir/checkpoint-STEP` and prunes all but the newest `keep_last`
+/// (0 keeps all). Must be called between optimizer steps.
+pub fn save(
+    run_dir: &Path,
+    trainer: &Trainer,
+    data_position: serde_json::Value,
+    loss: Option<f64>,
+    keep_last: usize,
+) -> Result<PathBuf> {
+    if trainer.pending_micro_batches() != 0 {
+        return Err(ModelError::Input("a checkpoint must be taken between optimizer steps".into()));
+    }
+    let step = trainer.step();
+    let target = run_dir.join(format!("checkpoint-{step}"));
+    let temp = run_dir.join(format!(".checkpoint-{step}.partial-{}", std::process::id()));
+    if temp.exists() {
+        std::fs::remove_dir_all(&temp).map_err(io(&temp))?;
+    }
+    std::fs::create_dir_all(&temp).map_err(io(&temp))?;
+    let config = trainer.unet().config();
+    let weights: HashMap<String, Tensor> =
+        trainer.params().iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
+    write_unet(&temp.join("unet"), config, &weights)?;
+    if let Some(ema) = trainer.ema() {
+        let averaged = ema.tensors().iter().map(|(n, t)| (n.clone(), t.clone())).collect();
+        write_unet(&temp.join("unet_ema"), config, &averaged)?;
+    }
+    save_tensors(&temp.join(OPTIMIZER), &trainer.optimizer().state_tensors())?;
+    let state =
+        CheckpointState { step, rng: trainer.rng_state(), data_position, options: trainer.options().clone(), loss };
+    let path = temp.join(STATE);
+    let text = serde_json::to_string_pretty(&state).map_err(|e| ModelError::Input(e.to_string()))?;
+    std::fs::write(&path, text + "\n").map_err(io(&path))?;
+    if target.exists() {
+        std::fs::remove_dir_all(&target).map_err(io(&target))?;
+    }
+    std::fs::rename(&temp, &target).map_err(io(&target))?;
+    if keep_last > 0 {
+        let all = list(run_dir)?;
+        for old in &all[..all.len().saturating_sub(keep_last)] {
+            std::fs::remove_dir_all(old).map_err(io(old))?;
+        }
+    }
+    Ok(target)
+}
+
+/// Reads a checkpoint's `state.json`.
+pub fn read_state(checkpoint: &Path) -> Result<CheckpointState> {
+    let path = checkpoint.join(STATE);
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    serde_json::from_str(&text).map_err(|e| ModelError::File { path, message: e.to_string() })
+}
+
+/// A trainer continuing from `checkpoint` with (possibly changed) `options`, and its state.
+pub fn resume(
+    checkpoint: &Path,
+    schedule: NoiseSchedule,
+    options: TrainingOptions,
+    device: &Device,
+) -> Result<(Trainer, CheckpointState)> {
+    let state = read_state(checkpoint)?;
+    let (unet, weights) = load_unet(&ModelSource::Folder(checkpoint.join("unet")), device, true, 0)?;
+    let moments = load_tensors(&checkpoint.join(OPTIMIZER), device)?;
+    let optimizer = AdamW::restore(options.adamw(), state.step, moments)?;
+    let ema_dir = checkpoint.join("unet_ema");
+    let ema = match options.ema_decay {
+        Some(decay) if ema_dir.is_dir() => {
+            Some(Ema::restore(decay, options.ema_start_step, load_tensors(&ema_dir.join(WEIGHTS), device)?))
+        }
+        // EMA switched on at resume: it starts from the current weights.
+        Some(decay) => Some(Ema::new(&weights.vars(), decay, options.ema_start_step)?),
+        None => None,
+    };
+    let trainer_state = TrainerState { optimizer, ema, rng: Rng::from_state(state.rng) };
+    Ok((Trainer::resume(unet, &weights, schedule, options, trainer_state)?, state))
+}

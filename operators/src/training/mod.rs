@@ -1,0 +1,19 @@
+//! Training math for the UNet: the DDPM noise schedule, the loss with its options (min-SNR,
+//! noise offset, caption dropout), AdamW with PyTorch's semantics, learning-rate schedules,
+//! gradient clipping and accumulation, EMA, and checkpoints that resume exactly.
+
+pub mod adamw;
+pub mod checkpoint;
+pub mod ema;
+pub mod grads;
+pub mod lr;
+pub mod options;
+pub mod schedule;
+pub mod trainer;
+
+pub use adamw::{AdamW, AdamWConfig};
+pub use ema::Ema;
+pub use lr::{LrDecay, LrSchedule};
+pub use options::{Precision, TrainingOptions};
+pub use schedule::{NoiseSchedule, Prediction, SchedulerConfig};
+pub use trainer::{Draws, StepReport, Trainer, TrainerState};
