@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use latentflow_operators::models::load::{load_text_encoder, load_unet, load_vae, ModelSource};
+use latentflow_operators::rng::Rng;
 use latentflow_tests::{fixture, golden_tensors, max_abs, max_abs_diff};
 
 fn part(name: &str) -> ModelSource {
@@ -38,6 +39,14 @@ fn vae_posterior_and_decoder_match_diffusers() {
     let posterior = vae.encode(&g["pixels"]).unwrap();
     check("vae_mean", &posterior.mean, &g["vae_mean"], 2e-5);
     check("vae_std", &posterior.std, &g["vae_std"], 1e-5);
+    // Samples: reproducible from the job's stream, and standardised they look like N(0, 1).
+    let sample = posterior.sample(&mut Rng::new(3, 0)).unwrap();
+    assert_eq!(max_abs_diff(&sample, &posterior.sample(&mut Rng::new(3, 0)).unwrap()), 0.0);
+    let z: Vec<f32> =
+        ((sample - &posterior.mean).unwrap() / &posterior.std).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let mean = z.iter().sum::<f32>() / z.len() as f32;
+    let var = z.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / z.len() as f32;
+    assert!(mean.abs() < 0.2 && (var - 1.0).abs() < 0.25, "standardised sample: mean {mean}, var {var}");
     let latents = (&posterior.mean * 0.18215).unwrap();
     check("latents", &latents, &g["latents"], 1e-6);
     let decoded = vae.decode(&g["vae_mean"]).unwrap();

@@ -8,6 +8,7 @@ use super::config::VaeConfig;
 use super::error::Result;
 use super::nn::{silu, Conv2d, GroupNorm};
 use super::weights::{Scope, Weights};
+use crate::rng::Rng;
 
 const EPS: f64 = 1e-6;
 
@@ -47,6 +48,14 @@ pub struct Posterior {
     pub mean: Tensor,
     /// Standard deviation `exp(0.5 * clamp(logvar, -30, 20))`.
     pub std: Tensor,
+}
+
+impl Posterior {
+    /// A sample `mean + std * N(0, 1)`, drawn from `rng` so a job's latents are reproducible.
+    pub fn sample(&self, rng: &mut Rng) -> Result<Tensor> {
+        let eps = Tensor::from_vec(rng.normals(self.mean.elem_count()), self.mean.dims(), self.mean.device())?;
+        Ok((&self.mean + (&self.std * eps.to_dtype(self.std.dtype())?)?)?)
+    }
 }
 
 /// The VAE.
