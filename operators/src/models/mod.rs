@@ -7,6 +7,7 @@ pub mod blocks;
 pub mod clip_text;
 pub mod config;
 pub mod error;
+pub mod fused_attention;
 pub mod load;
 pub mod nn;
 pub mod unet;

@@ -5,6 +5,7 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use super::error::Result;
+use super::fused_attention;
 use super::weights::{Init, Scope};
 
 /// Casts a parameter to the compute dtype of `like` (a no-op when they match).
@@ -73,12 +74,53 @@ impl Conv2d {
 
     /// Applies the convolution to `x` [B, C, H, W].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&cast(&self.weight, x)?, self.padding, self.stride, 1, 1)?;
+        let weight = cast(&self.weight, x)?;
+        let y = if x.device().is_cpu() {
+            conv2d_by_matmul(x, &weight, self.stride, self.padding)?
+        } else {
+            x.conv2d(&weight, self.padding, self.stride, 1, 1)?
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(&cast(b, x)?.reshape((1, (), 1, 1))?)?,
             None => y,
         })
     }
+}
+
+/// A convolution as patches times weights, from candle ops whose backward passes are matrix
+/// products. On the CPU candle's own `conv2d` backward runs a naive transposed convolution and
+/// a convolution with an image-sized kernel, which made it most of a training step.
+pub fn conv2d_by_matmul(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (out_ch, _, k, _) = weight.dims4()?;
+    let (oh, ow) = ((h + 2 * padding - k) / stride + 1, (w + 2 * padding - k) / stride + 1);
+    let kernel = weight.reshape((out_ch, c * k * k))?;
+    if k == 1 && stride == 1 && padding == 0 {
+        let y = kernel.broadcast_matmul(&x.reshape((b, c, h * w))?)?;
+        return Ok(y.reshape((b, out_ch, h, w))?);
+    }
+    // Zero padding, plus stride - 1 at the end so every strided window below fits.
+    let pad_end = padding + stride - 1;
+    let padded = x.pad_with_zeros(2, padding, pad_end)?.pad_with_zeros(3, padding, pad_end)?;
+    let mut patches = Vec::with_capacity(k * k);
+    for ky in 0..k {
+        for kx in 0..k {
+            let window = padded.narrow(2, ky, oh * stride)?.narrow(3, kx, ow * stride)?;
+            let window = if stride == 1 {
+                window
+            } else {
+                window
+                    .reshape((b, c, oh, stride, ow, stride))?
+                    .narrow(3, 0, 1)?
+                    .narrow(5, 0, 1)?
+                    .reshape((b, c, oh, ow))?
+            };
+            patches.push(window);
+        }
+    }
+    // [B, C, k*k, oh, ow] flattens in the weight's (c, ky, kx) order.
+    let columns = Tensor::stack(&patches, 2)?.reshape((b, c * k * k, oh * ow))?;
+    Ok(kernel.broadcast_matmul(&columns)?.reshape((b, out_ch, oh, ow))?)
 }
 
 /// Group normalisation over `[B, C, ...]`, statistics in f32.
@@ -156,7 +198,18 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
 
 /// Multi-head scaled dot-product attention: `q` [B, Nq, H*d], `k`, `v` [B, Nk, H*d], optional
 /// additive `mask` broadcastable to [B, H, Nq, Nk].
+///
+/// Unmasked f32 attention on the CPU runs as one fused op that never stores the score matrix
+/// ([`super::fused_attention`]); everything else is composed from candle ops.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    if mask.is_none() && fused_attention::supported(q) {
+        return Ok(fused_attention::fused_attention(q, k, v, heads)?);
+    }
+    composed_attention(q, k, v, heads, mask)
+}
+
+/// [`attention`] from candle ops (any device and dtype, masks; stores the probabilities).
+pub fn composed_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
     let (b, nq, inner) = q.dims3()?;
     let nk = k.dim(1)?;
     let d = inner / heads;
@@ -226,4 +279,37 @@ pub fn timestep_embedding(
         values.resize(values.len() + dim % 2, 0.0);
     }
     Ok(Tensor::from_vec(values, (timesteps.len(), dim), device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    #[test]
+    fn convolution_by_matmul_equals_candle_conv2d_with_gradients() {
+        let mut rng = crate::rng::Rng::new(4, 4);
+        let mut random = |shape: &[usize]| {
+            let values = Tensor::from_vec(rng.normals(shape.iter().product()), shape, &Device::Cpu).unwrap();
+            Var::from_tensor(&values).unwrap()
+        };
+        for (k, stride, padding, size) in [(3, 1, 1, 7), (3, 2, 1, 8), (3, 2, 1, 7), (1, 1, 0, 5), (3, 2, 0, 9)] {
+            let (x, w) = (random(&[2, 3, size, size]), random(&[4, 3, k, k]));
+            let ours = conv2d_by_matmul(x.as_tensor(), w.as_tensor(), stride, padding).unwrap();
+            let theirs = x.as_tensor().conv2d(w.as_tensor(), padding, stride, 1, 1).unwrap();
+            assert_eq!(ours.dims(), theirs.dims());
+            assert!(diff(&ours, &theirs) < 1e-5, "k {k} stride {stride} size {size}");
+            let g1 = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = theirs.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &w] {
+                let (a, b) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+                let scale: f32 = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+                assert!(diff(a, b) <= 1e-5 * scale, "gradient, k {k} stride {stride} size {size}");
+            }
+        }
+    }
 }

@@ -75,12 +75,12 @@ impl AdamW {
         let step_size = lr / bias_correction1;
         for (name, var) in params {
             let Some(grad) = grads.get(name) else { continue };
-            let p = var.as_tensor();
+            let p = &var.as_tensor().detach();
             let (m, v) = match self.moments.get(name) {
                 Some(state) => state.clone(),
                 None => (p.zeros_like()?, p.zeros_like()?),
             };
-            let grad = grad.to_dtype(p.dtype())?;
+            let grad = grad.detach().to_dtype(p.dtype())?;
             let decayed = p.affine(1.0 - lr * c.weight_decay, 0.0)?;
             // lerp(m, g, w) = m + w * (g - m) for w < 0.5.
             let m = (&m + (&grad - &m)?.affine(1.0 - c.beta1, 0.0)?)?;
@@ -90,7 +90,7 @@ impl AdamW {
             // addcdiv: p + ((-step_size) * m) / denom.
             let updated = (decayed + (m.affine(-step_size, 0.0)? / &denom)?)?;
             var.set(&updated)?;
-            self.moments.insert(name.clone(), (m, v));
+            self.moments.insert(name.clone(), (m.detach(), v.detach()));
         }
         Ok(())
     }
@@ -163,6 +163,19 @@ mod tests {
         let expected = reference(0.7, &grads.iter().map(|&g| f64::from(g as f32)).collect::<Vec<_>>(), 1e-2, c);
         assert!((f64::from(ours[0]) - expected).abs() < 1e-6, "{} vs {expected}", ours[0]);
         assert_eq!(opt.steps(), 5);
+    }
+
+    #[test]
+    fn optimizer_state_holds_no_op_graph() {
+        // A gradient from backward carries ops; keeping them would keep every step's graph.
+        let var = Var::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
+        let loss = var.as_tensor().sqr().unwrap().exp().unwrap().sum_all().unwrap();
+        let store = loss.backward().unwrap();
+        let params: BTreeMap<String, Var> = [("w".to_string(), var.clone())].into();
+        let grads = crate::training::grads::collect(&params, &store);
+        let mut opt = AdamW::new(AdamWConfig::default());
+        opt.step(&params, &grads, 1e-3).unwrap();
+        assert!(opt.state_tensors().values().all(|t| !t.track_op()));
     }
 
     #[test]

@@ -13,7 +13,9 @@ pub type Grads = HashMap<String, Tensor>;
 
 /// The gradient of every parameter in `params` that the loss reached.
 pub fn collect(params: &BTreeMap<String, Var>, store: &GradStore) -> Grads {
-    params.iter().filter_map(|(name, var)| store.get(var.as_tensor()).map(|g| (name.clone(), g.clone()))).collect()
+    // Detached: a gradient carries the op graph it was computed with, which would otherwise
+    // stay alive (with the whole forward pass) in optimizer state.
+    params.iter().filter_map(|(name, var)| store.get(var.as_tensor()).map(|g| (name.clone(), g.detach()))).collect()
 }
 
 /// Adds `more` into `sum`, name by name.
