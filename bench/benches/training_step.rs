@@ -8,7 +8,8 @@
 //! - VAE-encode images/s and text-encode captions/s at batch 8 for the `tiny` preset (64 px) and
 //!   the real SD2 sizes (512 px, OpenCLIP ViT-H text tower), random weights.
 //!
-//! Set `LATENTFLOW_BENCH_SKIP_SD2=1` to leave out the (minutes-long) SD2-size encoders.
+//! Set `LATENTFLOW_BENCH_SKIP_SD2=1` to leave out the (minutes-long) SD2-size encoders and
+//! `LATENTFLOW_BENCH_STEPS=N` for another number of training steps (0: none).
 
 #![allow(missing_docs)]
 
@@ -45,6 +46,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 fn training_step() {
+    let steps: usize = std::env::var("LATENTFLOW_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(12);
     let weights = Weights::random(1, &Device::Cpu, true);
     let unet = UNet::new(&tiny_unet_config(), &weights).expect("unet");
     let params: usize = weights.vars().values().map(|v| v.elem_count()).sum();
@@ -52,8 +54,10 @@ fn training_step() {
     let mut trainer = Trainer::new(unet, &weights, schedule, TrainingOptions::default()).expect("trainer");
     let mut rng = Rng::new(2, 0);
     let (latents, text) = (normals(&mut rng, &[BATCH, 4, 32, 32]), normals(&mut rng, &[BATCH, 77, 32]));
+    if steps == 0 {
+        return;
+    }
     let mut reports: Vec<(f64, StepReport)> = Vec::new();
-    let steps: usize = std::env::var("LATENTFLOW_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(12);
     for i in 0..steps {
         let started = Instant::now();
         let report = trainer.train(&latents, &text, None).expect("step").expect("one micro-batch per step");
@@ -80,13 +84,15 @@ fn training_step() {
 }
 
 fn rate(label: &str, batches: usize, mut run: impl FnMut()) {
-    run(); // warm-up
+    if batches > 1 {
+        run(); // warm-up
+    }
     let started = Instant::now();
     for _ in 0..batches {
         run();
     }
     let per_batch = started.elapsed().as_secs_f64() / batches as f64;
-    println!("| {label} | {per_batch:.3} s | {:.1}/s |", BATCH as f64 / per_batch);
+    println!("| {label} | {per_batch:.3} s | {:.3}/s |", BATCH as f64 / per_batch);
 }
 
 fn encoders(preset: &str, resolution: usize, batches: usize) {

@@ -105,6 +105,34 @@ fn exp_nonpositive(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) << 23) as u32)
 }
 
+/// Largest element, over eight lanes (vectorisable).
+#[inline(always)]
+fn max(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for c in chunks {
+        for l in 0..8 {
+            lanes[l] = lanes[l].max(c[l]);
+        }
+    }
+    lanes.iter().fold(tail, |m, &v| m.max(v))
+}
+
+/// Sum over eight lanes (vectorisable).
+#[inline(always)]
+fn sum(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for l in 0..8 {
+            lanes[l] += c[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// Softmax probabilities of query `qi` against the keys `kt` [d, nk], into `row` [nk].
 #[inline(always)]
 fn probabilities(qi: &[f32], kt: &[f32], scale: f32, row: &mut [f32]) {
@@ -113,13 +141,11 @@ fn probabilities(qi: &[f32], kt: &[f32], scale: f32, row: &mut [f32]) {
     for (c, &q) in qi.iter().enumerate() {
         axpy(row, q * scale, &kt[c * nk..(c + 1) * nk]);
     }
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-    let mut sum = 0f32;
+    let top = max(row);
     for s in row.iter_mut() {
-        *s = exp_nonpositive(*s - max);
-        sum += *s;
+        *s = exp_nonpositive(*s - top);
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / sum(row);
     for s in row.iter_mut() {
         *s *= inv;
     }
@@ -195,30 +221,58 @@ impl Head {
     }
 }
 
-/// Runs `f` compiled for AVX2 when the CPU has it (the loops above then use 8-wide vectors
-/// instead of the 4-wide SSE2 of the x86-64 baseline). The only unsafe code in the crate:
-/// calling a `target_feature` function, after checking the CPU has the feature.
-#[inline(always)]
+/// The per-head passes compiled for AVX2 (8-wide vectors instead of the 4-wide SSE2 of the
+/// x86-64 baseline), used when the CPU has it.
+#[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-fn fastest<T>(f: impl FnOnce() -> T) -> T {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2")]
-        unsafe fn avx2<T>(f: impl FnOnce() -> T) -> T {
-            f()
-        }
-        if is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { avx2(f) };
-        }
+mod avx2 {
+    use super::Head;
+
+    /// [`Head::forward`] with AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn forward(head: &Head) -> Vec<f32> {
+        head.forward()
     }
-    f()
+
+    /// [`Head::backward`] with AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn backward(head: &Head, o: &[f32], go: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        head.backward(o, go)
+    }
+
+    pub(super) fn available() -> bool {
+        is_x86_feature_detected!("avx2")
+    }
+}
+
+impl Head {
+    /// [`Head::forward`] in the fastest build this CPU runs.
+    #[allow(unsafe_code)]
+    fn forward_fastest(&self) -> Vec<f32> {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            // SAFETY: the CPU supports AVX2 (checked above).
+            return unsafe { avx2::forward(self) };
+        }
+        self.forward()
+    }
+
+    /// [`Head::backward`] in the fastest build this CPU runs.
+    #[allow(unsafe_code)]
+    fn backward_fastest(&self, o: &[f32], go: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            // SAFETY: the CPU supports AVX2 (checked above).
+            return unsafe { avx2::backward(self, o, go) };
+        }
+        self.backward(o, go)
+    }
 }
 
 fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> Vec<f32> {
     let blocks: Vec<Vec<f32>> = (0..dims.b * dims.heads)
         .into_par_iter()
-        .map(|bh| fastest(|| Head::new(q, k, v, dims, bh, scale).forward()))
+        .map(|bh| Head::new(q, k, v, dims, bh, scale).forward_fastest())
         .collect();
     dims.scatter(&blocks, dims.nq, false)
 }
@@ -238,7 +292,7 @@ fn backward(
         .map(|bh| {
             let (b, h) = (bh / dims.heads, bh % dims.heads);
             let (oh, goh) = (dims.gather(o, b, h, dims.nq), dims.gather(go, b, h, dims.nq));
-            fastest(|| Head::new(q, k, v, dims, bh, scale).backward(&oh, &goh))
+            Head::new(q, k, v, dims, bh, scale).backward_fastest(&oh, &goh)
         })
         .collect();
     let (dq, rest): (Vec<_>, Vec<_>) = blocks.into_iter().map(|(q, k, v)| (q, (k, v))).unzip();

@@ -31,6 +31,12 @@ impl ModelSource {
     }
 }
 
+/// Random encoders give meaningless latents and embeddings: fine for benchmarks, never for
+/// training a real model, so say so.
+fn warn_random_encoder(part: &str, preset: &str) {
+    tracing::warn!("{part}: preset `{preset}` has RANDOM weights; its outputs are for benchmarks and tests only");
+}
+
 fn unknown_preset(name: &str) -> ModelError {
     ModelError::Unsupported {
         origin: PathBuf::from("preset"),
@@ -65,6 +71,7 @@ pub fn load_vae(source: &ModelSource, device: &Device, seed: u64) -> Result<Auto
             (config, Weights::load(dir, device, false)?)
         }
         ModelSource::Preset(name) => {
+            warn_random_encoder("vae", name);
             (VaeConfig::preset(name).ok_or_else(|| unknown_preset(name))?, Weights::random(seed, device, false))
         }
     };
@@ -85,6 +92,7 @@ pub fn load_text_encoder(source: &ModelSource, device: &Device, seed: u64) -> Re
             (config, Weights::load(dir, device, false)?)
         }
         ModelSource::Preset(name) => {
+            warn_random_encoder("text_encoder", name);
             (ClipTextConfig::preset(name).ok_or_else(|| unknown_preset(name))?, Weights::random(seed, device, false))
         }
     };

@@ -75,7 +75,12 @@ impl Conv2d {
     /// Applies the convolution to `x` [B, C, H, W].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let weight = cast(&self.weight, x)?;
-        let y = if x.device().is_cpu() {
+        // Patches cost k*k times the input's memory; candle's conv2d is leaner (and its forward
+        // is fine) when no backward pass follows and the patches would be large.
+        let k = weight.dim(2)?;
+        let patch_bytes = x.elem_count() * k * k * 4;
+        let training = x.track_op() || weight.track_op();
+        let y = if x.device().is_cpu() && (training || patch_bytes <= 256 << 20) {
             conv2d_by_matmul(x, &weight, self.stride, self.padding)?
         } else {
             x.conv2d(&weight, self.padding, self.stride, 1, 1)?
