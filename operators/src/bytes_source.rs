@@ -2,13 +2,15 @@
 //! exercising and measuring the engine (`demo_source` makes real images).
 
 use latentflow_engine::{
-    Batch, Column, ColumnType, Field, InstanceContext, KeyError, NodeSpec, OpContext, OpError, OperatorConfig,
-    OperatorImpl, OperatorKind, Ports, Source,
+    Batch, InstanceContext, KeyError, NodeSpec, OpContext, OpError, OperatorConfig, OperatorImpl, OperatorKind, Ports,
+    Source,
 };
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
+use crate::rng::Rng;
 use crate::sharding::KeyShard;
+use crate::source_rows;
 
 /// Config of `bytes_source`.
 ///
@@ -57,14 +59,7 @@ impl NodeSpec for BytesSourceConfig {
     }
 
     fn ports(&self) -> Ports {
-        Ports {
-            adds: vec![
-                Field::new("key", ColumnType::I64),
-                Field::new("caption", ColumnType::Str),
-                Field::new("image", ColumnType::Bytes),
-            ],
-            ..Ports::default()
-        }
+        source_rows::ports()
     }
 
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
@@ -102,11 +97,7 @@ impl Source for BytesSource {
         let captions = keys.iter().map(|k| format!("row {k}")).collect();
         let images =
             keys.iter().map(|&k| ByteBuf::from(payload(self.seed, k as u64, self.config.payload_bytes))).collect();
-        let batch = Batch::new()
-            .with("key", Column::I64(keys))?
-            .with("caption", Column::Str(captions))?
-            .with("image", Column::Bytes(images))?;
-        Ok(Some(batch))
+        Ok(Some(source_rows::batch(keys, captions, images)?))
     }
 
     fn position(&self) -> serde_json::Value {
@@ -118,16 +109,12 @@ impl Source for BytesSource {
     }
 }
 
-/// Deterministic bytes for row `key` (splitmix64 stream).
+/// Deterministic bytes for row `key` (a splitmix64 stream).
 fn payload(seed: u64, key: u64, len: usize) -> Vec<u8> {
-    let mut state = seed ^ key.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut rng = Rng::from_state(seed ^ key.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+        out.extend_from_slice(&rng.next_u64().to_le_bytes());
     }
     out.truncate(len);
     out

@@ -2,14 +2,15 @@
 //! backgrounds, JPEG, 256-800 px), so every pipeline runs on a fresh machine with no data files.
 
 use latentflow_engine::{
-    Batch, Column, ColumnType, Field, InstanceContext, KeyError, NodeSpec, OpContext, OpError, OperatorConfig,
-    OperatorImpl, OperatorKind, Ports, Source,
+    Batch, InstanceContext, KeyError, NodeSpec, OpContext, OpError, OperatorConfig, OperatorImpl, OperatorKind, Ports,
+    Source,
 };
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 use crate::demo::demo_image;
 use crate::sharding::KeyShard;
+use crate::source_rows;
 
 /// Config of `demo_source`.
 ///
@@ -57,14 +58,7 @@ impl NodeSpec for DemoSourceConfig {
     }
 
     fn ports(&self) -> Ports {
-        Ports {
-            adds: vec![
-                Field::new("key", ColumnType::I64),
-                Field::new("caption", ColumnType::Str),
-                Field::new("image", ColumnType::Bytes),
-            ],
-            ..Ports::default()
-        }
+        source_rows::ports()
     }
 
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
@@ -96,11 +90,8 @@ impl Source for DemoSource {
             return Ok(None);
         }
         let rows: Vec<_> = keys.iter().map(|&k| demo_image(self.seed, k as u64, self.config.quality)).collect();
-        let batch = Batch::new()
-            .with("key", Column::I64(keys))?
-            .with("caption", Column::Str(rows.iter().map(|r| r.caption.clone()).collect()))?
-            .with("image", Column::Bytes(rows.into_iter().map(|r| ByteBuf::from(r.jpeg)).collect()))?;
-        Ok(Some(batch))
+        let (captions, images) = rows.into_iter().map(|r| (r.caption, ByteBuf::from(r.jpeg))).unzip();
+        Ok(Some(source_rows::batch(keys, captions, images)?))
     }
 
     fn position(&self) -> serde_json::Value {

@@ -4,13 +4,14 @@
 use std::path::PathBuf;
 
 use latentflow_engine::{
-    Batch, Column, ColumnType, Field, InstanceContext, KeyError, NodeSpec, OpContext, OpError, OperatorConfig,
-    OperatorImpl, OperatorKind, Ports, Source,
+    Batch, InstanceContext, KeyError, NodeSpec, OpContext, OpError, OperatorConfig, OperatorImpl, OperatorKind, Ports,
+    Source,
 };
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 use crate::sharding::KeyShard;
+use crate::source_rows;
 use crate::tables::files::expand;
 
 const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
@@ -61,14 +62,7 @@ impl NodeSpec for FolderSourceConfig {
     }
 
     fn ports(&self) -> Ports {
-        Ports {
-            adds: vec![
-                Field::new("key", ColumnType::I64),
-                Field::new("caption", ColumnType::Str),
-                Field::new("image", ColumnType::Bytes),
-            ],
-            ..Ports::default()
-        }
+        source_rows::ports()
     }
 
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
@@ -109,12 +103,7 @@ impl Source for FolderSource {
                 }
             }
         }
-        Ok(Some(
-            Batch::new()
-                .with("key", Column::I64(kept))?
-                .with("caption", Column::Str(captions))?
-                .with("image", Column::Bytes(images))?,
-        ))
+        Ok(Some(source_rows::batch(kept, captions, images)?))
     }
 
     fn position(&self) -> serde_json::Value {

@@ -19,6 +19,7 @@ pub mod parquet_source;
 pub mod pixels;
 pub mod rng;
 pub mod sharding;
+pub mod source_rows;
 pub mod tables;
 pub mod tokenize;
 pub mod training;

@@ -8,8 +8,8 @@ use std::fs::File;
 use std::path::PathBuf;
 
 use latentflow_engine::{
-    Batch, Column, ColumnType, Field, InstanceContext, KeyError, NodeSpec, OpContext, OpError, OperatorConfig,
-    OperatorImpl, OperatorKind, Ports, Source,
+    Batch, InstanceContext, KeyError, NodeSpec, OpContext, OpError, OperatorConfig, OperatorImpl, OperatorKind, Ports,
+    Source,
 };
 use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder,
@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 use crate::rng::Rng;
+use crate::source_rows;
 use crate::tables::files::expand;
 use crate::tables::{extract, resolve, ColumnNames, Resolved};
 
@@ -173,14 +174,7 @@ impl NodeSpec for ParquetSourceConfig {
     }
 
     fn ports(&self) -> Ports {
-        Ports {
-            adds: vec![
-                Field::new("key", ColumnType::I64),
-                Field::new("caption", ColumnType::Str),
-                Field::new("image", ColumnType::Bytes),
-            ],
-            ..Ports::default()
-        }
+        source_rows::ports()
     }
 
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
@@ -439,11 +433,9 @@ impl Source for ParquetSource {
         if rows.is_empty() {
             return Ok(None);
         }
-        let batch = Batch::new()
-            .with("key", Column::I64(rows.iter().map(|r| r.key).collect()))?
-            .with("caption", Column::Str(rows.iter_mut().map(|r| std::mem::take(&mut r.caption)).collect()))?
-            .with("image", Column::Bytes(rows.into_iter().map(|r| ByteBuf::from(r.image)).collect()))?;
-        Ok(Some(batch))
+        let keys = rows.iter().map(|r| r.key).collect();
+        let (captions, images) = rows.into_iter().map(|r| (r.caption, ByteBuf::from(r.image))).unzip();
+        Ok(Some(source_rows::batch(keys, captions, images)?))
     }
 
     fn position(&self) -> serde_json::Value {

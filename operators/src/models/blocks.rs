@@ -43,6 +43,32 @@ impl ResnetBlock {
         })
     }
 
+    /// `count` blocks under `s.resnets.J`, the first from `in_ch` and the rest from `out_ch`
+    /// channels, to `out_ch` (VAE encoder and decoder levels, UNet down blocks).
+    pub fn stack(
+        s: &Scope,
+        count: usize,
+        in_ch: usize,
+        out_ch: usize,
+        temb: Option<usize>,
+        groups: usize,
+        eps: f64,
+    ) -> Result<Vec<ResnetBlock>> {
+        (0..count)
+            .map(|j| {
+                ResnetBlock::new(
+                    &s.at("resnets").at(j),
+                    if j == 0 { in_ch } else { out_ch },
+                    out_ch,
+                    temb,
+                    groups,
+                    eps,
+                    1.0,
+                )
+            })
+            .collect()
+    }
+
     /// Applies the block; `temb` is the time embedding [B, T] when the block takes one.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let mut h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
+use serde::de::DeserializeOwned;
 
 use super::config::{read_config, ClipTextConfig, UNetConfig, VaeConfig, PRESETS};
 use super::error::{ModelError, Result};
@@ -33,8 +34,10 @@ impl ModelSource {
 
 /// Random encoders give meaningless latents and embeddings: fine for benchmarks, never for
 /// training a real model, so say so.
-fn warn_random_encoder(part: &str, preset: &str) {
-    tracing::warn!("{part}: preset `{preset}` has RANDOM weights; its outputs are for benchmarks and tests only");
+fn warn_random_encoder(part: &str, source: &ModelSource) {
+    if let ModelSource::Preset(preset) = source {
+        tracing::warn!("{part}: preset `{preset}` has RANDOM weights; its outputs are for benchmarks and tests only");
+    }
 }
 
 fn unknown_preset(name: &str) -> ModelError {
@@ -46,35 +49,39 @@ fn unknown_preset(name: &str) -> ModelError {
     }
 }
 
-/// The UNet and its parameters.
-pub fn load_unet(source: &ModelSource, device: &Device, trainable: bool, seed: u64) -> Result<(UNet, Weights)> {
-    let (config, weights) = match source {
+/// A part's config and weights: read and checked from its folder, or a preset's with weights
+/// initialised from `seed`.
+fn config_and_weights<C: DeserializeOwned>(
+    source: &ModelSource,
+    device: &Device,
+    trainable: bool,
+    seed: u64,
+    preset: fn(&str) -> Option<C>,
+    check: fn(&C, &Path) -> Result<()>,
+) -> Result<(C, Weights)> {
+    match source {
         ModelSource::Folder(dir) => {
-            let (config, path): (UNetConfig, _) = read_config(dir)?;
-            config.check(&path)?;
-            (config, Weights::load(dir, device, trainable)?)
+            let (config, path) = read_config(dir)?;
+            check(&config, &path)?;
+            Ok((config, Weights::load(dir, device, trainable)?))
         }
         ModelSource::Preset(name) => {
-            (UNetConfig::preset(name).ok_or_else(|| unknown_preset(name))?, Weights::random(seed, device, trainable))
+            Ok((preset(name).ok_or_else(|| unknown_preset(name))?, Weights::random(seed, device, trainable)))
         }
-    };
+    }
+}
+
+/// The UNet and its parameters.
+pub fn load_unet(source: &ModelSource, device: &Device, trainable: bool, seed: u64) -> Result<(UNet, Weights)> {
+    let (config, weights) = config_and_weights(source, device, trainable, seed, UNetConfig::preset, UNetConfig::check)?;
     let unet = UNet::new(&config, &weights)?;
     Ok((unet, weights))
 }
 
 /// The VAE (frozen). Old checkpoints' `query/key/value/proj_attn` names are accepted.
 pub fn load_vae(source: &ModelSource, device: &Device, seed: u64) -> Result<AutoencoderKl> {
-    let (config, weights) = match source {
-        ModelSource::Folder(dir) => {
-            let (config, path): (VaeConfig, _) = read_config(dir)?;
-            config.check(&path)?;
-            (config, Weights::load(dir, device, false)?)
-        }
-        ModelSource::Preset(name) => {
-            warn_random_encoder("vae", name);
-            (VaeConfig::preset(name).ok_or_else(|| unknown_preset(name))?, Weights::random(seed, device, false))
-        }
-    };
+    warn_random_encoder("vae", source);
+    let (config, weights) = config_and_weights(source, device, false, seed, VaeConfig::preset, VaeConfig::check)?;
     let weights = weights
         .with_alias("to_q", "query")
         .with_alias("to_k", "key")
@@ -85,16 +92,8 @@ pub fn load_vae(source: &ModelSource, device: &Device, seed: u64) -> Result<Auto
 
 /// The text encoder (frozen).
 pub fn load_text_encoder(source: &ModelSource, device: &Device, seed: u64) -> Result<ClipTextModel> {
-    let (config, weights) = match source {
-        ModelSource::Folder(dir) => {
-            let (config, path): (ClipTextConfig, _) = read_config(dir)?;
-            config.check(&path)?;
-            (config, Weights::load(dir, device, false)?)
-        }
-        ModelSource::Preset(name) => {
-            warn_random_encoder("text_encoder", name);
-            (ClipTextConfig::preset(name).ok_or_else(|| unknown_preset(name))?, Weights::random(seed, device, false))
-        }
-    };
+    warn_random_encoder("text_encoder", source);
+    let (config, weights) =
+        config_and_weights(source, device, false, seed, ClipTextConfig::preset, ClipTextConfig::check)?;
     ClipTextModel::new(&config, &weights)
 }

@@ -86,19 +86,7 @@ impl AutoencoderKl {
         let mut in_ch = ch[0];
         for (i, &out_ch) in ch.iter().enumerate() {
             let s = enc.at("down_blocks").at(i);
-            let resnets = (0..c.layers_per_block)
-                .map(|j| {
-                    ResnetBlock::new(
-                        &s.at("resnets").at(j),
-                        if j == 0 { in_ch } else { out_ch },
-                        out_ch,
-                        None,
-                        groups,
-                        EPS,
-                        1.0,
-                    )
-                })
-                .collect::<Result<_>>()?;
+            let resnets = ResnetBlock::stack(&s, c.layers_per_block, in_ch, out_ch, None, groups, EPS)?;
             let is_final = i + 1 == ch.len();
             let down_sampler =
                 (!is_final).then(|| Downsample::new(&s.at("downsamplers.0"), out_ch, 0, true)).transpose()?;
@@ -111,19 +99,7 @@ impl AutoencoderKl {
         let mut prev = reversed[0];
         for (i, &out_ch) in reversed.iter().enumerate() {
             let s = dec.at("up_blocks").at(i);
-            let resnets = (0..=c.layers_per_block)
-                .map(|j| {
-                    ResnetBlock::new(
-                        &s.at("resnets").at(j),
-                        if j == 0 { prev } else { out_ch },
-                        out_ch,
-                        None,
-                        groups,
-                        EPS,
-                        1.0,
-                    )
-                })
-                .collect::<Result<_>>()?;
+            let resnets = ResnetBlock::stack(&s, c.layers_per_block + 1, prev, out_ch, None, groups, EPS)?;
             let is_final = i + 1 == reversed.len();
             let up_sampler = (!is_final).then(|| Upsample::new(&s.at("upsamplers.0"), out_ch)).transpose()?;
             up.push(Level { resnets, down: None, up: up_sampler });

@@ -64,19 +64,7 @@ impl UNet {
             let in_ch = out_ch;
             out_ch = ch[i];
             let s = root.at("down_blocks").at(i);
-            let resnets = (0..c.layers_per_block)
-                .map(|j| {
-                    ResnetBlock::new(
-                        &s.at("resnets").at(j),
-                        if j == 0 { in_ch } else { out_ch },
-                        out_ch,
-                        Some(temb),
-                        groups,
-                        eps,
-                        1.0,
-                    )
-                })
-                .collect::<Result<_>>()?;
+            let resnets = ResnetBlock::stack(&s, c.layers_per_block, in_ch, out_ch, Some(temb), groups, eps)?;
             let attentions = if kind == "CrossAttnDownBlock2D" {
                 (0..c.layers_per_block)
                     .map(|j| transformer(&s.at("attentions").at(j), out_ch, i))
@@ -92,6 +80,9 @@ impl UNet {
         }
         let last = *ch.last().expect("checked non-empty");
         let mid = root.at("mid_block");
+        let mid_resnet = |j: usize| {
+            ResnetBlock::new(&mid.at("resnets").at(j), last, last, Some(temb), groups, eps, c.mid_block_scale_factor)
+        };
         let levels = ch.len();
         let reversed: Vec<usize> = ch.iter().rev().copied().collect();
         let mut up = Vec::new();
@@ -125,25 +116,9 @@ impl UNet {
             time_linear1: Linear::new(&root.at("time_embedding.linear_1"), ch[0], temb, true)?,
             time_linear2: Linear::new(&root.at("time_embedding.linear_2"), temb, temb, true)?,
             down,
-            mid_resnet0: ResnetBlock::new(
-                &mid.at("resnets.0"),
-                last,
-                last,
-                Some(temb),
-                groups,
-                eps,
-                c.mid_block_scale_factor,
-            )?,
+            mid_resnet0: mid_resnet(0)?,
             mid_attention: transformer(&mid.at("attentions.0"), last, levels - 1)?,
-            mid_resnet1: ResnetBlock::new(
-                &mid.at("resnets.1"),
-                last,
-                last,
-                Some(temb),
-                groups,
-                eps,
-                c.mid_block_scale_factor,
-            )?,
+            mid_resnet1: mid_resnet(1)?,
             up,
             norm_out: GroupNorm::new(&root.at("conv_norm_out"), groups, ch[0], eps)?,
             conv_out: Conv2d::new(&root.at("conv_out"), ch[0], c.out_channels, 3, 1, 1)?,
