@@ -13,6 +13,9 @@ pub mod folder_source;
 pub mod image_sink;
 pub mod image_transform;
 pub mod jsonl_sink;
+pub mod latents_sink;
+pub mod latents_source;
+pub mod model_keys;
 pub mod models;
 pub mod null_sink;
 pub mod parquet_source;
@@ -21,8 +24,10 @@ pub mod rng;
 pub mod sharding;
 pub mod source_rows;
 pub mod tables;
+pub mod text_encode;
 pub mod tokenize;
 pub mod training;
+pub mod vae_encode;
 
 use latentflow_engine::{Catalog, OperatorEntry};
 
@@ -33,9 +38,13 @@ pub use folder_source::FolderSourceConfig;
 pub use image_sink::ImageSinkConfig;
 pub use image_transform::ImageTransformConfig;
 pub use jsonl_sink::JsonlSinkConfig;
+pub use latents_sink::LatentsSinkConfig;
+pub use latents_source::LatentsSourceConfig;
 pub use null_sink::NullSinkConfig;
 pub use parquet_source::ParquetSourceConfig;
+pub use text_encode::TextEncodeConfig;
 pub use tokenize::TokenizeConfig;
+pub use vae_encode::VaeEncodeConfig;
 
 /// Every registered operator type.
 ///
@@ -55,6 +64,10 @@ pub fn registry() -> Catalog {
         OperatorEntry::of::<TokenizeConfig>(),
         OperatorEntry::of::<ImageTransformConfig>(),
         OperatorEntry::of::<ImageSinkConfig>(),
+        OperatorEntry::of::<VaeEncodeConfig>(),
+        OperatorEntry::of::<TextEncodeConfig>(),
+        OperatorEntry::of::<LatentsSinkConfig>(),
+        OperatorEntry::of::<LatentsSourceConfig>(),
     ])
 }
 

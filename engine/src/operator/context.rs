@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use crate::plan::JobConfig;
-use crate::runtime::StopSignal;
+use crate::runtime::{PositionLedger, StopSignal};
 
 /// Where one instance of an operator runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,16 +78,29 @@ pub struct OpContext {
     epoch: u64,
     rejections: Vec<Rejection>,
     stop: Option<Arc<StopSignal>>,
+    positions: Option<Arc<PositionLedger>>,
 }
 
 impl OpContext {
-    pub(crate) fn new(node: Arc<str>, worker: WorkerInfo, stop: Arc<StopSignal>) -> Self {
-        OpContext { node, worker, epoch: 0, rejections: Vec::new(), stop: Some(stop) }
+    pub(crate) fn new(
+        node: Arc<str>,
+        worker: WorkerInfo,
+        stop: Arc<StopSignal>,
+        positions: Arc<PositionLedger>,
+    ) -> Self {
+        OpContext { node, worker, epoch: 0, rejections: Vec::new(), stop: Some(stop), positions: Some(positions) }
     }
 
     /// A context outside any running job: for unit tests and plain loops.
     pub fn detached(node: &str) -> Self {
-        OpContext { node: node.into(), worker: WorkerInfo::single(), epoch: 0, rejections: Vec::new(), stop: None }
+        OpContext {
+            node: node.into(),
+            worker: WorkerInfo::single(),
+            epoch: 0,
+            rejections: Vec::new(),
+            stop: None,
+            positions: None,
+        }
     }
 
     /// The node id.
@@ -125,6 +138,13 @@ impl OpContext {
         if let Some(stop) = &self.stop {
             stop.request(crate::runtime::StopReason::Requested);
         }
+    }
+
+    /// Where this process's sources stood once `epoch` and every epoch before it were read, as
+    /// a checkpoint saves it for [`NodeSpec::resume_data_position`](super::NodeSpec::resume_data_position);
+    /// `None` outside a running job. Ask for epochs in increasing order.
+    pub fn data_position(&self, epoch: u64) -> Option<serde_json::Value> {
+        self.positions.as_ref().map(|p| p.after_epoch(epoch))
     }
 
     /// True once the job was asked to stop.

@@ -80,6 +80,13 @@ pub trait NodeSpec: Send + Sync + fmt::Debug + 'static {
     /// Builds one instance for one worker. Heavy state (models) belongs in the instance's
     /// `start`, which runs on the instance's own thread.
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError>;
+
+    /// For a node that checkpoints (the trainer): the data position its checkpoint saved
+    /// ([`OpContext::data_position`]), which the job's sources seek to before their first
+    /// batch. `None` (the default): the sources start at the beginning.
+    fn resume_data_position(&self, _job: &crate::plan::JobConfig) -> Result<Option<serde_json::Value>, OpError> {
+        Ok(None)
+    }
 }
 
 /// A config struct that is a registered operator type: its `type` name, shape, documentation

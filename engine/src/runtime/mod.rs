@@ -3,6 +3,7 @@
 mod cluster;
 mod dataflow;
 mod map_op;
+mod positions;
 mod reject_log;
 mod shared;
 mod source_op;
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, unbounded};
 
 pub use cluster::ClusterOptions;
+pub use positions::PositionLedger;
 pub use shared::JobStatus;
 pub use stop::{StopReason, StopSignal};
 
@@ -122,6 +124,7 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<RunReport, EngineError> 
         .map_err(|e| EngineError::Options(format!("cannot start the thread pool: {e}")))?;
     let start = Instant::now();
     let reject_logs = reject_log::open_all(plan, process, processes)?;
+    let resume = resume_positions(plan, threads * processes)?;
     let shared = Arc::new(JobShared {
         plan: plan.clone(),
         threads,
@@ -134,6 +137,8 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<RunReport, EngineError> 
         trace: options.trace.then(|| Arc::new(TraceRecorder::new(start, process))),
         failure: Mutex::new(None),
         positions: Mutex::new(BTreeMap::new()),
+        ledger: Arc::new(PositionLedger::new(threads * processes, processes)),
+        resume,
         reject_logs,
     });
     let _interrupts = options.handle_interrupts.then(|| stop::handle_interrupts(&shared.stop));
@@ -196,6 +201,29 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<RunReport, EngineError> 
         return Err(EngineError::Worker(panic));
     }
     Ok(report(&shared))
+}
+
+/// The data position a checkpointing node (the trainer) resumes from, checked against this run.
+fn resume_positions(plan: &Plan, workers: usize) -> Result<positions::ResumePositions, EngineError> {
+    let mut saved = None;
+    for node in &plan.nodes {
+        let position = node.spec.resume_data_position(&plan.job).map_err(|source| EngineError::Operator {
+            node: node.id.clone(),
+            worker: 0,
+            source,
+        })?;
+        if let Some(position) = position {
+            if saved.is_some() {
+                return Err(EngineError::Options(format!(
+                    "node `{}` resumes a data position too; only one node of a job may resume one",
+                    node.id
+                )));
+            }
+            tracing::info!(node = %node.id, "sources resume from the checkpoint's data position");
+            saved = Some(position);
+        }
+    }
+    positions::ResumePositions::new(saved, workers).map_err(EngineError::Options)
 }
 
 enum WaitError {

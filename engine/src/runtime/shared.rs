@@ -89,6 +89,10 @@ pub(crate) struct JobShared {
     pub trace: Option<Arc<TraceRecorder>>,
     pub failure: Mutex<Option<EngineError>>,
     pub positions: Mutex<BTreeMap<(String, usize), serde_json::Value>>,
+    /// Every source's position after each recent epoch (what checkpoints save).
+    pub ledger: Arc<super::PositionLedger>,
+    /// Where sources start when the run resumes a checkpoint.
+    pub resume: super::positions::ResumePositions,
     pub reject_logs: std::collections::HashMap<std::path::PathBuf, Arc<super::reject_log::RejectLog>>,
 }
 
@@ -117,7 +121,12 @@ pub(crate) struct NodeRuntime {
 
 impl NodeRuntime {
     pub(crate) fn context(&self) -> OpContext {
-        OpContext::new(Arc::clone(&self.id), self.worker.clone(), Arc::clone(&self.shared.stop))
+        OpContext::new(
+            Arc::clone(&self.id),
+            self.worker.clone(),
+            Arc::clone(&self.shared.stop),
+            Arc::clone(&self.shared.ledger),
+        )
     }
 
     pub(crate) fn fail(&self, error: OpError) {

@@ -100,6 +100,7 @@ pub(crate) fn build<'s>(
                         if let Some(since) = blocked_since.take() {
                             node.metrics.add_wait(since.elapsed());
                         }
+                        shared.ledger.record(&node.id, node.worker.index, t, position.clone());
                         shared
                             .positions
                             .lock()
@@ -143,7 +144,15 @@ fn spawn_reader(mut source: Box<dyn Source>, node: NodeRuntime, activator: SyncA
         .name(format!("lf-src-{}-{}", node.id, node.worker.index))
         .spawn(move || {
             let mut ctx = node.context();
-            if let Err(e) = source.start(&mut ctx) {
+            let started =
+                source.start(&mut ctx).and_then(|()| match node.shared.resume.get(&node.id, node.worker.index) {
+                    Some(position) => {
+                        tracing::info!(node = %node.id, worker = node.worker.index, %position, "source seeks");
+                        source.seek(position)
+                    }
+                    None => Ok(()),
+                });
+            if let Err(e) = started {
                 let _ = tx.send(SourceEvent::Failed(e));
                 let _ = activator.activate();
                 return;

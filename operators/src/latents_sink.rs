@@ -1,0 +1,182 @@
+//! `latents_sink`: writes latents and text embeddings as parquet files in the reference's layout
+//! (`hash`, `caption`, `latents_{res}_bytes`, `caption_latents`), which `latents_source` reads
+//! back. Each file is written under a hidden temporary name and renamed once complete.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arrow_array::{ArrayRef, BinaryArray, Int64Array, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field as ArrowField, Schema as ArrowSchema};
+use latentflow_engine::{
+    Batch, Column, ColumnType, Field, InstanceContext, KeyError, NodeSpec, OpContext, OpError, OperatorConfig,
+    OperatorImpl, OperatorKind, Ports, Sink,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::tables::AtomicParquetWriter;
+
+/// Key-value metadata entry with the per-row shape of the image latents (JSON array).
+pub const LATENTS_SHAPE_KEY: &str = "latentflow.latents_shape";
+/// Key-value metadata entry with the per-row shape of the text embeddings (JSON array).
+pub const CAPTION_LATENTS_SHAPE_KEY: &str = "latentflow.caption_latents_shape";
+/// Key-value metadata entry with the element type of both binary columns.
+pub const DTYPE_KEY: &str = "latentflow.dtype";
+/// The element type written: little-endian f32.
+pub const DTYPE: &str = "float32-le";
+
+/// Config of `latents_sink`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LatentsSinkConfig {
+    /// Folder for the files; `OUTPUT_DIR/latents` by default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// Rows per file.
+    pub rows_per_file: usize,
+}
+
+impl Default for LatentsSinkConfig {
+    fn default() -> Self {
+        LatentsSinkConfig { dir: None, rows_per_file: 1000 }
+    }
+}
+
+impl OperatorConfig for LatentsSinkConfig {
+    const TYPE: &'static str = "latents_sink";
+    const KIND: OperatorKind = OperatorKind::Sink;
+    const SUMMARY: &'static str = "latents + text embeddings -> parquet files (`part-WORKER-N.parquet`)";
+    const EXAMPLE: &'static str = "rows_per_file = 1000";
+    const KEYS: &'static [(&'static str, &'static str)] = &[
+        ("dir", "folder for the files (default OUTPUT_DIR/latents)"),
+        ("rows_per_file", "rows per parquet file (default 1000); each batch is one row group"),
+    ];
+}
+
+impl NodeSpec for LatentsSinkConfig {
+    fn validate(&self) -> Vec<KeyError> {
+        KeyError::check_range("rows_per_file", self.rows_per_file, 1, 1 << 30).into_iter().collect()
+    }
+
+    fn ports(&self) -> Ports {
+        Ports {
+            requires: vec![
+                Field::new("key", ColumnType::I64),
+                Field::new("caption", ColumnType::Str),
+                Field::new("latents", ColumnType::F32Tensor),
+                Field::new("caption_latents", ColumnType::F32Tensor),
+            ],
+            ..Ports::default()
+        }
+    }
+
+    fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
+        let dir = self.dir.clone().unwrap_or_else(|| ctx.job.output_dir().join("latents"));
+        Ok(OperatorImpl::Sink(Box::new(LatentsSink::new(dir, self.rows_per_file, ctx.worker.index))))
+    }
+}
+
+/// The `latents_sink` sink.
+pub struct LatentsSink {
+    dir: PathBuf,
+    rows_per_file: usize,
+    worker: usize,
+    files: usize,
+    open: Option<OpenFile>,
+}
+
+struct OpenFile {
+    writer: AtomicParquetWriter,
+    schema: arrow_schema::SchemaRef,
+    rows: usize,
+    shapes: (Vec<usize>, Vec<usize>),
+}
+
+impl LatentsSink {
+    /// A sink writing `dir/part-WORKER-N.parquet`.
+    pub fn new(dir: PathBuf, rows_per_file: usize, worker: usize) -> Self {
+        LatentsSink { dir, rows_per_file, worker, files: 0, open: None }
+    }
+
+    fn open(&mut self, latents: &[usize], caption: &[usize]) -> Result<OpenFile, OpError> {
+        let resolution = latents.last().copied().unwrap_or(0) * 8;
+        let schema = Arc::new(ArrowSchema::new(vec![
+            ArrowField::new("hash", DataType::Int64, false),
+            ArrowField::new("caption", DataType::Utf8, false),
+            ArrowField::new(format!("latents_{resolution}_bytes"), DataType::Binary, false),
+            ArrowField::new("caption_latents", DataType::Binary, false),
+        ]));
+        let path = self.dir.join(format!("part-{:05}-{:05}.parquet", self.worker, self.files));
+        self.files += 1;
+        let metadata = [
+            (LATENTS_SHAPE_KEY, serde_json::to_string(latents).expect("shape")),
+            (CAPTION_LATENTS_SHAPE_KEY, serde_json::to_string(caption).expect("shape")),
+            (DTYPE_KEY, DTYPE.to_string()),
+        ];
+        let writer = AtomicParquetWriter::create(&path, schema.clone(), &metadata).map_err(OpError::msg)?;
+        Ok(OpenFile { writer, schema, rows: 0, shapes: (latents.to_vec(), caption.to_vec()) })
+    }
+
+    fn close(&mut self) -> Result<(), OpError> {
+        if let Some(file) = self.open.take() {
+            let path = file.writer.finish().map_err(OpError::msg)?;
+            tracing::debug!(path = %path.display(), rows = file.rows, "latents file complete");
+        }
+        Ok(())
+    }
+}
+
+fn tensor<'a>(batch: &'a Batch, name: &str) -> Result<(&'a [usize], &'a [f32]), OpError> {
+    match batch.column(name)? {
+        Column::F32Tensor { shape, data } => Ok((shape, data)),
+        other => Err(OpError::msg(format!("`{name}` is a {} column, not f32", other.column_type()))),
+    }
+}
+
+fn le_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+impl Sink for LatentsSink {
+    fn write(&mut self, batch: Batch, _ctx: &mut OpContext) -> Result<(), OpError> {
+        let keys = batch.i64s("key")?;
+        let captions = batch.strs("caption")?;
+        let (latent_shape, latents) = tensor(&batch, "latents")?;
+        let (caption_shape, embeddings) = tensor(&batch, "caption_latents")?;
+        let mut row = 0;
+        while row < keys.len() {
+            if let Some(open) = &self.open {
+                if open.shapes != (latent_shape.to_vec(), caption_shape.to_vec()) {
+                    // A file holds one shape (its metadata says which): start another.
+                    self.close()?;
+                }
+            }
+            if self.open.is_none() {
+                self.open = Some(self.open(latent_shape, caption_shape)?);
+            }
+            let open = self.open.as_mut().expect("opened");
+            let n = (self.rows_per_file - open.rows).min(keys.len() - row);
+            let (l, c) = (latent_shape.iter().product::<usize>(), caption_shape.iter().product::<usize>());
+            let columns: Vec<ArrayRef> = vec![
+                Arc::new(Int64Array::from(keys[row..row + n].to_vec())),
+                Arc::new(StringArray::from(captions[row..row + n].to_vec())),
+                Arc::new(BinaryArray::from_iter_values((row..row + n).map(|r| le_bytes(&latents[r * l..(r + 1) * l])))),
+                Arc::new(BinaryArray::from_iter_values(
+                    (row..row + n).map(|r| le_bytes(&embeddings[r * c..(r + 1) * c])),
+                )),
+            ];
+            let record = RecordBatch::try_new(open.schema.clone(), columns).map_err(|e| OpError::msg(e.to_string()))?;
+            open.writer.write(&record).map_err(OpError::msg)?;
+            open.writer.end_row_group().map_err(OpError::msg)?;
+            open.rows += n;
+            row += n;
+            if open.rows == self.rows_per_file {
+                self.close()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, _ctx: &mut OpContext) -> Result<(), OpError> {
+        self.close()
+    }
+}

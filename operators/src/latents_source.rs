@@ -1,0 +1,422 @@
+//! `latents_source`: reads what `latents_sink` wrote (or the reference's latents parquet with
+//! the same columns) back as `key`, `caption`, `latents` and `caption_latents`: split across
+//! workers row by row, optionally shuffled with the job's seed, resumable at an exact row.
+
+use std::fs::File;
+use std::path::PathBuf;
+
+use arrow_array::{Array, BinaryArray, Int64Array, RecordBatch, StringArray};
+use arrow_schema::DataType;
+use latentflow_engine::{
+    Batch, Column, ColumnType, Field, InstanceContext, KeyError, NodeSpec, OpContext, OpError, OperatorConfig,
+    OperatorImpl, OperatorKind, Ports, Source,
+};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use serde::{Deserialize, Serialize};
+
+use crate::latents_sink::{CAPTION_LATENTS_SHAPE_KEY, DTYPE, DTYPE_KEY, LATENTS_SHAPE_KEY};
+use crate::rng::Rng;
+use crate::tables::files::expand;
+
+/// Config of `latents_source`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LatentsSourceConfig {
+    /// A parquet file, a folder of them or a glob.
+    pub path: String,
+    /// Rows per batch (per worker).
+    pub batch_size: usize,
+    /// Shuffle the order of row groups and of rows within each, with the job's seed.
+    pub shuffle: bool,
+}
+
+impl Default for LatentsSourceConfig {
+    fn default() -> Self {
+        LatentsSourceConfig { path: String::new(), batch_size: 32, shuffle: false }
+    }
+}
+
+impl OperatorConfig for LatentsSourceConfig {
+    const TYPE: &'static str = "latents_source";
+    const KIND: OperatorKind = OperatorKind::Source;
+    const SUMMARY: &'static str =
+        "latents parquet (what latents_sink writes) -> key, caption, latents, caption_latents";
+    const EXAMPLE: &'static str = "path = \"runs/preprocess/latents\"\nbatch_size = 8";
+    const KEYS: &'static [(&'static str, &'static str)] = &[
+        ("path", "a parquet file, a folder of them or a glob"),
+        ("batch_size", "rows per batch and worker (default 32)"),
+        ("shuffle", "shuffle row groups and the rows within each with the job's seed (default false)"),
+    ];
+}
+
+impl NodeSpec for LatentsSourceConfig {
+    fn validate(&self) -> Vec<KeyError> {
+        let mut errors: Vec<KeyError> =
+            KeyError::check_range("batch_size", self.batch_size, 1, 1 << 20).into_iter().collect();
+        // The files may not exist yet (a preprocess job writes them), so only the key is checked here.
+        if self.path.is_empty() {
+            errors.push(KeyError::new("path", "the latents to read: a parquet file, folder or glob"));
+        }
+        errors
+    }
+
+    fn ports(&self) -> Ports {
+        Ports {
+            adds: vec![
+                Field::new("key", ColumnType::I64),
+                Field::new("caption", ColumnType::Str),
+                Field::new("latents", ColumnType::F32Tensor),
+                Field::new("caption_latents", ColumnType::F32Tensor),
+            ],
+            ..Ports::default()
+        }
+    }
+
+    fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
+        Ok(OperatorImpl::Source(Box::new(LatentsSource::new(
+            self.clone(),
+            ctx.job.seed,
+            ctx.worker.shard,
+            ctx.worker.shards,
+        ))))
+    }
+}
+
+/// One row group of one file, at its place in the (shuffled) stream.
+#[derive(Clone, Debug)]
+struct Unit {
+    file: usize,
+    row_group: usize,
+    rows: u64,
+    stream_start: u64,
+}
+
+/// A decoded row group, rows in stream order.
+struct Decoded {
+    unit: usize,
+    keys: Vec<i64>,
+    captions: Vec<String>,
+    latents: Vec<Vec<u8>>,
+    embeddings: Vec<Vec<u8>>,
+}
+
+/// The `latents_source` source.
+pub struct LatentsSource {
+    config: LatentsSourceConfig,
+    seed: u64,
+    shard: u64,
+    shards: u64,
+    files: Vec<PathBuf>,
+    units: Vec<Unit>,
+    shapes: (Vec<usize>, Vec<usize>),
+    total: u64,
+    next: u64,
+    current: Option<Decoded>,
+}
+
+/// The key of the shuffle's random stream ("latents").
+const SHUFFLE_STREAM: u64 = 0x006c_6174_656e_7473;
+
+impl LatentsSource {
+    /// A source for shard `shard` of `shards`; files are listed when it starts.
+    pub fn new(config: LatentsSourceConfig, seed: u64, shard: usize, shards: usize) -> Self {
+        LatentsSource {
+            config,
+            seed,
+            shard: shard as u64,
+            shards: shards.max(1) as u64,
+            files: Vec::new(),
+            units: Vec::new(),
+            shapes: (Vec::new(), Vec::new()),
+            total: 0,
+            next: 0,
+            current: None,
+        }
+    }
+
+    /// Rows in every file together (after `start`).
+    pub fn total_rows(&self) -> u64 {
+        self.total
+    }
+
+    fn list(&mut self) -> Result<(), OpError> {
+        self.files = expand(&self.config.path, &["parquet"]).map_err(OpError::msg)?;
+        let mut units = Vec::new();
+        for (file, path) in self.files.iter().enumerate() {
+            let reader = File::open(path).map_err(|e| OpError::io(path, e)).and_then(|f| {
+                SerializedFileReader::new(f).map_err(|e| OpError::msg(format!("{}: {e}", path.display())))
+            })?;
+            let meta = reader.metadata();
+            let kv = meta.file_metadata().key_value_metadata();
+            let entry = |key: &str| -> Result<String, OpError> {
+                kv.and_then(|kv| kv.iter().find(|e| e.key == key).and_then(|e| e.value.clone())).ok_or_else(|| {
+                    OpError::msg(format!(
+                        "{}: no `{key}` in the file's metadata; is it a latents file?",
+                        path.display()
+                    ))
+                })
+            };
+            let shape = |key: &str| -> Result<Vec<usize>, OpError> {
+                let text = entry(key)?;
+                serde_json::from_str(&text)
+                    .map_err(|_| OpError::msg(format!("{}: `{key}` = {text} is not a shape", path.display())))
+            };
+            let shapes = (shape(LATENTS_SHAPE_KEY)?, shape(CAPTION_LATENTS_SHAPE_KEY)?);
+            let dtype = entry(DTYPE_KEY)?;
+            if dtype != DTYPE {
+                return Err(OpError::msg(format!("{}: dtype {dtype} is not supported (only {DTYPE})", path.display())));
+            }
+            if file == 0 {
+                self.shapes = shapes;
+            } else if shapes != self.shapes {
+                return Err(OpError::msg(format!(
+                    "{}: shapes {:?} differ from {:?} in {}; one job reads one resolution",
+                    path.display(),
+                    shapes,
+                    self.shapes,
+                    self.files[0].display()
+                )));
+            }
+            for (row_group, rg) in meta.row_groups().iter().enumerate() {
+                units.push(Unit { file, row_group, rows: rg.num_rows() as u64, stream_start: 0 });
+            }
+        }
+        if self.config.shuffle {
+            let mut rng = Rng::new(self.seed, SHUFFLE_STREAM);
+            for i in (1..units.len()).rev() {
+                units.swap(i, rng.below(i + 1));
+            }
+        }
+        let mut start = 0;
+        for unit in &mut units {
+            unit.stream_start = start;
+            start += unit.rows;
+        }
+        self.total = start;
+        self.units = units;
+        Ok(())
+    }
+
+    fn decode(&self, index: usize) -> Result<Decoded, OpError> {
+        let unit = &self.units[index];
+        let path = &self.files[unit.file];
+        let at =
+            |e: &dyn std::fmt::Display| OpError::msg(format!("{}: row group {}: {e}", path.display(), unit.row_group));
+        let file = File::open(path).map_err(|e| OpError::io(path, e))?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| at(&e))?
+            .with_row_groups(vec![unit.row_group])
+            .build()
+            .map_err(|e| at(&e))?;
+        let mut d = Decoded { unit: index, keys: vec![], captions: vec![], latents: vec![], embeddings: vec![] };
+        for batch in reader {
+            let batch = batch.map_err(|e| at(&e))?;
+            read_columns(&batch, &mut d).map_err(|e| at(&e))?;
+        }
+        if self.config.shuffle {
+            let mut rng = Rng::new(self.seed ^ SHUFFLE_STREAM, ((unit.file as u64) << 32) | unit.row_group as u64);
+            let n = d.keys.len();
+            let mut order: Vec<usize> = (0..n).collect();
+            for i in (1..n).rev() {
+                order.swap(i, rng.below(i + 1));
+            }
+            d.keys = order.iter().map(|&i| d.keys[i]).collect();
+            d.captions = order.iter().map(|&i| std::mem::take(&mut d.captions[i])).collect();
+            d.latents = order.iter().map(|&i| std::mem::take(&mut d.latents[i])).collect();
+            d.embeddings = order.iter().map(|&i| std::mem::take(&mut d.embeddings[i])).collect();
+        }
+        Ok(d)
+    }
+}
+
+fn read_columns(batch: &RecordBatch, d: &mut Decoded) -> Result<(), String> {
+    let schema = batch.schema();
+    let column = |name: &str, to: &DataType| -> Result<std::sync::Arc<dyn Array>, String> {
+        let array = batch.column_by_name(name).ok_or_else(|| format!("no column `{name}`"))?;
+        arrow_cast::cast(array, to).map_err(|e| format!("column `{name}`: {e}"))
+    };
+    let latents_name = schema
+        .fields()
+        .iter()
+        .map(|f| f.name())
+        .find(|n| n.starts_with("latents_") && n.ends_with("_bytes"))
+        .ok_or("no `latents_RES_bytes` column")?
+        .clone();
+    let keys = column("hash", &DataType::Int64)?;
+    let captions = column("caption", &DataType::Utf8)?;
+    let latents = column(&latents_name, &DataType::Binary)?;
+    let embeddings = column("caption_latents", &DataType::Binary)?;
+    let keys = keys.as_any().downcast_ref::<Int64Array>().expect("cast to i64");
+    let captions = captions.as_any().downcast_ref::<StringArray>().expect("cast to utf8");
+    let latents = latents.as_any().downcast_ref::<BinaryArray>().expect("cast to binary");
+    let embeddings = embeddings.as_any().downcast_ref::<BinaryArray>().expect("cast to binary");
+    for row in 0..batch.num_rows() {
+        d.keys.push(keys.value(row));
+        d.captions.push(if captions.is_null(row) { String::new() } else { captions.value(row).to_string() });
+        d.latents.push(if latents.is_null(row) { Vec::new() } else { latents.value(row).to_vec() });
+        d.embeddings.push(if embeddings.is_null(row) { Vec::new() } else { embeddings.value(row).to_vec() });
+    }
+    Ok(())
+}
+
+fn floats(bytes: &[u8], out: &mut Vec<f32>) {
+    out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+}
+
+impl Source for LatentsSource {
+    fn start(&mut self, _ctx: &mut OpContext) -> Result<(), OpError> {
+        self.list()
+    }
+
+    fn next_batch(&mut self, ctx: &mut OpContext) -> Result<Option<Batch>, OpError> {
+        let (latent_shape, caption_shape) = self.shapes.clone();
+        let (l, c) = (latent_shape.iter().product::<usize>() * 4, caption_shape.iter().product::<usize>() * 4);
+        let (mut keys, mut captions, mut latents, mut embeddings) = (vec![], vec![], vec![], vec![]);
+        let mut taken = 0;
+        while taken < self.config.batch_size && self.next < self.total {
+            let s = self.next;
+            self.next += 1;
+            if s % self.shards != self.shard {
+                continue;
+            }
+            taken += 1;
+            let unit = self.units.partition_point(|u| u.stream_start + u.rows <= s);
+            if self.current.as_ref().is_none_or(|d| d.unit != unit) {
+                self.current = Some(self.decode(unit)?);
+            }
+            let d = self.current.as_mut().expect("decoded");
+            let row = (s - self.units[unit].stream_start) as usize;
+            if d.latents[row].len() != l || d.embeddings[row].len() != c {
+                ctx.reject(d.keys[row].to_string(), "bad_latents");
+                continue;
+            }
+            keys.push(d.keys[row]);
+            captions.push(std::mem::take(&mut d.captions[row]));
+            floats(&d.latents[row], &mut latents);
+            floats(&d.embeddings[row], &mut embeddings);
+        }
+        if taken == 0 {
+            return Ok(None);
+        }
+        Ok(Some(
+            Batch::new()
+                .with("key", Column::I64(keys))?
+                .with("caption", Column::Str(captions))?
+                .with("latents", Column::F32Tensor { shape: latent_shape, data: latents })?
+                .with("caption_latents", Column::F32Tensor { shape: caption_shape, data: embeddings })?,
+        ))
+    }
+
+    fn position(&self) -> serde_json::Value {
+        serde_json::json!({ "row": self.next })
+    }
+
+    fn seek(&mut self, position: &serde_json::Value) -> Result<(), OpError> {
+        self.next = position
+            .get("row")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| OpError::msg(format!("bad latents_source position {position}")))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::latents_sink::LatentsSink;
+    use latentflow_engine::Sink;
+
+    fn rows(keys: std::ops::Range<i64>) -> Batch {
+        let n = (keys.end - keys.start) as usize;
+        Batch::new()
+            .with("key", Column::I64(keys.clone().collect()))
+            .unwrap()
+            .with("caption", Column::Str(keys.clone().map(|k| format!("caption {k}")).collect()))
+            .unwrap()
+            .with("latents", Column::F32Tensor { shape: vec![4, 2, 2], data: (0..n * 16).map(|v| v as f32).collect() })
+            .unwrap()
+            .with("caption_latents", Column::F32Tensor { shape: vec![3, 2], data: vec![0.5; n * 6] })
+            .unwrap()
+    }
+
+    fn write(dir: &std::path::Path) {
+        let mut sink = LatentsSink::new(dir.to_path_buf(), 4, 0);
+        let mut ctx = OpContext::detached("latents");
+        sink.start(&mut ctx).unwrap();
+        sink.write(rows(0..3), &mut ctx).unwrap();
+        sink.write(rows(3..10), &mut ctx).unwrap();
+        assert_eq!(std::fs::read_dir(dir).unwrap().count(), 3, "two complete files and a hidden partial one");
+        sink.finish(&mut ctx).unwrap();
+    }
+
+    fn read_all(source: &mut LatentsSource) -> Vec<Batch> {
+        let mut ctx = OpContext::detached("read");
+        let mut out = Vec::new();
+        while let Some(b) = source.next_batch(&mut ctx).unwrap() {
+            out.push(b);
+        }
+        out
+    }
+
+    #[test]
+    fn reads_back_what_the_sink_wrote_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path());
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 3, "{names:?}");
+        let config = LatentsSourceConfig { path: dir.path().display().to_string(), batch_size: 4, shuffle: false };
+        let mut source = LatentsSource::new(config, 0, 0, 1);
+        source.start(&mut OpContext::detached("read")).unwrap();
+        assert_eq!(source.total_rows(), 10);
+        let batches = read_all(&mut source);
+        let keys: Vec<i64> = batches.iter().flat_map(|b| b.i64s("key").unwrap().to_vec()).collect();
+        assert_eq!(keys, (0..10).collect::<Vec<_>>());
+        let Column::F32Tensor { shape, data } = batches[0].column("latents").unwrap() else { panic!() };
+        assert_eq!(shape, &[4, 2, 2]);
+        assert_eq!(&data[..3], &[0.0, 1.0, 2.0]);
+        assert_eq!(batches[0].strs("caption").unwrap()[1], "caption 1");
+    }
+
+    #[test]
+    fn shards_cover_every_row_once_and_seek_resumes_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path());
+        let path = dir.path().display().to_string();
+        let config = LatentsSourceConfig { path, batch_size: 2, shuffle: true };
+        let mut seen = Vec::new();
+        for shard in 0..2 {
+            let mut source = LatentsSource::new(config.clone(), 7, shard, 2);
+            source.start(&mut OpContext::detached("read")).unwrap();
+            seen.extend(read_all(&mut source).iter().flat_map(|b| b.i64s("key").unwrap().to_vec()));
+        }
+        let mut sorted = seen.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+        assert_ne!(seen, (0..10).collect::<Vec<_>>(), "shuffled");
+
+        let mut whole = LatentsSource::new(config.clone(), 7, 0, 1);
+        whole.start(&mut OpContext::detached("read")).unwrap();
+        let all: Vec<i64> = read_all(&mut whole).iter().flat_map(|b| b.i64s("key").unwrap().to_vec()).collect();
+        let mut first = LatentsSource::new(config.clone(), 7, 0, 1);
+        first.start(&mut OpContext::detached("read")).unwrap();
+        let head = first.next_batch(&mut OpContext::detached("read")).unwrap().unwrap();
+        let mut resumed = LatentsSource::new(config, 7, 0, 1);
+        resumed.start(&mut OpContext::detached("read")).unwrap();
+        resumed.seek(&first.position()).unwrap();
+        let rest: Vec<i64> = read_all(&mut resumed).iter().flat_map(|b| b.i64s("key").unwrap().to_vec()).collect();
+        let joined: Vec<i64> = head.i64s("key").unwrap().iter().copied().chain(rest).collect();
+        assert_eq!(joined, all);
+    }
+
+    #[test]
+    fn a_file_without_latents_metadata_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("other.parquet");
+        crate::demo::write_demo_parquet(&path, 2, 0, 1).unwrap();
+        let config = LatentsSourceConfig { path: path.display().to_string(), ..Default::default() };
+        let mut source = LatentsSource::new(config, 0, 0, 1);
+        let err = source.start(&mut OpContext::detached("read")).unwrap_err().to_string();
+        assert!(err.contains("other.parquet") && err.contains("latentflow.latents_shape"), "{err}");
+    }
+}

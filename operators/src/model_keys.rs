@@ -1,0 +1,100 @@
+//! What every model-backed operator shares: the `model` / `path` / `preset` keys that say where
+//! its weights come from, the device its worker owns, and moving tensor columns to and from
+//! candle tensors.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use latentflow_engine::{Column, KeyError, OpContext, OpError};
+
+use crate::models::config::PRESETS;
+use crate::models::load::ModelSource;
+
+/// Checks the three keys: at least one of them, and a known preset.
+///
+/// ```
+/// use latentflow_operators::model_keys::check_source;
+/// assert!(check_source(None, None, Some("tiny")).is_empty());
+/// assert_eq!(check_source(None, None, None)[0].key, "model");
+/// assert_eq!(check_source(None, None, Some("huge"))[0].key, "preset");
+/// ```
+pub fn check_source(model: Option<&Path>, path: Option<&Path>, preset: Option<&str>) -> Vec<KeyError> {
+    let mut errors = Vec::new();
+    if model.is_none() && path.is_none() && preset.is_none() {
+        errors.push(KeyError::new(
+            "model",
+            "say where the weights come from: `model` (a diffusers pipeline folder), `path` (the part's own \
+             folder) or `preset`",
+        ));
+    }
+    if let Some(p) = preset.filter(|p| !PRESETS.contains(p)) {
+        errors.push(KeyError::new("preset", format!("unknown preset `{p}`; use one of {}", PRESETS.join(", "))));
+    }
+    errors
+}
+
+/// The model source the keys name for `part` (`vae`, `text_encoder`, `unet`).
+pub fn source(
+    model: Option<&Path>,
+    path: Option<&Path>,
+    preset: Option<&str>,
+    part: &str,
+) -> Result<ModelSource, OpError> {
+    ModelSource::resolve(model, path, preset, part)
+        .ok_or_else(|| OpError::msg(format!("no weights for the {part}: set `model`, `path` or `preset`")))
+}
+
+/// The candle device of the worker this instance runs on (`cpu` when it owns none).
+pub fn device(ctx: &OpContext) -> Result<Device, OpError> {
+    let name = ctx.worker().device.as_deref().unwrap_or("cpu");
+    match name.strip_prefix("cuda:") {
+        None => Ok(Device::Cpu),
+        Some(n) => {
+            let ordinal: usize = n.parse().map_err(|_| OpError::msg(format!("bad device `{name}`")))?;
+            Device::new_cuda(ordinal).map_err(|e| OpError::msg(format!("device `{name}`: {e}")))
+        }
+    }
+}
+
+/// Any model error as an operator error.
+pub fn op_error(e: impl std::fmt::Display) -> OpError {
+    OpError::msg(e.to_string())
+}
+
+/// A tensor column as a `[rows, ...shape]` tensor on `device` (u8 and i64 keep their type).
+pub fn column_tensor(column: &Column, name: &str, device: &Device) -> Result<Tensor, OpError> {
+    let rows = column.len();
+    let tensor = match column {
+        Column::U8Tensor { shape, data } => Tensor::from_slice(data, dims(rows, shape), device),
+        Column::F32Tensor { shape, data } => Tensor::from_slice(data, dims(rows, shape), device),
+        Column::I64Tensor { shape, data } => Tensor::from_slice(data, dims(rows, shape), device),
+        other => return Err(OpError::msg(format!("`{name}` is a {} column, not a tensor", other.column_type()))),
+    };
+    tensor.map_err(op_error)
+}
+
+fn dims(rows: usize, shape: &[usize]) -> Vec<usize> {
+    std::iter::once(rows).chain(shape.iter().copied()).collect()
+}
+
+/// A `[rows, ...]` tensor as an f32 tensor column (one row per entry of the first dimension).
+pub fn tensor_column(tensor: &Tensor) -> Result<Column, OpError> {
+    let shape = tensor.dims()[1..].to_vec();
+    let data = tensor.to_dtype(DType::F32).and_then(|t| t.flatten_all()?.to_vec1::<f32>()).map_err(op_error)?;
+    Ok(Column::F32Tensor { shape, data })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_columns_round_trip() {
+        let column = Column::F32Tensor { shape: vec![2, 2], data: (0..8).map(|v| v as f32).collect() };
+        let t = column_tensor(&column, "x", &Device::Cpu).unwrap();
+        assert_eq!(t.dims(), [2, 2, 2]);
+        assert_eq!(tensor_column(&t).unwrap(), column);
+        let err = column_tensor(&Column::I64(vec![1]), "key", &Device::Cpu).unwrap_err();
+        assert_eq!(err.to_string(), "`key` is a i64 column, not a tensor");
+    }
+}

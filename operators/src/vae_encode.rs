@@ -1,0 +1,255 @@
+//! `vae_encode`: transformed images (`pixels`, u8 CHW) → VAE latents (`latents`, f32
+//! `[4, H/8, W/8]`, already multiplied by the scaling factor), on the worker's device.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use latentflow_engine::{
+    Batch, Column, ColumnType, Field, InstanceContext, KeyError, NodeSpec, OpContext, OpError, OperatorConfig,
+    OperatorImpl, OperatorKind, Ports, Stage,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::model_keys::{self, column_tensor, op_error, tensor_column};
+use crate::models::load::{load_vae, ModelSource};
+use crate::models::AutoencoderKl;
+use crate::rng::Rng;
+
+/// Which latents to keep from the VAE's posterior.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LatentMode {
+    /// `mean + std * N(0, 1)`, what diffusers' trainers use (`latent_dist.sample()`).
+    #[default]
+    Sample,
+    /// The posterior mean: deterministic.
+    Mean,
+}
+
+/// Config of `vae_encode`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VaeEncodeConfig {
+    /// A diffusers pipeline folder; its `vae/` is used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<PathBuf>,
+    /// The VAE's own folder (`config.json` + safetensors).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// A built-in size with random weights (benchmarks and tests).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
+    /// `"sample"` (default) or `"mean"`.
+    pub mode: LatentMode,
+    /// Multiplies the latents; the VAE config's `scaling_factor` (0.18215 for SD) by default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scaling_factor: Option<f64>,
+    /// Images per forward pass.
+    pub batch_size: usize,
+}
+
+impl Default for VaeEncodeConfig {
+    fn default() -> Self {
+        VaeEncodeConfig {
+            model: None,
+            path: None,
+            preset: None,
+            mode: LatentMode::Sample,
+            scaling_factor: None,
+            batch_size: 8,
+        }
+    }
+}
+
+impl OperatorConfig for VaeEncodeConfig {
+    const TYPE: &'static str = "vae_encode";
+    const KIND: OperatorKind = OperatorKind::Stage;
+    const SUMMARY: &'static str = "images (`pixels`) -> VAE latents (`latents`, f32 [4, H/8, W/8]) on the device";
+    const EXAMPLE: &'static str = "preset = \"tiny\"\nmode = \"mean\"";
+    const KEYS: &'static [(&'static str, &'static str)] = &[
+        ("model", "a diffusers pipeline folder; its vae/ is used"),
+        ("path", "the VAE's own folder (config.json + diffusion_pytorch_model.safetensors)"),
+        ("preset", "\"tiny\", \"sd2-base\" or \"sd1\" with random weights (benchmarks and tests only)"),
+        ("mode", "\"sample\" (default, as diffusers' trainers) or \"mean\" of the posterior"),
+        ("scaling_factor", "multiplies the latents (default: the VAE config's, 0.18215 for SD)"),
+        ("batch_size", "images per forward pass (default 8)"),
+    ];
+}
+
+impl NodeSpec for VaeEncodeConfig {
+    fn validate(&self) -> Vec<KeyError> {
+        let mut errors = model_keys::check_source(self.model.as_deref(), self.path.as_deref(), self.preset.as_deref());
+        errors.extend(KeyError::check_range("batch_size", self.batch_size, 1, 65536));
+        if let Some(s) = self.scaling_factor.filter(|s| !(s.is_finite() && *s > 0.0)) {
+            errors.push(KeyError::new("scaling_factor", format!("must be > 0, got {s}")));
+        }
+        errors
+    }
+
+    fn ports(&self) -> Ports {
+        Ports {
+            requires: vec![Field::new("key", ColumnType::I64), Field::new("pixels", ColumnType::U8Tensor)],
+            adds: vec![Field::new("latents", ColumnType::F32Tensor)],
+            // The crops are 48x the latents' size: nothing downstream needs them.
+            removes: vec!["pixels".into()],
+        }
+    }
+
+    fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
+        let source = model_keys::source(self.model.as_deref(), self.path.as_deref(), self.preset.as_deref(), "vae")?;
+        Ok(OperatorImpl::Stage(Box::new(VaeEncode { config: self.clone(), source, seed: ctx.job.seed, model: None })))
+    }
+}
+
+/// The `vae_encode` stage.
+pub struct VaeEncode {
+    config: VaeEncodeConfig,
+    source: ModelSource,
+    seed: u64,
+    model: Option<(AutoencoderKl, Device, f64)>,
+}
+
+/// The key of the posterior-sampling random stream ("vae"), mixed with each row's key so a
+/// row's latents do not depend on its batch or worker.
+const VAE_STREAM: u64 = 0x0076_6165;
+
+impl VaeEncode {
+    /// A stage that loads `source` on the CPU when started (for plain loops and tests).
+    pub fn new(config: VaeEncodeConfig, source: ModelSource, seed: u64) -> Self {
+        VaeEncode { config, source, seed, model: None }
+    }
+
+    /// Latents `[B, 4, H/8, W/8]` (scaled) for images `[B, 3, H, W]` u8 with row `keys`.
+    pub fn encode(&self, pixels: &Tensor, keys: &[i64]) -> Result<Tensor, OpError> {
+        let (vae, device, scale) = self.model.as_ref().ok_or_else(|| OpError::msg("vae_encode used before start"))?;
+        let run = || -> candle_core::Result<Tensor> {
+            // [0, 255] -> [-1, 1] on the device, as diffusers' Normalize([0.5], [0.5]) after ToTensor.
+            let images = pixels.to_device(device)?.to_dtype(DType::F32)?.affine(2.0 / 255.0, -1.0)?;
+            let posterior = vae.encode(&images).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let latents = match self.config.mode {
+                LatentMode::Mean => posterior.mean,
+                LatentMode::Sample => {
+                    let per_row = posterior.mean.elem_count() / keys.len().max(1);
+                    let eps: Vec<f32> = keys
+                        .iter()
+                        .flat_map(|&k| Rng::new(self.seed ^ VAE_STREAM, k as u64).normals(per_row))
+                        .collect();
+                    let eps = Tensor::from_vec(eps, posterior.mean.dims(), device)?;
+                    (&posterior.mean + (&posterior.std * eps)?)?
+                }
+            };
+            latents.affine(*scale, 0.0)
+        };
+        run().map_err(op_error)
+    }
+}
+
+impl Stage for VaeEncode {
+    fn start(&mut self, ctx: &mut OpContext) -> Result<(), OpError> {
+        let device = model_keys::device(ctx)?;
+        let vae = load_vae(&self.source, &device, self.seed).map_err(op_error)?;
+        let scale = self.config.scaling_factor.unwrap_or(vae.config().scaling_factor);
+        self.model = Some((vae, device, scale));
+        Ok(())
+    }
+
+    fn process(&mut self, mut batch: Batch, _ctx: &mut OpContext) -> Result<Option<Batch>, OpError> {
+        let pixels = batch.remove("pixels").ok_or_else(|| OpError::msg("missing column `pixels`"))?;
+        let shape = match &pixels {
+            Column::U8Tensor { shape, .. } => shape.clone(),
+            other => return Err(OpError::msg(format!("`pixels` is a {} column, not u8", other.column_type()))),
+        };
+        if shape.len() != 3 || shape[0] != 3 || shape[1] % 8 != 0 || shape[2] % 8 != 0 {
+            return Err(OpError::msg(format!(
+                "`pixels` rows have shape {shape:?}; the VAE needs [3, H, W] with H and W multiples of 8"
+            )));
+        }
+        let all = column_tensor(&pixels, "pixels", &Device::Cpu)?;
+        let keys = batch.i64s("key")?.to_vec();
+        let mut chunks = Vec::new();
+        for start in (0..keys.len()).step_by(self.config.batch_size) {
+            let n = self.config.batch_size.min(keys.len() - start);
+            let pixels = all.narrow(0, start, n).map_err(op_error)?;
+            chunks.push(self.encode(&pixels, &keys[start..start + n])?);
+        }
+        let latents = if chunks.is_empty() {
+            Column::F32Tensor { shape: vec![4, shape[1] / 8, shape[2] / 8], data: Vec::new() }
+        } else {
+            tensor_column(&Tensor::cat(&chunks, 0).map_err(op_error)?)?
+        };
+        batch.insert("latents", latents)?;
+        Ok(Some(batch))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage(mode: LatentMode, batch_size: usize) -> VaeEncode {
+        let config = VaeEncodeConfig { mode, batch_size, ..VaeEncodeConfig::default() };
+        let mut stage = VaeEncode::new(config, ModelSource::Preset("tiny".into()), 3);
+        stage.start(&mut OpContext::detached("vae")).unwrap();
+        stage
+    }
+
+    fn images(rows: usize) -> Batch {
+        let data: Vec<u8> = (0..rows * 3 * 16 * 16).map(|i| (i * 7 % 256) as u8).collect();
+        Batch::new()
+            .with("key", Column::I64((0..rows as i64).collect()))
+            .unwrap()
+            .with("pixels", Column::U8Tensor { shape: vec![3, 16, 16], data })
+            .unwrap()
+    }
+
+    fn latents(batch: &Batch) -> (Vec<usize>, Vec<f32>) {
+        match batch.column("latents").unwrap() {
+            Column::F32Tensor { shape, data } => (shape.clone(), data.clone()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn latents_replace_pixels_and_do_not_depend_on_the_batch_split() {
+        let mut whole = stage(LatentMode::Sample, 8);
+        let out = whole.process(images(3), &mut OpContext::detached("vae")).unwrap().unwrap();
+        assert!(out.column("pixels").is_err(), "pixels are dropped");
+        let (shape, a) = latents(&out);
+        assert_eq!(shape, [4, 2, 2]);
+        let mut split = stage(LatentMode::Sample, 1);
+        let (_, b) = latents(&split.process(images(3), &mut OpContext::detached("vae")).unwrap().unwrap());
+        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        assert!(diff < 1e-5, "per-row sampling noise: {diff}");
+        let mut mean = stage(LatentMode::Mean, 8);
+        let (_, m) = latents(&mean.process(images(3), &mut OpContext::detached("vae")).unwrap().unwrap());
+        assert!(a.iter().zip(&m).any(|(x, y)| (x - y).abs() > 1e-4), "sampling adds noise to the mean");
+    }
+
+    #[test]
+    fn scaling_factor_multiplies_the_mean() {
+        let mut one = stage(LatentMode::Mean, 8);
+        let (_, base) = latents(&one.process(images(1), &mut OpContext::detached("vae")).unwrap().unwrap());
+        let config = VaeEncodeConfig { mode: LatentMode::Mean, scaling_factor: Some(1.0), ..Default::default() };
+        let mut unscaled = VaeEncode::new(config, ModelSource::Preset("tiny".into()), 3);
+        unscaled.start(&mut OpContext::detached("vae")).unwrap();
+        let (_, raw) = latents(&unscaled.process(images(1), &mut OpContext::detached("vae")).unwrap().unwrap());
+        for (b, r) in base.iter().zip(&raw) {
+            assert!((b - r * 0.18215).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn rejects_sizes_the_vae_cannot_take_and_bad_keys() {
+        let mut s = stage(LatentMode::Mean, 8);
+        let batch = Batch::new()
+            .with("key", Column::I64(vec![1]))
+            .unwrap()
+            .with("pixels", Column::U8Tensor { shape: vec![3, 12, 12], data: vec![0; 432] })
+            .unwrap();
+        let err = s.process(batch, &mut OpContext::detached("vae")).unwrap_err().to_string();
+        assert!(err.contains("multiples of 8"), "{err}");
+        let bad = VaeEncodeConfig { batch_size: 0, preset: Some("huge".into()), ..Default::default() };
+        let keys: Vec<_> = bad.validate().into_iter().map(|e| e.key).collect();
+        assert_eq!(keys, ["preset", "batch_size"]);
+    }
+}
