@@ -26,6 +26,7 @@ pub mod source_rows;
 pub mod tables;
 pub mod text_encode;
 pub mod tokenize;
+pub mod train;
 pub mod training;
 pub mod vae_encode;
 
@@ -44,6 +45,7 @@ pub use null_sink::NullSinkConfig;
 pub use parquet_source::ParquetSourceConfig;
 pub use text_encode::TextEncodeConfig;
 pub use tokenize::TokenizeConfig;
+pub use train::TrainConfig;
 pub use vae_encode::VaeEncodeConfig;
 
 /// Every registered operator type.
@@ -68,6 +70,7 @@ pub fn registry() -> Catalog {
         OperatorEntry::of::<TextEncodeConfig>(),
         OperatorEntry::of::<LatentsSinkConfig>(),
         OperatorEntry::of::<LatentsSourceConfig>(),
+        OperatorEntry::of::<TrainConfig>(),
     ])
 }
 

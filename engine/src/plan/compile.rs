@@ -302,13 +302,19 @@ impl<'a> Compiler<'a> {
                     }
                 }
             }
-            if d.placement == Placement::Gpu && job.devices.is_empty() {
-                self.error(
-                    self.doc.map.value(&["nodes", &d.id, "placement"]),
-                    Some(&d.id),
-                    Some("placement"),
-                    "placement \"gpu\" needs at least one entry in `job.devices`".into(),
-                );
+            let placement_error = match d.placement {
+                Placement::Gpu if job.devices.is_empty() => {
+                    Some("placement \"gpu\" needs at least one entry in `job.devices`".to_string())
+                }
+                Placement::Device(n) if n >= job.devices.len() => Some(format!(
+                    "placement \"device:{n}\" needs `job.devices` to have at least {} entries, it has {}",
+                    n + 1,
+                    job.devices.len()
+                )),
+                _ => None,
+            };
+            if let Some(message) = placement_error {
+                self.error(self.doc.map.value(&["nodes", &d.id, "placement"]), Some(&d.id), Some("placement"), message);
             }
         }
         for cycle in find_cycles(&edges) {

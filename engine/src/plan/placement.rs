@@ -12,6 +12,9 @@ pub enum Placement {
     All,
     /// Only workers that own a device (`job.devices`): thread `i < devices.len()` of each process.
     Gpu,
+    /// Only the workers that own `job.devices[N]` (thread `N` of each process): puts encoders and
+    /// the trainer on different devices, as the reference puts them on different GPU kinds.
+    Device(usize),
 }
 
 impl FromStr for Placement {
@@ -21,17 +24,21 @@ impl FromStr for Placement {
         match s {
             "all" => Ok(Placement::All),
             "gpu" => Ok(Placement::Gpu),
-            other => Err(format!("unknown placement `{other}`; use \"all\" or \"gpu\"")),
+            other => match other.strip_prefix("device:").map(str::parse) {
+                Some(Ok(n)) => Ok(Placement::Device(n)),
+                _ => Err(format!("unknown placement `{other}`; use \"all\", \"gpu\" or \"device:N\"")),
+            },
         }
     }
 }
 
 impl fmt::Display for Placement {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Placement::All => "all",
-            Placement::Gpu => "gpu",
-        })
+        match self {
+            Placement::All => f.write_str("all"),
+            Placement::Gpu => f.write_str("gpu"),
+            Placement::Device(n) => write!(f, "device:{n}"),
+        }
     }
 }
 
@@ -43,12 +50,14 @@ impl Placement {
     /// // 2 processes x 3 threads, devices owned by threads 0 and 1 of each process.
     /// assert_eq!(Placement::Gpu.workers(3, 2, 2), vec![0, 1, 3, 4]);
     /// assert_eq!(Placement::All.workers(3, 2, 2).len(), 6);
+    /// assert_eq!(Placement::Device(1).workers(3, 2, 2), vec![1, 4]);
     /// ```
     pub fn workers(self, threads: usize, processes: usize, devices: usize) -> Vec<usize> {
         (0..threads * processes)
             .filter(|w| match self {
                 Placement::All => true,
                 Placement::Gpu => w % threads < devices,
+                Placement::Device(n) => w % threads == n && n < devices,
             })
             .collect()
     }

@@ -117,6 +117,15 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<RunReport, EngineError> 
             (c.processes, c.process_id, config)
         }
     };
+    for node in &plan.nodes {
+        if node.placement.workers(threads, processes, plan.job.devices.len()).is_empty() {
+            return Err(EngineError::Options(format!(
+                "node `{}` has placement \"{}\", which no worker matches with {threads} worker(s) per process: \
+                 run with more --workers",
+                node.id, node.placement
+            )));
+        }
+    }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(plan.job.cpu_threads())
         .thread_name(|i| format!("lf-pool-{i}"))

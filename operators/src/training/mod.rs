@@ -6,6 +6,7 @@ pub mod adamw;
 pub mod checkpoint;
 pub mod ema;
 pub mod grads;
+pub mod loss_plot;
 pub mod lr;
 pub mod options;
 pub mod schedule;

@@ -268,13 +268,60 @@ impl Trainer {
         draws: &Draws,
     ) -> Result<Option<StepReport>> {
         let accumulation = self.options.gradient_accumulation_steps;
+        self.accumulate(latents, context, empty_context, draws, 1.0 / accumulation as f64)?;
+        if self.pending.micro_batches < accumulation {
+            return Ok(None);
+        }
+        self.apply().map(Some)
+    }
+
+    /// One optimizer step on a whole global batch: latents [B, 4, h, w] and `context` [B, N, D]
+    /// split into `gradient_accumulation_steps` micro-batches (fewer when B is smaller), each
+    /// with fresh draws and its loss weighted by its share of the rows, so the gradient is that
+    /// of the batch's mean loss. With equal micro-batches this is exactly what calling
+    /// [`Trainer::train`] on each does.
+    pub fn train_batch(
+        &mut self,
+        latents: &Tensor,
+        context: &Tensor,
+        empty_context: Option<&Tensor>,
+    ) -> Result<StepReport> {
+        if self.pending.micro_batches != 0 {
+            return Err(ModelError::Input("train_batch called with micro-batches already pending".into()));
+        }
+        let rows = latents.dims()[0];
+        if rows == 0 {
+            return Err(ModelError::Input("an optimizer step needs at least one row".into()));
+        }
+        let parts = (self.options.gradient_accumulation_steps as usize).min(rows);
+        let micro = rows.div_ceil(parts);
+        let mut start = 0;
+        while start < rows {
+            let n = micro.min(rows - start);
+            let (l, c) = (latents.narrow(0, start, n)?, context.narrow(0, start, n)?);
+            let draws = self.draw(&l)?;
+            self.accumulate(&l, &c, empty_context, &draws, n as f64 / rows as f64)?;
+            start += n;
+        }
+        self.apply()
+    }
+
+    /// Forward and backward on one micro-batch; its gradient, times `weight`, joins the pending sum.
+    fn accumulate(
+        &mut self,
+        latents: &Tensor,
+        context: &Tensor,
+        empty_context: Option<&Tensor>,
+        draws: &Draws,
+        weight: f64,
+    ) -> Result<()> {
         let started = Instant::now();
         let loss = self.loss(latents, context, empty_context, draws)?;
         let loss_value = f64::from(loss.to_scalar::<f32>()?);
         if !loss_value.is_finite() {
             return Err(ModelError::Input(format!("the loss is {loss_value} at step {}", self.step() + 1)));
         }
-        let scaled = if accumulation > 1 { loss.affine(1.0 / accumulation as f64, 0.0)? } else { loss };
+        let scaled = if weight != 1.0 { loss.affine(weight, 0.0)? } else { loss };
         let forward_s = started.elapsed().as_secs_f64();
         let store = scaled.backward()?;
         grads::accumulate(&mut self.pending.grads, grads::collect(&self.params, &store))?;
@@ -284,10 +331,7 @@ impl Trainer {
         p.samples += draws.timesteps.len();
         p.forward_s += forward_s;
         p.backward_s += started.elapsed().as_secs_f64() - forward_s;
-        if p.micro_batches < accumulation {
-            return Ok(None);
-        }
-        self.apply().map(Some)
+        Ok(())
     }
 
     fn apply(&mut self) -> Result<StepReport> {

@@ -1,0 +1,27 @@
+//! The online job in Rust: demo images → transform → tokenize → VAE and text encoders → UNet
+//! training, one graph with no latents stored. `topologies/online.toml` is the same job.
+
+use latentflow_engine::{Placement, Plan, PlanErrors, TopologyBuilder};
+
+use crate::Settings;
+
+/// The online job, writing under `runs/online`.
+///
+/// ```
+/// let plan = latentflow_pipelines::online::plan(&latentflow_pipelines::Settings::default()).unwrap();
+/// assert_eq!(plan.nodes.last().unwrap().id, "train");
+/// ```
+pub fn plan(settings: &Settings) -> Result<Plan, PlanErrors> {
+    TopologyBuilder::new("online")
+        .job(|job| job.max_epochs_in_flight = 2)
+        .node("read", settings.read(), &[])
+        .node("transform", settings.transform(), &["read"])
+        .node("tokenize", settings.tokenize(), &["transform"])
+        .node("vae", settings.vae(), &["tokenize"])
+        .placement("vae", Placement::Gpu)
+        .node("text", settings.text(), &["vae"])
+        .placement("text", Placement::Gpu)
+        .node("train", settings.train(), &["text"])
+        .placement("train", Placement::Gpu)
+        .compile(&latentflow_operators::registry())
+}

@@ -1,0 +1,27 @@
+//! The preprocessing job in Rust: demo images → transform → tokenize → VAE and text encoders →
+//! latents parquet under `runs/preprocess/latents`. `topologies/preprocess.toml` is the same job.
+
+use latentflow_engine::{Placement, Plan, PlanErrors, TopologyBuilder};
+use latentflow_operators::LatentsSinkConfig;
+
+use crate::Settings;
+
+/// The preprocessing job, writing under `runs/preprocess`.
+///
+/// ```
+/// let plan = latentflow_pipelines::preprocess::plan(&latentflow_pipelines::Settings::default()).unwrap();
+/// assert_eq!(plan.nodes.last().unwrap().type_name, "latents_sink");
+/// ```
+pub fn plan(settings: &Settings) -> Result<Plan, PlanErrors> {
+    TopologyBuilder::new("preprocess")
+        .job(|job| job.max_epochs_in_flight = 2)
+        .node("read", settings.read(), &[])
+        .node("transform", settings.transform(), &["read"])
+        .node("tokenize", settings.tokenize(), &["transform"])
+        .node("vae", settings.vae(), &["tokenize"])
+        .placement("vae", Placement::Gpu)
+        .node("text", settings.text(), &["vae"])
+        .placement("text", Placement::Gpu)
+        .node("latents", LatentsSinkConfig::default(), &["text"])
+        .compile(&latentflow_operators::registry())
+}

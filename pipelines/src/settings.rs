@@ -1,0 +1,86 @@
+//! What the three Stable Diffusion pipelines share: the sizes and models they run with. The
+//! defaults are the embedded demo (procedural images, `tiny` random models, a few minutes on a
+//! laptop); the `topologies/sd2-base-256/` files show the reference's real settings.
+
+use latentflow_operators::training::TrainingOptions;
+use latentflow_operators::vae_encode::LatentMode;
+use latentflow_operators::{
+    DemoSourceConfig, ImageTransformConfig, TextEncodeConfig, TokenizeConfig, TrainConfig, VaeEncodeConfig,
+};
+
+/// Sizes and models of a pipeline.
+///
+/// ```
+/// let s = latentflow_pipelines::Settings::default();
+/// assert_eq!((s.images, s.global_batch_size, s.resolution), (2400, 16, 64));
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// Procedural demo images to read.
+    pub images: u64,
+    /// Rows per epoch: the source's batch and the trainer's global batch.
+    pub global_batch_size: usize,
+    /// Crop size in pixels (latents are 1/8 of it).
+    pub resolution: u32,
+    /// Model preset of the encoders and the UNet.
+    pub preset: String,
+    /// VAE latents: sampled (as diffusers trains) or the posterior mean.
+    pub latent_mode: LatentMode,
+    /// Checkpoint every this many steps.
+    pub checkpoint_every: u64,
+    /// Training hyperparameters.
+    pub training: TrainingOptions,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            images: 2400,
+            global_batch_size: 16,
+            resolution: 64,
+            preset: "tiny".into(),
+            latent_mode: LatentMode::Sample,
+            checkpoint_every: 50,
+            training: TrainingOptions { lr: 1e-3, warmup_steps: 10, max_grad_norm: Some(1.0), ..Default::default() },
+        }
+    }
+}
+
+impl Settings {
+    pub(crate) fn read(&self) -> DemoSourceConfig {
+        DemoSourceConfig { count: self.images, batch_size: self.global_batch_size, ..DemoSourceConfig::default() }
+    }
+
+    pub(crate) fn transform(&self) -> ImageTransformConfig {
+        ImageTransformConfig { resolution: self.resolution, ..ImageTransformConfig::default() }
+    }
+
+    pub(crate) fn tokenize(&self) -> TokenizeConfig {
+        TokenizeConfig::default()
+    }
+
+    pub(crate) fn vae(&self) -> VaeEncodeConfig {
+        VaeEncodeConfig {
+            preset: Some(self.preset.clone()),
+            mode: self.latent_mode,
+            batch_size: self.global_batch_size,
+            ..VaeEncodeConfig::default()
+        }
+    }
+
+    pub(crate) fn text(&self) -> TextEncodeConfig {
+        TextEncodeConfig { preset: Some(self.preset.clone()), ..TextEncodeConfig::default() }
+    }
+
+    pub(crate) fn train(&self) -> TrainConfig {
+        TrainConfig {
+            preset: Some(self.preset.clone()),
+            global_batch_size: self.global_batch_size,
+            checkpoint_every: self.checkpoint_every,
+            keep_last: 2,
+            resume: Some("latest".into()),
+            training: self.training.clone(),
+            ..TrainConfig::default()
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! The three jobs end to end on tiny sizes: preprocess then train equals online (fusion changes
+//! nothing), a SIGKILLed online run resumes to exactly the run it would have been, the final
+//! UNet loads back with the outputs it had in memory, and the SD2 topologies validate.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use latentflow_engine::{Batch, Column, JobConfig, OpContext, Sink};
+use latentflow_operators::models::load::{load_unet, ModelSource};
+use latentflow_operators::train::{Train, TrainConfig};
+use latentflow_tests::{fixture, latentflow, text, topology};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_lf");
+
+/// `metrics.jsonl` of a run folder, one JSON object per step.
+fn metrics(run: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_else(|e| panic!("{}: {e}", run.display()));
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn run_ok(dir: &Path, args: &[&str]) -> String {
+    let out = latentflow(BIN, dir, args);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn topo(name: &str) -> String {
+    topology(name).display().to_string()
+}
+
+#[test]
+fn preprocess_then_train_gives_the_losses_of_online() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 3 steps of 16 rows, deterministic latents (posterior mean).
+    let common = ["--set", "nodes.read.count=48", "--set", "nodes.vae.mode=mean"];
+    let profile = run_ok(d, &[&["run", &topo("preprocess.toml")][..], &common].concat());
+    assert!(profile.contains("latents_sink"), "the profile table is printed: {profile}");
+    let files: Vec<_> = std::fs::read_dir(d.join("runs/preprocess/latents")).unwrap().collect();
+    assert_eq!(files.len(), 1, "48 rows, 1000 per file");
+    let keys = ["--set", "nodes.train.log_keys=true"];
+    run_ok(d, &[&["run", &topo("train.toml")][..], &keys].concat());
+    run_ok(d, &[&["run", &topo("online.toml")][..], &common, &keys].concat());
+
+    let (offline, online) = (metrics(&d.join("runs/train")), metrics(&d.join("runs/online")));
+    assert_eq!(offline.len(), 3);
+    assert_eq!(online.len(), 3);
+    for (a, b) in offline.iter().zip(&online) {
+        assert_eq!(a["step"], b["step"]);
+        assert_eq!(a["keys"], b["keys"], "same data in the same steps");
+        let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+        assert!((la - lb).abs() <= 1e-6, "step {}: offline loss {la} vs online {lb}", a["step"]);
+    }
+    for run in ["runs/train", "runs/online"] {
+        assert!(d.join(run).join("loss.png").is_file(), "{run}/loss.png");
+        assert!(d.join(run).join("final/unet/diffusion_pytorch_model.safetensors").is_file());
+        assert!(d.join(run).join("checkpoint-3/state.json").is_file(), "a checkpoint at the end");
+    }
+    assert!(!d.join("runs/online/latents").exists(), "online stores no latents");
+}
+
+#[test]
+fn a_killed_online_run_resumes_to_the_run_it_would_have_been() {
+    // 12 steps, a checkpoint every 3, each step's keys logged.
+    let args = |d: &Path| -> Vec<String> {
+        let mut a: Vec<String> = vec!["run".into(), topo("online.toml")];
+        for set in ["nodes.read.count=192", "nodes.train.checkpoint_every=3", "nodes.train.log_keys=true"] {
+            a.extend(["--set".into(), set.into()]);
+        }
+        a.extend(["--set".into(), format!("job.output_dir={}", d.join("run").display())]);
+        a
+    };
+    let whole = tempfile::tempdir().unwrap();
+    let whole_args = args(whole.path());
+    run_ok(whole.path(), &whole_args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let killed = tempfile::tempdir().unwrap();
+    let run = killed.path().join("run");
+    let mut child = Command::new(BIN)
+        .args(args(killed.path()))
+        .current_dir(killed.path())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !run.join("checkpoint-3/state.json").exists() {
+        assert!(Instant::now() < deadline, "no checkpoint-3 after 300 s");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!run.join("final").exists(), "killed before the end");
+    let resumed_args = args(killed.path());
+    run_ok(killed.path(), &resumed_args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let (expected, got) = (metrics(&whole.path().join("run")), metrics(&run));
+    assert_eq!(got.len(), 12, "every step once");
+    for (a, b) in expected.iter().zip(&got) {
+        assert_eq!(a["step"], b["step"]);
+        assert_eq!(a["keys"], b["keys"], "step {}: same rows, none skipped or repeated", a["step"]);
+        assert_eq!(a["loss"], b["loss"], "step {}: the resumed run continues exactly", a["step"]);
+    }
+    let state = |d: &Path| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("checkpoint-12/state.json")).unwrap()).unwrap()
+    };
+    let (a, b) = (state(&whole.path().join("run")), state(&run));
+    assert_eq!(a["step"], 12);
+    assert_eq!(a["data_position"], b["data_position"], "the same data position at the end");
+    assert_eq!(a["rng"], b["rng"]);
+}
+
+#[test]
+fn the_final_unet_loads_back_with_the_outputs_it_had_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = JobConfig { output_dir: Some(dir.path().to_path_buf()), ..JobConfig::default() };
+    let config =
+        TrainConfig { preset: Some("tiny".into()), global_batch_size: 2, checkpoint_every: 0, ..Default::default() };
+    let mut train = Train::new(config, &job).unwrap();
+    let mut ctx = OpContext::detached("train");
+    train.start(&mut ctx).unwrap();
+    for epoch in 0..2 {
+        let batch = Batch::new()
+            .with("key", Column::I64(vec![2 * epoch, 2 * epoch + 1]))
+            .unwrap()
+            .with(
+                "latents",
+                Column::F32Tensor { shape: vec![4, 8, 8], data: (0..512).map(|i| (i as f32 * 0.37).sin()).collect() },
+            )
+            .unwrap()
+            .with(
+                "caption_latents",
+                Column::F32Tensor {
+                    shape: vec![77, 32],
+                    data: (0..2 * 77 * 32).map(|i| (i as f32 * 0.11).cos()).collect(),
+                },
+            )
+            .unwrap();
+        train.write(batch, &mut ctx).unwrap();
+        train.end_epoch(epoch as u64, &mut ctx).unwrap();
+    }
+    train.finish(&mut ctx).unwrap();
+    let trainer = train.trainer().unwrap();
+    assert_eq!(trainer.step(), 2);
+
+    let sample = Tensor::randn(0f32, 1.0, (1, 4, 8, 8), &Device::Cpu).unwrap();
+    let context = Tensor::randn(0f32, 1.0, (1, 77, 32), &Device::Cpu).unwrap();
+    let in_memory = trainer.unet().forward(&sample, &[500.0], &context).unwrap();
+    let (loaded, _) = load_unet(&ModelSource::Folder(dir.path().join("final/unet")), &Device::Cpu, false, 0).unwrap();
+    let reloaded = loaded.forward(&sample, &[500.0], &context).unwrap();
+    let diff = latentflow_tests::max_abs_diff(&in_memory, &reloaded);
+    assert_eq!(diff, 0.0, "the saved weights are the trained ones");
+    assert!(dir.path().join("checkpoint-2/state.json").is_file(), "finish checkpoints the last step");
+    assert_eq!(metrics(dir.path()).len(), 2);
+}
+
+#[test]
+fn the_sd2_topologies_validate_once_their_paths_are_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    run_ok(d, &["demo-data", "--out", "shard.parquet", "--n", "8"]);
+    let model = fixture("tiny-sd").display().to_string();
+    for name in ["preprocess.toml", "train.toml", "online.toml"] {
+        let file = topo(&format!("sd2-base-256/{name}"));
+        let mut args = vec!["validate".to_string(), file.clone()];
+        for node in ["read", "tokenize", "vae", "text", "train"] {
+            let has = std::fs::read_to_string(&file).unwrap().contains(&format!("[nodes.{node}]"));
+            if has && node != "read" {
+                args.extend(["--set".into(), format!("nodes.{node}.model={model}")]);
+            }
+        }
+        if name != "train.toml" {
+            args.extend(["--set".into(), "nodes.read.path=shard.parquet".into()]);
+        }
+        let out = latentflow(BIN, d, &args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(out.status.code(), Some(0), "{name}: {}", text(&out));
+    }
+    // Unset, the placeholder data path is named.
+    let out = latentflow(BIN, d, &["validate", &topo("sd2-base-256/online.toml")]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("DATA_GLOB"), "{}", text(&out));
+}
