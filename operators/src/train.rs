@@ -187,24 +187,6 @@ impl NodeSpec for TrainConfig {
     }
 }
 
-impl Train {
-    /// The sink for `config` in `job` (its output folder and seed); the model loads in `start`.
-    pub fn new(config: TrainConfig, job: &JobConfig) -> Result<Train, OpError> {
-        // A preset means training from scratch even with `model` set (which then gives the
-        // scheduler and the empty caption), as the reference trains SD2's UNet.
-        let model = if config.preset.is_some() { None } else { config.model.as_deref() };
-        let source = model_keys::source(model, config.path.as_deref(), config.preset.as_deref(), "unet")?;
-        Ok(Train {
-            resume: config.resume_checkpoint(job)?,
-            config,
-            source,
-            output_dir: job.output_dir(),
-            seed: job.seed,
-            run: None,
-        })
-    }
-}
-
 /// The `train` sink.
 pub struct Train {
     config: TrainConfig,
@@ -238,6 +220,22 @@ struct Row {
 }
 
 impl Train {
+    /// The sink for `config` in `job` (its output folder and seed); the model loads in `start`.
+    pub fn new(config: TrainConfig, job: &JobConfig) -> Result<Train, OpError> {
+        // A preset means training from scratch even with `model` set (which then gives the
+        // scheduler and the empty caption), as the reference trains SD2's UNet.
+        let model = if config.preset.is_some() { None } else { config.model.as_deref() };
+        let source = model_keys::source(model, config.path.as_deref(), config.preset.as_deref(), "unet")?;
+        Ok(Train {
+            resume: config.resume_checkpoint(job)?,
+            config,
+            source,
+            output_dir: job.output_dir(),
+            seed: job.seed,
+            run: None,
+        })
+    }
+
     /// The trainer, once started (for tests that compare the saved UNet with the one in memory).
     pub fn trainer(&self) -> Option<&Trainer> {
         self.run.as_ref().map(|r| &r.trainer)
