@@ -16,8 +16,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::model_keys::{self, op_error};
-use crate::models::load::{load_text_encoder, load_unet, ModelSource};
+use crate::models::load::{load_text_encoder, load_unet, load_vae, ModelSource};
+use crate::models::AutoencoderKl;
+use crate::rng::Rng;
 use crate::tokenize::TokenizeConfig;
+use crate::training::sampling::{write_grid, Ddim};
 use crate::training::{checkpoint, loss_plot, NoiseSchedule, SchedulerConfig, StepReport, Trainer, TrainingOptions};
 
 /// Config of `train`.
@@ -56,6 +59,17 @@ pub struct TrainConfig {
     pub resume: Option<String>,
     /// Also write each step's row keys to `metrics.jsonl`.
     pub log_keys: bool,
+    /// Every this many steps, sample `sample_prompts` into `samples/step-N.png` (0: never).
+    pub sample_every: u64,
+    /// The prompts of the preview grid.
+    pub sample_prompts: Vec<String>,
+    /// DDIM steps per preview.
+    pub sample_steps: usize,
+    /// Classifier-free guidance scale of the previews.
+    pub guidance_scale: f64,
+    /// A VAE folder for decoding previews; default `model/vae`, else the preset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vae: Option<PathBuf>,
     /// The training hyperparameters (`[nodes.ID.training]`).
     pub training: TrainingOptions,
 }
@@ -74,6 +88,11 @@ impl Default for TrainConfig {
             keep_last: 3,
             resume: None,
             log_keys: false,
+            sample_every: 0,
+            sample_prompts: vec!["a red circle on a blue background".into(), "a yellow square".into()],
+            sample_steps: 20,
+            guidance_scale: 7.5,
+            vae: None,
             training: TrainingOptions::default(),
         }
     }
@@ -97,6 +116,11 @@ impl OperatorConfig for TrainConfig {
         ("keep_last", "checkpoints kept (default 3; 0 keeps all)"),
         ("resume", "\"latest\" (the newest checkpoint under the output folder, if any) or a checkpoint folder"),
         ("log_keys", "write each step's row keys to metrics.jsonl (default false)"),
+        ("sample_every", "every N steps, decode sample_prompts with DDIM + the VAE into samples/step-N.png (default 0: never)"),
+        ("sample_prompts", "prompts of the preview grid"),
+        ("sample_steps", "DDIM steps per preview (default 20)"),
+        ("guidance_scale", "classifier-free guidance of the previews (default 7.5)"),
+        ("vae", "VAE folder for decoding previews (default model/vae or the preset)"),
         ("training", "table of training options: lr, warmup_steps, lr_decay, total_steps, adam_*, weight_decay, max_grad_norm, gradient_accumulation_steps, snr_gamma, noise_offset, caption_dropout, ema_decay, ema_start_step, precision, seed"),
     ];
 }
@@ -124,11 +148,9 @@ impl TrainConfig {
         .map_err(op_error)
     }
 
-    /// The empty caption's embedding [1, 77, D], needed only for caption dropout.
-    fn empty_caption(&self, device: &Device, seed: u64) -> Result<Option<Tensor>, OpError> {
-        if self.training.caption_dropout <= 0.0 {
-            return Ok(None);
-        }
+    /// Text embeddings [N, 77, D] of `texts`, with the text encoder and tokenizer of `model`
+    /// (or `text_encoder`, or the preset and the bundled vocabulary).
+    fn encode_texts(&self, texts: &[String], device: &Device, seed: u64) -> Result<Tensor, OpError> {
         let source = model_keys::source(
             self.model.as_deref(),
             self.text_encoder.as_deref(),
@@ -138,9 +160,30 @@ impl TrainConfig {
         let encoder = load_text_encoder(&source, device, seed).map_err(op_error)?;
         let (tokenizer, padding, length) =
             TokenizeConfig { model: self.model.clone(), ..Default::default() }.build()?;
-        let (ids, _) = tokenizer.input_ids("", padding, length);
-        let ids = Tensor::from_vec(ids, (1, length), device).map_err(op_error)?;
-        encoder.forward(&ids, false).map(Some).map_err(op_error)
+        let ids: Vec<i64> = texts.iter().flat_map(|t| tokenizer.input_ids(t, padding, length).0).collect();
+        let ids = Tensor::from_vec(ids, (texts.len(), length), device).map_err(op_error)?;
+        encoder.forward(&ids, false).map_err(op_error)
+    }
+
+    /// The empty caption's embedding [1, 77, D], needed for caption dropout and previews.
+    fn empty_caption(&self, device: &Device, seed: u64) -> Result<Option<Tensor>, OpError> {
+        if self.training.caption_dropout <= 0.0 && self.sample_every == 0 {
+            return Ok(None);
+        }
+        self.encode_texts(&[String::new()], device, seed).map(Some)
+    }
+
+    fn previews(&self, device: &Device, seed: u64, schedule: &NoiseSchedule) -> Result<Option<Previews>, OpError> {
+        if self.sample_every == 0 {
+            return Ok(None);
+        }
+        let source = model_keys::source(self.model.as_deref(), self.vae.as_deref(), self.preset.as_deref(), "vae")?;
+        let vae = load_vae(&source, device, seed).map_err(op_error)?;
+        Ok(Some(Previews {
+            context: self.encode_texts(&self.sample_prompts, device, seed)?,
+            ddim: Ddim::new(schedule, self.sample_steps),
+            vae,
+        }))
     }
 }
 
@@ -152,6 +195,15 @@ impl NodeSpec for TrainConfig {
             errors.extend(KeyError::check_range("max_steps", max, 1, u64::MAX));
         }
         errors.extend(self.training.problems().into_iter().map(|p| KeyError::new("training", p)));
+        if self.sample_every > 0 {
+            if self.sample_prompts.is_empty() {
+                errors.push(KeyError::new("sample_prompts", "previews need at least one prompt"));
+            }
+            errors.extend(KeyError::check_range("sample_steps", self.sample_steps, 1, 1000));
+            if !(self.guidance_scale.is_finite() && self.guidance_scale >= 1.0) {
+                errors.push(KeyError::new("guidance_scale", format!("must be >= 1, got {}", self.guidance_scale)));
+            }
+        }
         if let Some(dir) = self.resume.as_deref().filter(|r| *r != "latest") {
             if !Path::new(dir).join("state.json").is_file() {
                 errors.push(KeyError::new(
@@ -202,6 +254,7 @@ struct Run {
     trainer: Trainer,
     device: Device,
     empty_caption: Option<Tensor>,
+    previews: Option<Previews>,
     metrics: File,
     losses: Vec<(u64, f64)>,
     rows: Vec<Row>,
@@ -212,6 +265,16 @@ struct Run {
     checkpointed_step: u64,
     warned_short: bool,
 }
+
+/// What preview sampling needs: the decoder, the prompts' embeddings and the sampler.
+struct Previews {
+    vae: AutoencoderKl,
+    context: Tensor,
+    ddim: Ddim,
+}
+
+/// The key of the preview noise ("samples"): the same noise at every preview, so grids compare.
+const PREVIEW_STREAM: u64 = 0x0073_616d_706c_6573;
 
 struct Row {
     key: i64,
@@ -247,6 +310,7 @@ impl Train {
 
     fn start_run(&mut self, device: Device) -> Result<Run, OpError> {
         let schedule = self.config.schedule()?;
+        let previews = self.config.previews(&device, self.seed, &schedule)?;
         let options = self.config.training.clone();
         let (trainer, step) = match &self.resume {
             Some(dir) => {
@@ -269,6 +333,7 @@ impl Train {
             trainer,
             device,
             empty_caption,
+            previews,
             metrics,
             losses,
             rows: Vec::new(),
@@ -279,6 +344,26 @@ impl Train {
             checkpointed_step: step,
             warned_short: false,
         })
+    }
+
+    /// Samples the preview prompts with the current weights into `samples/step-N.png`.
+    fn preview(&self, step: u64) -> Result<(), OpError> {
+        let run = self.run.as_ref().ok_or_else(|| OpError::msg("train used before start"))?;
+        let (Some(previews), Some(uncond), Some((latent_shape, _))) = (&run.previews, &run.empty_caption, &run.shapes)
+        else {
+            return Ok(());
+        };
+        let [c, h, w] = latent_shape[..] else { return Ok(()) };
+        let mut rng = Rng::new(self.seed, PREVIEW_STREAM);
+        let unet = run.trainer.unet();
+        let guidance = self.config.guidance_scale;
+        let latents =
+            previews.ddim.sample(unet, &previews.context, uncond, guidance, (c, h, w), &mut rng).map_err(op_error)?;
+        let path = self.output_dir.join("samples").join(format!("step-{step}.png"));
+        let scale = previews.vae.config().scaling_factor;
+        write_grid(&path, &previews.vae, &latents, scale).map_err(op_error)?;
+        tracing::info!(path = %path.display(), "preview written");
+        Ok(())
     }
 
     fn done(&self) -> bool {
@@ -420,6 +505,10 @@ impl Sink for Train {
         let step = report.step;
         if self.config.checkpoint_every > 0 && step % self.config.checkpoint_every == 0 {
             self.save_checkpoint()?;
+        }
+        let every = self.config.sample_every;
+        if every > 0 && step % every == 0 {
+            self.preview(step)?;
         }
         if self.done() {
             tracing::info!(step, "max_steps reached");

@@ -28,6 +28,8 @@ pub struct Settings {
     pub latent_mode: LatentMode,
     /// Checkpoint every this many steps.
     pub checkpoint_every: u64,
+    /// Write a DDIM preview grid every this many steps.
+    pub sample_every: u64,
     /// Training hyperparameters.
     pub training: TrainingOptions,
 }
@@ -41,6 +43,7 @@ impl Default for Settings {
             preset: "tiny".into(),
             latent_mode: LatentMode::Sample,
             checkpoint_every: 50,
+            sample_every: 50,
             training: TrainingOptions { lr: 1e-3, warmup_steps: 10, max_grad_norm: Some(1.0), ..Default::default() },
         }
     }
@@ -79,6 +82,7 @@ impl Settings {
             checkpoint_every: self.checkpoint_every,
             keep_last: 2,
             resume: Some("latest".into()),
+            sample_every: self.sample_every,
             training: self.training.clone(),
             ..TrainConfig::default()
         }

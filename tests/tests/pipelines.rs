@@ -119,8 +119,14 @@ fn a_killed_online_run_resumes_to_the_run_it_would_have_been() {
 fn the_final_unet_loads_back_with_the_outputs_it_had_in_memory() {
     let dir = tempfile::tempdir().unwrap();
     let job = JobConfig { output_dir: Some(dir.path().to_path_buf()), ..JobConfig::default() };
-    let config =
-        TrainConfig { preset: Some("tiny".into()), global_batch_size: 2, checkpoint_every: 0, ..Default::default() };
+    let config = TrainConfig {
+        preset: Some("tiny".into()),
+        global_batch_size: 2,
+        checkpoint_every: 0,
+        sample_every: 2,
+        sample_steps: 2,
+        ..Default::default()
+    };
     let mut train = Train::new(config, &job).unwrap();
     let mut ctx = OpContext::detached("train");
     train.start(&mut ctx).unwrap();
@@ -157,6 +163,8 @@ fn the_final_unet_loads_back_with_the_outputs_it_had_in_memory() {
     assert_eq!(diff, 0.0, "the saved weights are the trained ones");
     assert!(dir.path().join("checkpoint-2/state.json").is_file(), "finish checkpoints the last step");
     assert_eq!(metrics(dir.path()).len(), 2);
+    let preview = image::open(dir.path().join("samples/step-2.png")).unwrap();
+    assert_eq!((preview.width(), preview.height()), (2 * 64, 64), "two prompts side by side");
 }
 
 #[test]
