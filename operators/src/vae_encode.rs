@@ -10,6 +10,8 @@ use latentflow_engine::{
 };
 use serde::{Deserialize, Serialize};
 
+use latentflow_gpu_kernels::ops::normalize::normalize_u8_chw;
+
 use crate::model_keys::{self, column_tensor, op_error, tensor_column};
 use crate::models::load::{load_vae, ModelSource};
 use crate::models::AutoencoderKl;
@@ -123,8 +125,11 @@ impl VaeEncode {
     pub fn encode(&self, pixels: &Tensor, keys: &[i64]) -> Result<Tensor, OpError> {
         let (vae, device, scale) = self.model.as_ref().ok_or_else(|| OpError::msg("vae_encode used before start"))?;
         let run = || -> candle_core::Result<Tensor> {
-            // [0, 255] -> [-1, 1] on the device, as diffusers' Normalize([0.5], [0.5]) after ToTensor.
-            let images = pixels.to_device(device)?.to_dtype(DType::F32)?.affine(2.0 / 255.0, -1.0)?;
+            // [0, 255] -> [-1, 1] on the device: a lookup in the 256 values torchvision's
+            // `(x / 255 - 0.5) / 0.5` gives, so the result is bit-identical to the reference.
+            let dims = pixels.dims().to_vec();
+            let ids = pixels.to_device(device)?.to_dtype(DType::U32)?.flatten_all()?;
+            let images = normalized_values(device)?.index_select(&ids, 0)?.reshape(dims)?;
             let posterior = vae.encode(&images).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             let latents = match self.config.mode {
                 LatentMode::Mean => posterior.mean,
@@ -142,6 +147,13 @@ impl VaeEncode {
         };
         run().map_err(op_error)
     }
+}
+
+/// The 256 normalised values of a u8 pixel, from the CPU reference in `latentflow-gpu-kernels`.
+fn normalized_values(device: &Device) -> candle_core::Result<Tensor> {
+    let all: Vec<u8> = (0..=255).collect();
+    let table = normalize_u8_chw(&all, [1, 1, 1, 256], &[]).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    Tensor::from_vec(table, 256, device)
 }
 
 impl Stage for VaeEncode {
@@ -223,6 +235,15 @@ mod tests {
         let mut mean = stage(LatentMode::Mean, 8);
         let (_, m) = latents(&mean.process(images(3), &mut OpContext::detached("vae")).unwrap().unwrap());
         assert!(a.iter().zip(&m).any(|(x, y)| (x - y).abs() > 1e-4), "sampling adds noise to the mean");
+    }
+
+    #[test]
+    fn pixels_are_normalised_as_torchvision_does() {
+        let ids = Tensor::new(&[0u32, 1, 128, 255], &Device::Cpu).unwrap();
+        let values = normalized_values(&Device::Cpu).unwrap().index_select(&ids, 0).unwrap().to_vec1::<f32>().unwrap();
+        let torchvision = |x: f32| (x / 255.0 - 0.5) / 0.5;
+        assert_eq!(values, [torchvision(0.0), torchvision(1.0), torchvision(128.0), torchvision(255.0)]);
+        assert_eq!((values[0], values[3]), (-1.0, 1.0));
     }
 
     #[test]
