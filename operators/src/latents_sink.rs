@@ -24,6 +24,16 @@ pub const DTYPE_KEY: &str = "latentflow.dtype";
 /// The element type written: little-endian f32.
 pub const DTYPE: &str = "float32-le";
 
+/// The columns a latents row has, as `latents_sink` needs them and `latents_source` emits them.
+pub fn latents_fields() -> Vec<Field> {
+    vec![
+        Field::new("key", ColumnType::I64),
+        Field::new("caption", ColumnType::Str),
+        Field::new("latents", ColumnType::F32Tensor),
+        Field::new("caption_latents", ColumnType::F32Tensor),
+    ]
+}
+
 /// Config of `latents_sink`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -58,15 +68,7 @@ impl NodeSpec for LatentsSinkConfig {
     }
 
     fn ports(&self) -> Ports {
-        Ports {
-            requires: vec![
-                Field::new("key", ColumnType::I64),
-                Field::new("caption", ColumnType::Str),
-                Field::new("latents", ColumnType::F32Tensor),
-                Field::new("caption_latents", ColumnType::F32Tensor),
-            ],
-            ..Ports::default()
-        }
+        Ports { requires: latents_fields(), ..Ports::default() }
     }
 
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {

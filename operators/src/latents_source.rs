@@ -8,16 +8,15 @@ use std::path::PathBuf;
 use arrow_array::{Array, BinaryArray, Int64Array, RecordBatch, StringArray};
 use arrow_schema::DataType;
 use latentflow_engine::{
-    Batch, Column, ColumnType, Field, InstanceContext, KeyError, NodeSpec, OpContext, OpError, OperatorConfig,
-    OperatorImpl, OperatorKind, Ports, Source,
+    Batch, Column, InstanceContext, KeyError, NodeSpec, OpContext, OpError, OperatorConfig, OperatorImpl, OperatorKind,
+    Ports, Source,
 };
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ParquetRecordBatchReaderBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::latents_sink::{CAPTION_LATENTS_SHAPE_KEY, DTYPE, DTYPE_KEY, LATENTS_SHAPE_KEY};
+use crate::latents_sink::{latents_fields, CAPTION_LATENTS_SHAPE_KEY, DTYPE, DTYPE_KEY, LATENTS_SHAPE_KEY};
 use crate::rng::Rng;
-use crate::tables::files::expand;
+use crate::tables::files::{expand, open_metadata};
 
 /// Config of `latents_source`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -62,15 +61,7 @@ impl NodeSpec for LatentsSourceConfig {
     }
 
     fn ports(&self) -> Ports {
-        Ports {
-            adds: vec![
-                Field::new("key", ColumnType::I64),
-                Field::new("caption", ColumnType::Str),
-                Field::new("latents", ColumnType::F32Tensor),
-                Field::new("caption_latents", ColumnType::F32Tensor),
-            ],
-            ..Ports::default()
-        }
+        Ports { adds: latents_fields(), ..Ports::default() }
     }
 
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
@@ -92,9 +83,10 @@ struct Unit {
     stream_start: u64,
 }
 
-/// A decoded row group, rows in stream order.
+/// A decoded row group, rows in file order; `order[i]` is the stream's `i`-th row.
 struct Decoded {
     unit: usize,
+    order: Vec<usize>,
     keys: Vec<i64>,
     captions: Vec<String>,
     latents: Vec<Vec<u8>>,
@@ -108,6 +100,8 @@ pub struct LatentsSource {
     shard: u64,
     shards: u64,
     files: Vec<PathBuf>,
+    /// Each file's footer, read once when listing.
+    footers: Vec<ArrowReaderMetadata>,
     units: Vec<Unit>,
     shapes: (Vec<usize>, Vec<usize>),
     total: u64,
@@ -127,6 +121,7 @@ impl LatentsSource {
             shard: shard as u64,
             shards: shards.max(1) as u64,
             files: Vec::new(),
+            footers: Vec::new(),
             units: Vec::new(),
             shapes: (Vec::new(), Vec::new()),
             total: 0,
@@ -144,10 +139,8 @@ impl LatentsSource {
         self.files = expand(&self.config.path, &["parquet"]).map_err(OpError::msg)?;
         let mut units = Vec::new();
         for (file, path) in self.files.iter().enumerate() {
-            let reader = File::open(path).map_err(|e| OpError::io(path, e)).and_then(|f| {
-                SerializedFileReader::new(f).map_err(|e| OpError::msg(format!("{}: {e}", path.display())))
-            })?;
-            let meta = reader.metadata();
+            let footer = open_metadata(path).map_err(OpError::msg)?;
+            let meta = footer.metadata();
             let kv = meta.file_metadata().key_value_metadata();
             let entry = |key: &str| -> Result<String, OpError> {
                 kv.and_then(|kv| kv.iter().find(|e| e.key == key).and_then(|e| e.value.clone())).ok_or_else(|| {
@@ -181,12 +174,10 @@ impl LatentsSource {
             for (row_group, rg) in meta.row_groups().iter().enumerate() {
                 units.push(Unit { file, row_group, rows: rg.num_rows() as u64, stream_start: 0 });
             }
+            self.footers.push(footer.clone());
         }
         if self.config.shuffle {
-            let mut rng = Rng::new(self.seed, SHUFFLE_STREAM);
-            for i in (1..units.len()).rev() {
-                units.swap(i, rng.below(i + 1));
-            }
+            Rng::new(self.seed, SHUFFLE_STREAM).shuffle(&mut units);
         }
         let mut start = 0;
         for unit in &mut units {
@@ -204,27 +195,20 @@ impl LatentsSource {
         let at =
             |e: &dyn std::fmt::Display| OpError::msg(format!("{}: row group {}: {e}", path.display(), unit.row_group));
         let file = File::open(path).map_err(|e| OpError::io(path, e))?;
-        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-            .map_err(|e| at(&e))?
+        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.footers[unit.file].clone())
             .with_row_groups(vec![unit.row_group])
             .build()
             .map_err(|e| at(&e))?;
-        let mut d = Decoded { unit: index, keys: vec![], captions: vec![], latents: vec![], embeddings: vec![] };
+        let mut d =
+            Decoded { unit: index, order: vec![], keys: vec![], captions: vec![], latents: vec![], embeddings: vec![] };
         for batch in reader {
             let batch = batch.map_err(|e| at(&e))?;
             read_columns(&batch, &mut d).map_err(|e| at(&e))?;
         }
+        d.order = (0..d.keys.len()).collect();
         if self.config.shuffle {
-            let mut rng = Rng::new(self.seed ^ SHUFFLE_STREAM, ((unit.file as u64) << 32) | unit.row_group as u64);
-            let n = d.keys.len();
-            let mut order: Vec<usize> = (0..n).collect();
-            for i in (1..n).rev() {
-                order.swap(i, rng.below(i + 1));
-            }
-            d.keys = order.iter().map(|&i| d.keys[i]).collect();
-            d.captions = order.iter().map(|&i| std::mem::take(&mut d.captions[i])).collect();
-            d.latents = order.iter().map(|&i| std::mem::take(&mut d.latents[i])).collect();
-            d.embeddings = order.iter().map(|&i| std::mem::take(&mut d.embeddings[i])).collect();
+            let key = ((unit.file as u64) << 32) | unit.row_group as u64;
+            Rng::new(self.seed ^ SHUFFLE_STREAM, key).shuffle(&mut d.order);
         }
         Ok(d)
     }
@@ -286,7 +270,7 @@ impl Source for LatentsSource {
                 self.current = Some(self.decode(unit)?);
             }
             let d = self.current.as_mut().expect("decoded");
-            let row = (s - self.units[unit].stream_start) as usize;
+            let row = d.order[(s - self.units[unit].stream_start) as usize];
             if d.latents[row].len() != l || d.embeddings[row].len() != c {
                 ctx.reject(d.keys[row].to_string(), "bad_latents");
                 continue;

@@ -77,6 +77,24 @@ fn dims(rows: usize, shape: &[usize]) -> Vec<usize> {
     std::iter::once(rows).chain(shape.iter().copied()).collect()
 }
 
+/// Runs `forward` on `rows` rows in chunks of at most `batch_size` (`forward(start, n)`) and
+/// returns the outputs as one f32 column, or `empty_shape` with no rows when there are none.
+pub fn in_chunks(
+    rows: usize,
+    batch_size: usize,
+    empty_shape: Vec<usize>,
+    mut forward: impl FnMut(usize, usize) -> Result<Tensor, OpError>,
+) -> Result<Column, OpError> {
+    let mut chunks = Vec::new();
+    for start in (0..rows).step_by(batch_size.max(1)) {
+        chunks.push(forward(start, batch_size.min(rows - start))?);
+    }
+    if chunks.is_empty() {
+        return Ok(Column::F32Tensor { shape: empty_shape, data: Vec::new() });
+    }
+    tensor_column(&Tensor::cat(&chunks, 0).map_err(op_error)?)
+}
+
 /// A `[rows, ...]` tensor as an f32 tensor column (one row per entry of the first dimension).
 pub fn tensor_column(tensor: &Tensor) -> Result<Column, OpError> {
     let shape = tensor.dims()[1..].to_vec();

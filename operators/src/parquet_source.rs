@@ -11,16 +11,14 @@ use latentflow_engine::{
     Batch, InstanceContext, KeyError, NodeSpec, OpContext, OpError, OperatorConfig, OperatorImpl, OperatorKind, Ports,
     Source,
 };
-use parquet::arrow::arrow_reader::{
-    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder,
-};
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use parquet::arrow::ProjectionMask;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 use crate::rng::Rng;
 use crate::source_rows;
-use crate::tables::files::expand;
+use crate::tables::files::{expand, open_metadata};
 use crate::tables::{extract, resolve, ColumnNames, Resolved};
 
 /// One `[[nodes.ID.filter]]` entry: keep rows whose `column` is within `[min, max]`.
@@ -138,12 +136,6 @@ impl ParquetSourceConfig {
         }
         checks
     }
-}
-
-fn open_metadata(path: &PathBuf) -> Result<ArrowReaderMetadata, String> {
-    let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
-        .map_err(|e| format!("{}: not a readable parquet file: {e}", path.display()))
 }
 
 impl NodeSpec for ParquetSourceConfig {
@@ -396,10 +388,7 @@ impl ParquetSource {
             }
         }
         let mut rng = Rng::new(self.seed ^ 0x5EED_5A0F_u64, ((self.shard as u64) << 48) ^ start);
-        for i in (1..rows.len()).rev() {
-            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-            rows.swap(i, j);
-        }
+        rng.shuffle(&mut rows);
         rows.reverse(); // emitted by popping from the end
         self.window = Some((start, 0, rows));
         Ok(())

@@ -65,6 +65,20 @@ impl Rng {
         Rng(state)
     }
 
+    /// Shuffles `items` in place (Fisher-Yates from the end).
+    ///
+    /// ```
+    /// let mut v = [1, 2, 3, 4];
+    /// latentflow_operators::rng::Rng::new(0, 0).shuffle(&mut v);
+    /// v.sort_unstable();
+    /// assert_eq!(v, [1, 2, 3, 4]);
+    /// ```
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            items.swap(i, self.below(i + 1));
+        }
+    }
+
     /// One element of `items`.
     pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
         &items[(self.next_u64() % items.len() as u64) as usize]

@@ -10,7 +10,7 @@ use latentflow_engine::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::model_keys::{self, column_tensor, op_error, tensor_column};
+use crate::model_keys::{self, column_tensor, in_chunks, op_error};
 use crate::models::load::{load_text_encoder, ModelSource};
 use crate::models::ClipTextModel;
 
@@ -113,17 +113,10 @@ impl Stage for TextEncode {
         let ids = batch.remove("input_ids").ok_or_else(|| OpError::msg("missing column `input_ids`"))?;
         let ids = column_tensor(&ids, "input_ids", &Device::Cpu)?;
         let rows = ids.dims()[0];
-        let mut chunks = Vec::new();
-        for start in (0..rows).step_by(self.config.batch_size) {
-            let n = self.config.batch_size.min(rows - start);
-            chunks.push(self.encode(&ids.narrow(0, start, n).map_err(op_error)?)?);
-        }
-        let embeddings = if chunks.is_empty() {
-            let hidden = self.model.as_ref().map_or(0, |(m, _)| m.config().hidden_size);
-            latentflow_engine::Column::F32Tensor { shape: vec![ids.dims()[1], hidden], data: Vec::new() }
-        } else {
-            tensor_column(&Tensor::cat(&chunks, 0).map_err(op_error)?)?
-        };
+        let hidden = self.model.as_ref().map_or(0, |(m, _)| m.config().hidden_size);
+        let embeddings = in_chunks(rows, self.config.batch_size, vec![ids.dims()[1], hidden], |start, n| {
+            self.encode(&ids.narrow(0, start, n).map_err(op_error)?)
+        })?;
         batch.insert("caption_latents", embeddings)?;
         Ok(Some(batch))
     }

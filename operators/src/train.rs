@@ -165,25 +165,33 @@ impl TrainConfig {
         encoder.forward(&ids, false).map_err(op_error)
     }
 
-    /// The empty caption's embedding [1, 77, D], needed for caption dropout and previews.
-    fn empty_caption(&self, device: &Device, seed: u64) -> Result<Option<Tensor>, OpError> {
-        if self.training.caption_dropout <= 0.0 && self.sample_every == 0 {
-            return Ok(None);
+    /// The empty caption's embedding [1, 77, D] (for caption dropout and previews) and the
+    /// preview prompts' [P, 77, D], from one load of the text encoder; `None` where not needed.
+    fn text_conditions(&self, device: &Device, seed: u64) -> Result<(Option<Tensor>, Option<Tensor>), OpError> {
+        let previews = self.sample_every > 0;
+        if self.training.caption_dropout <= 0.0 && !previews {
+            return Ok((None, None));
         }
-        self.encode_texts(&[String::new()], device, seed).map(Some)
+        let prompts = if previews { self.sample_prompts.as_slice() } else { &[] };
+        let texts: Vec<String> = std::iter::once(String::new()).chain(prompts.iter().cloned()).collect();
+        let all = self.encode_texts(&texts, device, seed)?;
+        let empty = all.narrow(0, 0, 1).map_err(op_error)?;
+        let prompts = previews.then(|| all.narrow(0, 1, prompts.len())).transpose().map_err(op_error)?;
+        Ok((Some(empty), prompts))
     }
 
-    fn previews(&self, device: &Device, seed: u64, schedule: &NoiseSchedule) -> Result<Option<Previews>, OpError> {
-        if self.sample_every == 0 {
-            return Ok(None);
-        }
+    /// What previews need, when on: the VAE decoder and the sampler for the prompts `context`.
+    fn previews(
+        &self,
+        device: &Device,
+        seed: u64,
+        schedule: &NoiseSchedule,
+        context: Option<Tensor>,
+    ) -> Result<Option<Previews>, OpError> {
+        let Some(context) = context else { return Ok(None) };
         let source = model_keys::source(self.model.as_deref(), self.vae.as_deref(), self.preset.as_deref(), "vae")?;
         let vae = load_vae(&source, device, seed).map_err(op_error)?;
-        Ok(Some(Previews {
-            context: self.encode_texts(&self.sample_prompts, device, seed)?,
-            ddim: Ddim::new(schedule, self.sample_steps),
-            vae,
-        }))
+        Ok(Some(Previews { context, ddim: Ddim::new(schedule, self.sample_steps), vae }))
     }
 }
 
@@ -310,7 +318,8 @@ impl Train {
 
     fn start_run(&mut self, device: Device) -> Result<Run, OpError> {
         let schedule = self.config.schedule()?;
-        let previews = self.config.previews(&device, self.seed, &schedule)?;
+        let (empty_caption, prompts) = self.config.text_conditions(&device, self.seed)?;
+        let previews = self.config.previews(&device, self.seed, &schedule, prompts)?;
         let options = self.config.training.clone();
         let (trainer, step) = match &self.resume {
             Some(dir) => {
@@ -328,7 +337,6 @@ impl Train {
         let losses = keep_metrics_up_to(&self.metrics_path(), step)?;
         let path = self.metrics_path();
         let metrics = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| OpError::io(&path, e))?;
-        let empty_caption = self.config.empty_caption(&device, self.seed)?;
         Ok(Run {
             trainer,
             device,
@@ -546,13 +554,14 @@ fn write_metrics(
     step_s: f64,
     keys: Option<&Vec<i64>>,
 ) -> Result<(), OpError> {
+    let samples_per_s = report.samples as f64 / (step_s + waited_s).max(1e-9);
     let mut line = json!({
         "step": report.step,
         "loss": report.loss,
         "lr": report.lr,
         "grad_norm": report.grad_norm,
         "samples": report.samples,
-        "samples_per_s": report.samples as f64 / (step_s + waited_s).max(1e-9),
+        "samples_per_s": samples_per_s,
         "step_s": step_s,
         "wait_s": waited_s,
     });
@@ -567,7 +576,7 @@ fn write_metrics(
             step = report.step,
             loss = format!("{:.4}", report.loss),
             lr = report.lr,
-            samples_per_s = format!("{:.1}", report.samples as f64 / (step_s + waited_s).max(1e-9)),
+            samples_per_s = format!("{samples_per_s:.1}"),
             "train"
         );
     }

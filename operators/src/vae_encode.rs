@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use latentflow_gpu_kernels::ops::normalize::normalize_u8_chw;
 
-use crate::model_keys::{self, column_tensor, op_error, tensor_column};
+use crate::model_keys::{self, column_tensor, in_chunks, op_error};
 use crate::models::load::{load_vae, ModelSource};
 use crate::models::AutoencoderKl;
 use crate::rng::Rng;
@@ -99,7 +99,7 @@ impl NodeSpec for VaeEncodeConfig {
 
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
         let source = model_keys::source(self.model.as_deref(), self.path.as_deref(), self.preset.as_deref(), "vae")?;
-        Ok(OperatorImpl::Stage(Box::new(VaeEncode { config: self.clone(), source, seed: ctx.job.seed, model: None })))
+        Ok(OperatorImpl::Stage(Box::new(VaeEncode::new(self.clone(), source, ctx.job.seed))))
     }
 }
 
@@ -108,7 +108,15 @@ pub struct VaeEncode {
     config: VaeEncodeConfig,
     source: ModelSource,
     seed: u64,
-    model: Option<(AutoencoderKl, Device, f64)>,
+    model: Option<Loaded>,
+}
+
+/// The VAE on its device, the latents' scale, and the 256 normalised pixel values there.
+struct Loaded {
+    vae: AutoencoderKl,
+    device: Device,
+    scale: f64,
+    pixel_values: Tensor,
 }
 
 /// The key of the posterior-sampling random stream ("vae"), mixed with each row's key so a
@@ -123,13 +131,14 @@ impl VaeEncode {
 
     /// Latents `[B, 4, H/8, W/8]` (scaled) for images `[B, 3, H, W]` u8 with row `keys`.
     pub fn encode(&self, pixels: &Tensor, keys: &[i64]) -> Result<Tensor, OpError> {
-        let (vae, device, scale) = self.model.as_ref().ok_or_else(|| OpError::msg("vae_encode used before start"))?;
+        let Loaded { vae, device, scale, pixel_values } =
+            self.model.as_ref().ok_or_else(|| OpError::msg("vae_encode used before start"))?;
         let run = || -> candle_core::Result<Tensor> {
             // [0, 255] -> [-1, 1] on the device: a lookup in the 256 values torchvision's
             // `(x / 255 - 0.5) / 0.5` gives, so the result is bit-identical to the reference.
             let dims = pixels.dims().to_vec();
             let ids = pixels.to_device(device)?.to_dtype(DType::U32)?.flatten_all()?;
-            let images = normalized_values(device)?.index_select(&ids, 0)?.reshape(dims)?;
+            let images = pixel_values.index_select(&ids, 0)?.reshape(dims)?;
             let posterior = vae.encode(&images).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             let latents = match self.config.mode {
                 LatentMode::Mean => posterior.mean,
@@ -161,7 +170,8 @@ impl Stage for VaeEncode {
         let device = model_keys::device(ctx)?;
         let vae = load_vae(&self.source, &device, self.seed).map_err(op_error)?;
         let scale = self.config.scaling_factor.unwrap_or(vae.config().scaling_factor);
-        self.model = Some((vae, device, scale));
+        let pixel_values = normalized_values(&device).map_err(op_error)?;
+        self.model = Some(Loaded { vae, device, scale, pixel_values });
         Ok(())
     }
 
@@ -178,17 +188,10 @@ impl Stage for VaeEncode {
         }
         let all = column_tensor(&pixels, "pixels", &Device::Cpu)?;
         let keys = batch.i64s("key")?.to_vec();
-        let mut chunks = Vec::new();
-        for start in (0..keys.len()).step_by(self.config.batch_size) {
-            let n = self.config.batch_size.min(keys.len() - start);
-            let pixels = all.narrow(0, start, n).map_err(op_error)?;
-            chunks.push(self.encode(&pixels, &keys[start..start + n])?);
-        }
-        let latents = if chunks.is_empty() {
-            Column::F32Tensor { shape: vec![4, shape[1] / 8, shape[2] / 8], data: Vec::new() }
-        } else {
-            tensor_column(&Tensor::cat(&chunks, 0).map_err(op_error)?)?
-        };
+        let empty_shape = vec![4, shape[1] / 8, shape[2] / 8];
+        let latents = in_chunks(keys.len(), self.config.batch_size, empty_shape, |start, n| {
+            self.encode(&all.narrow(0, start, n).map_err(op_error)?, &keys[start..start + n])
+        })?;
         batch.insert("latents", latents)?;
         Ok(Some(batch))
     }

@@ -1,7 +1,7 @@
 //! The online job in Rust: demo images → transform → tokenize → VAE and text encoders → UNet
 //! training, one graph with no latents stored. `topologies/online.toml` is the same job.
 
-use latentflow_engine::{Placement, Plan, PlanErrors, TopologyBuilder};
+use latentflow_engine::{Placement, Plan, PlanErrors};
 
 use crate::Settings;
 
@@ -12,15 +12,8 @@ use crate::Settings;
 /// assert_eq!(plan.nodes.last().unwrap().id, "train");
 /// ```
 pub fn plan(settings: &Settings) -> Result<Plan, PlanErrors> {
-    TopologyBuilder::new("online")
-        .job(|job| job.max_epochs_in_flight = 2)
-        .node("read", settings.read(), &[])
-        .node("transform", settings.transform(), &["read"])
-        .node("tokenize", settings.tokenize(), &["transform"])
-        .node("vae", settings.vae(), &["tokenize"])
-        .placement("vae", Placement::Gpu)
-        .node("text", settings.text(), &["vae"])
-        .placement("text", Placement::Gpu)
+    settings
+        .encoders("online")
         .node("train", settings.train(), &["text"])
         .placement("train", Placement::Gpu)
         .compile(&latentflow_operators::registry())

@@ -1,7 +1,7 @@
 //! The preprocessing job in Rust: demo images → transform → tokenize → VAE and text encoders →
 //! latents parquet under `runs/preprocess/latents`. `topologies/preprocess.toml` is the same job.
 
-use latentflow_engine::{Placement, Plan, PlanErrors, TopologyBuilder};
+use latentflow_engine::{Plan, PlanErrors};
 use latentflow_operators::LatentsSinkConfig;
 
 use crate::Settings;
@@ -13,15 +13,8 @@ use crate::Settings;
 /// assert_eq!(plan.nodes.last().unwrap().type_name, "latents_sink");
 /// ```
 pub fn plan(settings: &Settings) -> Result<Plan, PlanErrors> {
-    TopologyBuilder::new("preprocess")
-        .job(|job| job.max_epochs_in_flight = 2)
-        .node("read", settings.read(), &[])
-        .node("transform", settings.transform(), &["read"])
-        .node("tokenize", settings.tokenize(), &["transform"])
-        .node("vae", settings.vae(), &["tokenize"])
-        .placement("vae", Placement::Gpu)
-        .node("text", settings.text(), &["vae"])
-        .placement("text", Placement::Gpu)
+    settings
+        .encoders("preprocess")
         .node("latents", LatentsSinkConfig::default(), &["text"])
         .compile(&latentflow_operators::registry())
 }

@@ -2,6 +2,7 @@
 //! defaults are the embedded demo (procedural images, `tiny` random models, a few minutes on a
 //! laptop); the `topologies/sd2-base-256/` files show the reference's real settings.
 
+use latentflow_engine::{Placement, TopologyBuilder};
 use latentflow_operators::training::TrainingOptions;
 use latentflow_operators::vae_encode::LatentMode;
 use latentflow_operators::{
@@ -50,19 +51,33 @@ impl Default for Settings {
 }
 
 impl Settings {
-    pub(crate) fn read(&self) -> DemoSourceConfig {
+    /// The nodes the preprocessing and online jobs share: `read` → `transform` → `tokenize` →
+    /// `vae` → `text` (the encoders on device-owning workers), under job `name`.
+    pub(crate) fn encoders(&self, name: &str) -> TopologyBuilder {
+        TopologyBuilder::new(name)
+            .job(|job| job.max_epochs_in_flight = 2)
+            .node("read", self.read(), &[])
+            .node("transform", self.transform(), &["read"])
+            .node("tokenize", self.tokenize(), &["transform"])
+            .node("vae", self.vae(), &["tokenize"])
+            .placement("vae", Placement::Gpu)
+            .node("text", self.text(), &["vae"])
+            .placement("text", Placement::Gpu)
+    }
+
+    fn read(&self) -> DemoSourceConfig {
         DemoSourceConfig { count: self.images, batch_size: self.global_batch_size, ..DemoSourceConfig::default() }
     }
 
-    pub(crate) fn transform(&self) -> ImageTransformConfig {
+    fn transform(&self) -> ImageTransformConfig {
         ImageTransformConfig { resolution: self.resolution, ..ImageTransformConfig::default() }
     }
 
-    pub(crate) fn tokenize(&self) -> TokenizeConfig {
+    fn tokenize(&self) -> TokenizeConfig {
         TokenizeConfig::default()
     }
 
-    pub(crate) fn vae(&self) -> VaeEncodeConfig {
+    fn vae(&self) -> VaeEncodeConfig {
         VaeEncodeConfig {
             preset: Some(self.preset.clone()),
             mode: self.latent_mode,
@@ -71,7 +86,7 @@ impl Settings {
         }
     }
 
-    pub(crate) fn text(&self) -> TextEncodeConfig {
+    fn text(&self) -> TextEncodeConfig {
         TextEncodeConfig { preset: Some(self.preset.clone()), ..TextEncodeConfig::default() }
     }
 

@@ -145,7 +145,6 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<RunReport, EngineError> 
         pool,
         trace: options.trace.then(|| Arc::new(TraceRecorder::new(start, process))),
         failure: Mutex::new(None),
-        positions: Mutex::new(BTreeMap::new()),
         ledger: Arc::new(PositionLedger::new(threads * processes, processes)),
         resume,
         reject_logs,
@@ -307,7 +306,7 @@ fn report(shared: &JobShared) -> RunReport {
         stopped: shared.stop.is_stopped(),
         max_items_in_flight: shared.status.max_items_in_flight(),
         max_bytes_in_flight: shared.status.max_bytes_in_flight(),
-        positions: std::mem::take(&mut *shared.positions.lock().expect("positions lock")),
+        positions: shared.ledger.latest(),
         trace: shared.trace.clone(),
     }
 }

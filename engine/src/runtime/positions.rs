@@ -21,10 +21,25 @@ impl PositionLedger {
         PositionLedger { workers, processes, entries: Mutex::default() }
     }
 
-    /// Source `node` on `worker` stands at `position` after emitting epoch `epoch`.
-    pub(crate) fn record(&self, node: &str, worker: usize, epoch: u64, position: Value) {
+    /// Source `node` on `worker` stands at `position` after emitting epoch `epoch`. Every sink
+    /// has finished the epochs below `finished_below`, so nobody asks for them any more: of
+    /// those, only the newest entry is kept (it is the answer for any later epoch the source
+    /// did not emit), which bounds the ledger by the epochs in flight.
+    pub(crate) fn record(&self, node: &str, worker: usize, epoch: u64, position: Value, finished_below: u64) {
         let mut entries = self.entries.lock().expect("positions lock");
-        entries.entry((node.to_string(), worker)).or_default().insert(epoch, position);
+        let by_epoch = entries.entry((node.to_string(), worker)).or_default();
+        by_epoch.insert(epoch, position);
+        let mut open = by_epoch.split_off(&finished_below);
+        if let Some((e, p)) = by_epoch.pop_last() {
+            open.insert(e, p);
+        }
+        *by_epoch = open;
+    }
+
+    /// Every source's newest position (what the run report lists).
+    pub(crate) fn latest(&self) -> BTreeMap<(String, usize), Value> {
+        let entries = self.entries.lock().expect("positions lock");
+        entries.iter().filter_map(|(k, by_epoch)| Some((k.clone(), by_epoch.last_key_value()?.1.clone()))).collect()
     }
 
     /// Every source's position once epoch `epoch` (and every epoch before it) has been read:
@@ -95,16 +110,28 @@ mod tests {
     #[test]
     fn position_after_an_epoch_is_the_newest_at_or_before_it() {
         let ledger = PositionLedger::new(2, 1);
-        ledger.record("read", 0, 0, json!(10));
-        ledger.record("read", 0, 1, json!(20));
-        ledger.record("read", 1, 0, json!(5));
-        ledger.record("read", 0, 2, json!(30));
+        ledger.record("read", 0, 0, json!(10), 0);
+        ledger.record("read", 0, 1, json!(20), 0);
+        ledger.record("read", 1, 0, json!(5), 0);
+        ledger.record("read", 0, 2, json!(30), 0);
         assert_eq!(
             ledger.after_epoch(1),
             json!({"workers": 2, "processes": 1, "sources": {"read": {"0": 20, "1": 5}}})
         );
         // Asking again for a later epoch still sees worker 1's last position.
         assert_eq!(ledger.after_epoch(2)["sources"]["read"], json!({"0": 30, "1": 5}));
+    }
+
+    #[test]
+    fn finished_epochs_are_dropped_but_the_newest_of_them() {
+        let ledger = PositionLedger::new(1, 1);
+        for epoch in 0..1000 {
+            ledger.record("read", 0, epoch, json!(epoch), epoch.saturating_sub(2));
+        }
+        let kept: Vec<u64> = ledger.entries.lock().unwrap()[&("read".to_string(), 0)].keys().copied().collect();
+        assert_eq!(kept, [996, 997, 998, 999], "bounded by the epochs in flight");
+        assert_eq!(ledger.after_epoch(997)["sources"]["read"]["0"], json!(997));
+        assert_eq!(ledger.latest()[&("read".to_string(), 0)], json!(999));
     }
 
     #[test]

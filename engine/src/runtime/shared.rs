@@ -88,7 +88,6 @@ pub(crate) struct JobShared {
     pub pool: rayon::ThreadPool,
     pub trace: Option<Arc<TraceRecorder>>,
     pub failure: Mutex<Option<EngineError>>,
-    pub positions: Mutex<BTreeMap<(String, usize), serde_json::Value>>,
     /// Every source's position after each recent epoch (what checkpoints save).
     pub ledger: Arc<super::PositionLedger>,
     /// Where sources start when the run resumes a checkpoint.

@@ -100,12 +100,8 @@ pub(crate) fn build<'s>(
                         if let Some(since) = blocked_since.take() {
                             node.metrics.add_wait(since.elapsed());
                         }
-                        shared.ledger.record(&node.id, node.worker.index, t, position.clone());
-                        shared
-                            .positions
-                            .lock()
-                            .expect("positions lock")
-                            .insert((node.id.to_string(), node.worker.index), position);
+                        let finished_below = gate.iter().min().copied().unwrap_or(t);
+                        shared.ledger.record(&node.id, node.worker.index, t, position, finished_below);
                         if batch.is_empty() {
                             continue;
                         }

@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
+
 /// The files `path` names, sorted: a file itself, the files under a folder (recursively) whose
 /// extension is one of `extensions`, or the files a glob pattern matches.
 ///
@@ -42,6 +44,14 @@ fn walk(dir: &Path, extensions: &[&str], out: &mut Vec<PathBuf>) -> std::io::Res
         }
     }
     Ok(())
+}
+
+/// A parquet file's footer (schema, row groups, key-value metadata), read once and reused for
+/// every row group read from the file.
+pub fn open_metadata(path: &Path) -> Result<ArrowReaderMetadata, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
+        .map_err(|e| format!("{}: not a readable parquet file: {e}", path.display()))
 }
 
 /// True when `path`'s extension is one of `extensions` (case-insensitive).
