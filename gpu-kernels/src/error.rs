@@ -15,4 +15,33 @@ pub enum KernelError {
         /// Values given.
         found: usize,
     },
+    /// Inputs that the op cannot take (sizes that disagree, an unsupported head size).
+    #[error("{op}: {message}")]
+    Unsupported {
+        /// The op.
+        op: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// NVRTC rejected a source.
+    #[error("NVRTC could not compile {file} for {arch}: {message}")]
+    Compile {
+        /// The source file under `src/cuda/`.
+        file: &'static str,
+        /// The target architecture.
+        arch: String,
+        /// NVRTC's log.
+        message: String,
+    },
+    /// The CUDA driver failed (no device, out of memory, a failed launch).
+    #[error("CUDA driver: {0}")]
+    Driver(String),
+}
+
+impl KernelError {
+    /// A driver error.
+    #[cfg(feature = "cuda")]
+    pub fn driver(e: cudarc::driver::DriverError) -> KernelError {
+        KernelError::Driver(e.to_string())
+    }
 }

@@ -1,10 +1,53 @@
 //! # latentflow-gpu-kernels
 //!
-//! Kernels for the device side of latentflow's pipelines. Each op lives in `ops/<op>.rs` with a
-//! CPU reference implementation, which is what runs on machines without CUDA and what the CUDA
-//! kernels (compiled at run time with NVRTC behind the `cuda` feature) are tested against.
+//! Kernels for the device side of latentflow's pipelines: CUDA C sources in `src/cuda/`,
+//! compiled at run time with NVRTC and cached per device (`kernel`, behind the `cuda`
+//! feature), each with a typed launcher and a CPU reference implementation side by side in
+//! `ops/<op>.rs`. The CPU references are what the GPU results are tested against, and what runs
+//! on machines without CUDA.
+//!
+//! ```
+//! use latentflow_gpu_kernels::ops::noising::noise_and_target;
+//! let (noisy, target) = noise_and_target(&[1.0, 2.0], &[0.5, 0.5], &[0.6], &[0.8], 2, false).unwrap();
+//! assert_eq!(noisy, vec![0.6 * 1.0 + 0.8 * 0.5, 0.6 * 2.0 + 0.8 * 0.5]);
+//! assert_eq!(target, vec![0.5, 0.5]);
+//! ```
 
 pub mod error;
+#[cfg(feature = "cuda")]
+pub mod kernel;
 pub mod ops;
+pub mod source;
 
 pub use error::KernelError;
+
+/// An element type the kernels read and write: f32, or bf16 (stored as raw bits on the
+/// device, converted with round-to-nearest-even).
+pub trait Element: Copy + Send + Sync + 'static {
+    /// The suffix of the kernels for this type (`f32`, `bf16`).
+    const NAME: &'static str;
+    /// From f32, rounding as the kernels do.
+    fn from_f32(x: f32) -> Self;
+    /// To f32 (exact).
+    fn to_f32(self) -> f32;
+}
+
+impl Element for f32 {
+    const NAME: &'static str = "f32";
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Element for half::bf16 {
+    const NAME: &'static str = "bf16";
+    fn from_f32(x: f32) -> Self {
+        half::bf16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+}

@@ -42,6 +42,55 @@ pub fn normalize_u8_chw(src: &[u8], shape: [usize; 4], flip: &[bool]) -> Result<
     Ok(out)
 }
 
+/// The CUDA kernel: `src` u8 `[n, c, h, w]` on the device into `dst` (f32 or bf16), with an
+/// optional per-image flip mask (`flip[i] != 0` mirrors image `i`). Same results as
+/// [`normalize_u8_chw`] (bit for bit in f32; bf16 is that value rounded to nearest even).
+#[cfg(feature = "cuda")]
+pub fn normalize_u8_chw_cuda<T: crate::Element + cudarc::driver::DeviceRepr>(
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    src: &cudarc::driver::CudaView<'_, u8>,
+    flip: Option<&cudarc::driver::CudaView<'_, u8>>,
+    shape: [usize; 4],
+    dst: &mut cudarc::driver::CudaViewMut<'_, T>,
+) -> Result<(), KernelError> {
+    use crate::kernel::{elementwise, function, launched};
+    use crate::source::Kernel;
+    use cudarc::driver::PushKernelArg;
+    let [n, c, h, w] = shape;
+    let total = n * c * h * w;
+    if src.len() != total || dst.len() != total {
+        return Err(KernelError::Shape {
+            op: "normalize_u8_chw",
+            shape: shape.to_vec(),
+            expected: total,
+            found: src.len().min(dst.len()),
+        });
+    }
+    if flip.is_some_and(|f| f.len() != n) {
+        return Err(KernelError::Unsupported {
+            op: "normalize_u8_chw",
+            message: format!("flip has {} entries for {n} images", flip.map_or(0, |f| f.len())),
+        });
+    }
+    if total == 0 {
+        return Ok(());
+    }
+    let func = function(stream, Kernel::Normalize, &format!("normalize_u8_{}", T::NAME))?;
+    let (images, image_len, width) = (n as i64, (c * h * w) as i64, w as i32);
+    let no_flip = 0u64;
+    let mut launch = stream.launch_builder(&func);
+    launch.arg(src);
+    match flip {
+        Some(f) => launch.arg(f),
+        None => launch.arg(&no_flip),
+    };
+    launch.arg(dst).arg(&images).arg(&image_len).arg(&width);
+    // SAFETY: the argument list matches `normalize_u8_<T>` in cuda/normalize.cu, and every
+    // buffer holds the `total` elements (or `n` flags) the kernel touches, checked above.
+    #[allow(unsafe_code)]
+    launched(unsafe { launch.launch(elementwise(total)) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
