@@ -69,12 +69,36 @@ fn parse_config<C: OperatorConfig>(table: toml::Table) -> Result<Arc<dyn NodeSpe
 #[derive(Clone)]
 pub struct Catalog {
     entries: Vec<OperatorEntry>,
+    device_check: Option<DeviceCheck>,
 }
+
+/// Says why a device named in `job.devices` cannot be used on this machine (or `None` when it
+/// can): the operators' side knows which backends this build has and which GPUs exist.
+pub type DeviceCheck = fn(&str) -> Option<String>;
 
 impl Catalog {
     /// A catalog of these entries.
     pub fn new(entries: Vec<OperatorEntry>) -> Self {
-        Catalog { entries }
+        Catalog { entries, device_check: None }
+    }
+
+    /// The catalog with a check of `job.devices` that validation runs, so a GPU topology on a
+    /// machine (or a build) without that GPU fails before anything starts.
+    ///
+    /// ```
+    /// use latentflow_engine::Catalog;
+    /// let catalog = Catalog::new(vec![]).with_device_check(|d| (d != "cpu").then(|| "no GPUs here".into()));
+    /// assert_eq!(catalog.device_problem("cuda:0").as_deref(), Some("no GPUs here"));
+    /// assert!(catalog.device_problem("cpu").is_none());
+    /// ```
+    pub fn with_device_check(mut self, check: DeviceCheck) -> Self {
+        self.device_check = Some(check);
+        self
+    }
+
+    /// Why `device` cannot be used here, if the catalog has a check and it fails.
+    pub fn device_problem(&self, device: &str) -> Option<String> {
+        self.device_check.and_then(|check| check(device))
     }
 
     /// Every entry, in registration order.

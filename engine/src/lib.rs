@@ -27,7 +27,7 @@ pub mod operator;
 pub mod plan;
 pub mod runtime;
 
-pub use catalog::{Catalog, OperatorEntry};
+pub use catalog::{Catalog, DeviceCheck, OperatorEntry};
 pub use data::{Batch, Column, ColumnType, DataError, Field, Ports, Schema};
 pub use error::{EngineError, OpError};
 pub use metrics::{OperatorProfile, Profile, ProgressMode};

@@ -76,7 +76,16 @@ pub fn function(stream: &Arc<CudaStream>, kernel: Kernel, name: &str) -> Result<
 /// device node first, so machines with only the build toolchain (whose `libcuda` is a link
 /// stub) never call into the driver.
 pub fn gpu_available() -> bool {
-    std::path::Path::new("/dev/nvidiactl").exists() && CudaContext::device_count().is_ok_and(|n| n > 0)
+    gpu_count().is_ok_and(|n| n > 0)
+}
+
+/// How many GPUs the driver sees (0 without a driver; see [`gpu_available`]).
+pub fn gpu_count() -> Result<usize, KernelError> {
+    if !std::path::Path::new("/dev/nvidiactl").exists() {
+        return Ok(0);
+    }
+    let n = CudaContext::device_count().map_err(KernelError::driver)?;
+    Ok(n.max(0) as usize)
 }
 
 /// A grid-stride launch over `total` elements: 256 threads per block, at most 65,535 blocks.

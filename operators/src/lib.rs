@@ -7,6 +7,8 @@
 pub mod bytes_source;
 pub mod checksum;
 pub mod clip;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod demo;
 pub mod demo_source;
 pub mod folder_source;
@@ -72,6 +74,7 @@ pub fn registry() -> Catalog {
         OperatorEntry::of::<LatentsSourceConfig>(),
         OperatorEntry::of::<TrainConfig>(),
     ])
+    .with_device_check(model_keys::device_problem)
 }
 
 #[cfg(test)]

@@ -56,6 +56,38 @@ pub fn device(ctx: &OpContext) -> Result<Device, OpError> {
     }
 }
 
+/// Why `job.devices` entry `name` cannot be used by this build on this machine, if it cannot:
+/// a `cuda:N` device needs a build with the `cuda` feature, an NVIDIA driver and GPU `N`.
+///
+/// ```
+/// use latentflow_operators::model_keys::device_problem;
+/// assert!(device_problem("cpu").is_none());
+/// # #[cfg(not(feature = "cuda"))]
+/// assert!(device_problem("cuda:0").unwrap().contains("built without CUDA"));
+/// ```
+pub fn device_problem(name: &str) -> Option<String> {
+    let ordinal: usize = name.strip_prefix("cuda:")?.parse().ok()?;
+    #[cfg(feature = "cuda")]
+    {
+        match latentflow_gpu_kernels::kernel::gpu_count() {
+            Ok(0) | Err(_) => Some("no NVIDIA GPU (or no driver) on this machine; use \"cpu\"".into()),
+            Ok(n) if ordinal >= n => {
+                Some(format!("this machine has {n} GPU{}: cuda:0 to cuda:{}", if n == 1 { "" } else { "s" }, n - 1))
+            }
+            Ok(_) => None,
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = ordinal;
+        Some(
+            "this latentflow was built without CUDA; build it with `cargo build --release --features cuda` (see the \
+             README's GPU section) or use \"cpu\""
+                .into(),
+        )
+    }
+}
+
 /// Any model error as an operator error.
 pub fn op_error(e: impl std::fmt::Display) -> OpError {
     OpError::msg(e.to_string())

@@ -136,9 +136,7 @@ impl VaeEncode {
         let run = || -> candle_core::Result<Tensor> {
             // [0, 255] -> [-1, 1] on the device: a lookup in the 256 values torchvision's
             // `(x / 255 - 0.5) / 0.5` gives, so the result is bit-identical to the reference.
-            let dims = pixels.dims().to_vec();
-            let ids = pixels.to_device(device)?.to_dtype(DType::U32)?.flatten_all()?;
-            let images = pixel_values.index_select(&ids, 0)?.reshape(dims)?;
+            let images = normalize_on_device(pixels, device, pixel_values)?;
             let posterior = vae.encode(&images).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             let latents = match self.config.mode {
                 LatentMode::Mean => posterior.mean,
@@ -159,6 +157,18 @@ impl VaeEncode {
 }
 
 /// The 256 normalised values of a u8 pixel, from the CPU reference in `latentflow-gpu-kernels`.
+/// u8 pixels → f32 [-1, 1] on `device`: one NVRTC kernel on GPUs, a lookup in `table` (the 256
+/// values) elsewhere; both give torchvision's values bit for bit.
+fn normalize_on_device(pixels: &Tensor, device: &Device, table: &Tensor) -> candle_core::Result<Tensor> {
+    let on_device = pixels.to_device(device)?;
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return crate::cuda::elementwise::normalize_pixels(&on_device, DType::F32);
+    }
+    let ids = on_device.to_dtype(DType::U32)?.flatten_all()?;
+    table.index_select(&ids, 0)?.reshape(pixels.dims())
+}
+
 fn normalized_values(device: &Device) -> candle_core::Result<Tensor> {
     let all: Vec<u8> = (0..=255).collect();
     let table = normalize_u8_chw(&all, [1, 1, 1, 256], &[]).map_err(|e| candle_core::Error::Msg(e.to_string()))?;

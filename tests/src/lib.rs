@@ -6,9 +6,13 @@ pub mod testops;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The workspace root.
+/// The workspace root: `LATENTFLOW_REPO` when set (test binaries copied to another machine, as
+/// `bench/gpu/run.sh` runs them), else where this crate was built.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    match std::env::var_os("LATENTFLOW_REPO") {
+        Some(repo) => PathBuf::from(repo),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf(),
+    }
 }
 
 /// A file under `tests/fixtures/`.
@@ -67,10 +71,24 @@ pub fn golden_tensors() -> std::collections::HashMap<String, candle_core::Tensor
         .expect("golden.safetensors")
 }
 
-/// Largest absolute difference between two tensors of the same shape.
+/// The device the parity tests run on: the first GPU in a `cuda` build on a machine with one
+/// (so `bench/gpu/run.sh` runs them on CUDA), else the CPU.
+pub fn test_device() -> candle_core::Device {
+    #[cfg(feature = "cuda")]
+    if latentflow_gpu_kernels::kernel::gpu_available() {
+        println!("parity on cuda:0");
+        return candle_core::Device::new_cuda(0).expect("cuda:0");
+    }
+    candle_core::Device::Cpu
+}
+
+/// Largest absolute difference between two tensors of the same shape (on any devices).
 pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let d = (a.to_dtype(candle_core::DType::F32).unwrap() - b.to_dtype(candle_core::DType::F32).unwrap()).unwrap();
+    let cpu = |t: &candle_core::Tensor| {
+        t.to_device(&candle_core::Device::Cpu).unwrap().to_dtype(candle_core::DType::F32).unwrap()
+    };
+    let d = (cpu(a) - cpu(b)).unwrap();
     d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 

@@ -2,10 +2,10 @@
 //! random weights, golden outputs computed in float32 on the CPU). Tolerances are the fixtures'
 //! recommended ones (10x what a second float32 implementation differs by).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use latentflow_operators::models::load::{load_text_encoder, load_unet, load_vae, ModelSource};
 use latentflow_operators::rng::Rng;
-use latentflow_tests::{fixture, golden_tensors, max_abs, max_abs_diff};
+use latentflow_tests::{fixture, golden_tensors, max_abs, max_abs_diff, test_device};
 
 fn part(name: &str) -> ModelSource {
     ModelSource::Folder(fixture(&format!("tiny-sd/{name}")))
@@ -19,10 +19,10 @@ fn check(name: &str, ours: &Tensor, golden: &Tensor, atol: f32) {
 
 #[test]
 fn text_embeddings_match_transformers_with_both_paddings() {
-    let g = golden_tensors();
-    let model = load_text_encoder(&part("text_encoder"), &Device::Cpu, 0).unwrap();
+    let (g, device) = (golden_tensors(), test_device());
+    let model = load_text_encoder(&part("text_encoder"), &device, 0).unwrap();
     for (ids, expected) in [("input_ids", "text_embeds"), ("input_ids_sd1", "text_embeds_sd1")] {
-        let (out, states) = model.hidden_states(&g[ids], false).unwrap();
+        let (out, states) = model.hidden_states(&g[ids].to_device(&device).unwrap(), false).unwrap();
         if ids == "input_ids" {
             for (i, state) in states.iter().enumerate() {
                 check(&format!("hidden_states.{i}"), state, &g[&format!("debug.text.hidden_states.{i}")], 2e-5);
@@ -34,9 +34,9 @@ fn text_embeddings_match_transformers_with_both_paddings() {
 
 #[test]
 fn vae_posterior_and_decoder_match_diffusers() {
-    let g = golden_tensors();
-    let vae = load_vae(&part("vae"), &Device::Cpu, 0).unwrap();
-    let posterior = vae.encode(&g["pixels"]).unwrap();
+    let (g, device) = (golden_tensors(), test_device());
+    let vae = load_vae(&part("vae"), &device, 0).unwrap();
+    let posterior = vae.encode(&g["pixels"].to_device(&device).unwrap()).unwrap();
     check("vae_mean", &posterior.mean, &g["vae_mean"], 2e-5);
     check("vae_std", &posterior.std, &g["vae_std"], 1e-5);
     // Samples: reproducible from the job's stream, and standardised they look like N(0, 1).
@@ -49,16 +49,17 @@ fn vae_posterior_and_decoder_match_diffusers() {
     assert!(mean.abs() < 0.2 && (var - 1.0).abs() < 0.25, "standardised sample: mean {mean}, var {var}");
     let latents = (&posterior.mean * 0.18215).unwrap();
     check("latents", &latents, &g["latents"], 1e-6);
-    let decoded = vae.decode(&g["vae_mean"]).unwrap();
+    let decoded = vae.decode(&g["vae_mean"].to_device(&device).unwrap()).unwrap();
     check("vae_decoded", &decoded, &g["vae_decoded"], 2e-4);
 }
 
 #[test]
 fn unet_output_with_per_sample_timesteps_matches_diffusers() {
-    let g = golden_tensors();
-    let (unet, _) = load_unet(&part("unet"), &Device::Cpu, false, 0).unwrap();
+    let (g, device) = (golden_tensors(), test_device());
+    let (unet, _) = load_unet(&part("unet"), &device, false, 0).unwrap();
     let timesteps: Vec<f32> = g["timesteps"].to_dtype(DType::F32).unwrap().to_vec1().unwrap();
     assert_eq!(timesteps, [1.0, 250.0, 500.0, 999.0]);
-    let out = unet.forward(&g["noisy"], &timesteps, &g["text_embeds"]).unwrap();
+    let on = |name: &str| g[name].to_device(&device).unwrap();
+    let out = unet.forward(&on("noisy"), &timesteps, &on("text_embeds")).unwrap();
     check("unet_out", &out, &g["unet_out"], 5e-5);
 }

@@ -185,6 +185,20 @@ fn the_sd2_topologies_validate_once_their_paths_are_set() {
         if name != "train.toml" {
             args.extend(["--set".into(), "nodes.read.path=shard.parquet".into()]);
         }
+        if !cfg!(feature = "cuda") {
+            // A build without CUDA refuses the topology's GPUs at validation, naming them.
+            let out = latentflow(BIN, d, &args.iter().map(String::as_str).collect::<Vec<_>>());
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{name}: {}", text(&out));
+            assert!(
+                stderr.contains("job.devices") && stderr.contains("`cuda:0`: this latentflow was built without CUDA"),
+                "{stderr}"
+            );
+        }
+        // The same topology on CPU devices (one per GPU it names) is valid.
+        let gpus = std::fs::read_to_string(&file).unwrap().matches("\"cuda:").count();
+        let devices = vec!["\"cpu\""; gpus].join(", ");
+        args.extend(["--set".into(), format!("job.devices=[{devices}]")]);
         let out = latentflow(BIN, d, &args.iter().map(String::as_str).collect::<Vec<_>>());
         assert_eq!(out.status.code(), Some(0), "{name}: {}", text(&out));
     }

@@ -9,7 +9,7 @@ use latentflow_operators::models::config::read_config;
 use latentflow_operators::models::load::{load_unet, ModelSource};
 use latentflow_operators::models::{UNet, UNetConfig, Weights};
 use latentflow_operators::training::{grads, AdamW, AdamWConfig, Draws, NoiseSchedule, Trainer, TrainingOptions};
-use latentflow_tests::{fixture, golden_tensors, max_abs, max_abs_diff};
+use latentflow_tests::{fixture, golden_tensors, max_abs, max_abs_diff, test_device};
 
 /// The parameters the fixtures record before/grad/after for.
 const LISTED: [&str; 7] = [
@@ -38,7 +38,11 @@ fn timesteps(g: &HashMap<String, Tensor>) -> Vec<usize> {
 
 /// The fixture's step: lr 1e-3, weight decay 1e-2, no clipping.
 fn fixture_trainer() -> Trainer {
-    let (unet, weights) = load_unet(&ModelSource::Folder(fixture("tiny-sd/unet")), &Device::Cpu, true, 0).unwrap();
+    fixture_trainer_on(&Device::Cpu)
+}
+
+fn fixture_trainer_on(device: &Device) -> Trainer {
+    let (unet, weights) = load_unet(&ModelSource::Folder(fixture("tiny-sd/unet")), device, true, 0).unwrap();
     let options = TrainingOptions { lr: 1e-3, weight_decay: 1e-2, max_grad_norm: None, ..TrainingOptions::default() };
     Trainer::new(unet, &weights, schedule(), options).unwrap()
 }
@@ -104,19 +108,31 @@ fn adamw_step_from_the_golden_gradients_matches_pytorch() {
 
 #[test]
 fn one_training_step_end_to_end_matches_pytorch() {
-    let g = golden_tensors();
-    let mut trainer = fixture_trainer();
+    // On the GPU in a `cuda` build that has one: flash attention backward, the fused noising
+    // kernel and the multi-tensor AdamW against PyTorch's step.
+    let (g, device) = (golden_tensors(), test_device());
+    let mut trainer = fixture_trainer_on(&device);
     for name in LISTED {
         check(&format!("before.{name}"), trainer.params()[name].as_tensor(), &g[&format!("before.{name}")], 0.0);
     }
-    let report = trainer.train_with(&g["latents"], &g["text_embeds"], None, &fixture_draws(&g)).unwrap().unwrap();
+    let on = |name: &str| g[name].to_device(&device).unwrap();
+    let mut draws = fixture_draws(&g);
+    draws.noise = draws.noise.to_device(&device).unwrap();
+    let report = trainer.train_with(&on("latents"), &on("text_embeds"), None, &draws).unwrap().unwrap();
     assert_eq!(report.step, 1);
     assert!((report.loss - 1.0531415939331055).abs() <= 1e-6, "loss {}", report.loss);
     assert!((report.grad_norm - 2.9437692165374756).abs() <= 1e-6, "grad_norm {}", report.grad_norm);
     for name in LISTED {
         // End to end a gradient element near eps can flip its update (fixtures README):
         // atol 1e-4, with a few elements allowed up to 2e-3.
-        let ours: Vec<f32> = trainer.params()[name].as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let ours: Vec<f32> = trainer.params()[name]
+            .as_tensor()
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let golden: Vec<f32> = g[&format!("after.{name}")].flatten_all().unwrap().to_vec1().unwrap();
         let diffs: Vec<f32> = ours.iter().zip(&golden).map(|(a, b)| (a - b).abs()).collect();
         let max = diffs.iter().fold(0f32, |m, &d| m.max(d));

@@ -94,9 +94,19 @@ impl<'a> Compiler<'a> {
             self.error(location, None, key.as_deref(), message);
         }
         let job = job.unwrap_or_default();
-        for e in job.validate() {
+        let problems = job.validate();
+        let devices_valid = problems.iter().all(|e| e.key != "devices");
+        for e in problems {
             let location = self.doc.map.value(&["job", &e.key]);
             self.error(location, None, Some(&format!("job.{}", e.key)), e.message);
+        }
+        if devices_valid {
+            for device in &job.devices {
+                if let Some(problem) = self.catalog.device_problem(device) {
+                    let location = self.doc.map.value(&["job", "devices"]);
+                    self.error(location, None, Some("job.devices"), format!("`{device}`: {problem}"));
+                }
+            }
         }
         job
     }

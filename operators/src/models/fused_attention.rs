@@ -348,6 +348,19 @@ impl CustomOp3 for FusedAttention {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::attention::forward(self.heads, (s1, l1), (s2, l2), (s3, l3))
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -356,6 +369,11 @@ impl CustomOp3 for FusedAttention {
         out: &Tensor,
         grad_out: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            let (dq, dk, dv) = crate::cuda::attention::backward(q, k, v, out, grad_out, self.heads)?;
+            return Ok((Some(dq), Some(dk), Some(dv)));
+        }
         let dims = self.dims(q.shape(), k.shape())?;
         let (dq, dk, dv) =
             backward(&values(q)?, &values(k)?, &values(v)?, &values(out)?, &values(grad_out)?, dims, self.scale(dims));
@@ -368,9 +386,18 @@ impl CustomOp3 for FusedAttention {
     }
 }
 
-/// True when [`fused_attention`] can run these inputs (f32 on the CPU).
-pub fn supported(q: &Tensor) -> bool {
-    q.device().is_cpu() && q.dtype() == candle_core::DType::F32
+/// True when [`fused_attention`] can run these inputs: f32 on the CPU, or (with the `cuda`
+/// feature) f32 or bf16 on a GPU with a head size the CUDA kernels are compiled for.
+pub fn supported(q: &Tensor, heads: usize) -> bool {
+    if q.device().is_cpu() {
+        return q.dtype() == candle_core::DType::F32;
+    }
+    #[cfg(feature = "cuda")]
+    if let Ok(width) = q.dim(candle_core::D::Minus1) {
+        return crate::cuda::attention::supported(q, width / heads.max(1));
+    }
+    let _ = heads;
+    false
 }
 
 /// Multi-head attention of `q` [B, Nq, H*d] over `k`, `v` [B, Nk, H*d] with scale `1/sqrt(d)`.

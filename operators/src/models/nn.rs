@@ -80,7 +80,9 @@ impl Conv2d {
         let k = weight.dim(2)?;
         let patch_bytes = x.elem_count() * k * k * 4;
         let training = x.track_op() || weight.track_op();
-        let y = if x.device().is_cpu() && (training || patch_bytes <= 256 << 20) {
+        // On GPUs too when training: candle's CUDA conv2d backward is a naive transposed
+        // convolution kernel, while the matmul form's backward runs on cuBLAS.
+        let y = if training || (x.device().is_cpu() && patch_bytes <= 256 << 20) {
             conv2d_by_matmul(x, &weight, self.stride, self.padding)?
         } else {
             x.conv2d(&weight, self.padding, self.stride, 1, 1)?
@@ -148,6 +150,16 @@ impl GroupNorm {
         })
     }
 
+    /// `silu(self.forward(x))`: one fused kernel on GPUs when no gradient is needed (encoding,
+    /// sampling), candle ops otherwise.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && !x.track_op() && !self.weight.track_op() {
+            return Ok(crate::cuda::elementwise::group_norm_silu(x, &self.weight, &self.bias, self.groups, self.eps)?);
+        }
+        silu(&self.forward(x)?)
+    }
+
     /// Normalises `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -204,10 +216,11 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
 /// Multi-head scaled dot-product attention: `q` [B, Nq, H*d], `k`, `v` [B, Nk, H*d], optional
 /// additive `mask` broadcastable to [B, H, Nq, Nk].
 ///
-/// Unmasked f32 attention on the CPU runs as one fused op that never stores the score matrix
-/// ([`super::fused_attention`]); everything else is composed from candle ops.
+/// Unmasked attention runs as one fused op that never stores the score matrix
+/// ([`super::fused_attention`]: f32 on the CPU; f32 and bf16 through the flash-style CUDA
+/// kernels on GPUs); everything else is composed from candle ops.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
-    if mask.is_none() && fused_attention::supported(q) {
+    if mask.is_none() && fused_attention::supported(q, heads) {
         return Ok(fused_attention::fused_attention(q, k, v, heads)?);
     }
     composed_attention(q, k, v, heads, mask)

@@ -73,6 +73,10 @@ impl AdamW {
         let bias_correction1 = 1.0 - c.beta1.powi(self.step as i32);
         let bias_correction2_sqrt = (1.0 - c.beta2.powi(self.step as i32)).sqrt();
         let step_size = lr / bias_correction1;
+        #[cfg(feature = "cuda")]
+        if params.values().all(|v| v.device().is_cuda() && v.dtype() == candle_core::DType::F32) {
+            return self.step_cuda(params, grads, lr);
+        }
         for (name, var) in params {
             let Some(grad) = grads.get(name) else { continue };
             let p = &var.as_tensor().detach();
@@ -92,6 +96,29 @@ impl AdamW {
             var.set(&updated)?;
             self.moments.insert(name.clone(), (m.detach(), v.detach()));
         }
+        Ok(())
+    }
+
+    /// [`AdamW::step`] on a GPU: every parameter in one multi-tensor kernel launch, in place,
+    /// with the same f32 operations (`latentflow_gpu_kernels::ops::adamw`).
+    #[cfg(feature = "cuda")]
+    fn step_cuda(&mut self, params: &BTreeMap<String, Var>, grads: &HashMap<String, Tensor>, lr: f64) -> Result<()> {
+        use latentflow_gpu_kernels::ops::adamw::AdamWScalars;
+        let c = self.config;
+        let scalars = AdamWScalars::new(lr, c.beta1, c.beta2, c.eps, c.weight_decay, self.step);
+        let mut work = Vec::new();
+        for (name, var) in params {
+            let Some(grad) = grads.get(name) else { continue };
+            let p = var.as_tensor();
+            if !self.moments.contains_key(name) {
+                self.moments.insert(name.clone(), (p.zeros_like()?, p.zeros_like()?));
+            }
+            let grad = grad.detach().to_dtype(p.dtype())?.contiguous()?;
+            let (m, v) = self.moments[name].clone();
+            work.push((p.clone(), grad, m, v));
+        }
+        let refs: Vec<_> = work.iter().map(|(p, g, m, v)| (p, g, m, v)).collect();
+        crate::cuda::optimizer::adamw_step(&refs, &scalars)?;
         Ok(())
     }
 

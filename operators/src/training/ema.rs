@@ -52,6 +52,17 @@ impl Ema {
     /// Folds in the weights after optimizer step `step`: `shadow -= (1 - d) * (shadow - w)`.
     pub fn update(&mut self, params: &BTreeMap<String, Var>, step: u64) -> Result<()> {
         let keep = self.decay_at(step);
+        #[cfg(feature = "cuda")]
+        if keep > 0.0
+            && params.iter().all(|(n, v)| {
+                v.device().is_cuda() && v.dtype() == candle_core::DType::F32 && self.shadow.contains_key(n)
+            })
+        {
+            // One multi-tensor kernel launch, in place, same f32 operations.
+            let pairs: Vec<(&Tensor, &Tensor)> = params.iter().map(|(n, v)| (&self.shadow[n], v.as_tensor())).collect();
+            crate::cuda::optimizer::ema_step(&pairs, (1.0 - keep) as f32)?;
+            return Ok(());
+        }
         for (name, var) in params {
             let w = var.as_tensor().detach();
             let next = match self.shadow.get(name) {

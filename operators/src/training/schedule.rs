@@ -143,11 +143,17 @@ impl NoiseSchedule {
         self.alphas_cumprod.is_empty()
     }
 
+    /// Per sample, `sqrt(a_t)` and `sqrt(1 - a_t)` in f32.
+    pub fn sqrt_coefficients(&self, timesteps: &[usize]) -> (Vec<f32>, Vec<f32>) {
+        let a = timesteps.iter().map(|&t| self.alphas_cumprod[t].sqrt()).collect();
+        let s = timesteps.iter().map(|&t| (1.0 - self.alphas_cumprod[t]).sqrt()).collect();
+        (a, s)
+    }
+
     fn coefficients(&self, timesteps: &[usize], dims: usize, device: &Device) -> Result<(Tensor, Tensor)> {
         let mut shape = vec![timesteps.len()];
         shape.resize(dims, 1);
-        let a: Vec<f32> = timesteps.iter().map(|&t| self.alphas_cumprod[t].sqrt()).collect();
-        let s: Vec<f32> = timesteps.iter().map(|&t| (1.0 - self.alphas_cumprod[t]).sqrt()).collect();
+        let (a, s) = self.sqrt_coefficients(timesteps);
         Ok((Tensor::from_vec(a, shape.clone(), device)?, Tensor::from_vec(s, shape, device)?))
     }
 

@@ -202,8 +202,7 @@ impl Trainer {
         let latents = latents.to_dtype(DType::F32)?;
         let context = self.captions(context, empty_context, &draws.keep_caption)?;
         let t = &draws.timesteps;
-        let noisy = self.schedule.add_noise(&latents, &draws.noise, t)?;
-        let target = self.schedule.target(&latents, &draws.noise, t)?;
+        let (noisy, target) = self.noise_and_target(&latents, &draws.noise, t)?;
         let timesteps: Vec<f32> = t.iter().map(|&t| t as f32).collect();
         let prediction = self
             .unet
@@ -230,6 +229,18 @@ impl Trainer {
         let b = weights.len();
         let per_sample = squared.reshape((b, ()))?.mean(1)?;
         Ok((per_sample * Tensor::from_vec(weights, b, squared.device())?)?.mean_all()?)
+    }
+
+    /// The noised latents and the target: one fused kernel on GPUs, candle ops elsewhere (the
+    /// same f32 operations either way).
+    fn noise_and_target(&self, latents: &Tensor, noise: &Tensor, t: &[usize]) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if latents.device().is_cuda() {
+            let (a, s) = self.schedule.sqrt_coefficients(t);
+            let v = self.schedule.prediction == Prediction::VPrediction;
+            return Ok(crate::cuda::elementwise::noise_and_target(latents, noise, &a, &s, v)?);
+        }
+        Ok((self.schedule.add_noise(latents, noise, t)?, self.schedule.target(latents, noise, t)?))
     }
 
     fn captions(&self, context: &Tensor, empty: Option<&Tensor>, keep: &[bool]) -> Result<Tensor> {

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Builds everything bench/gpu/run.sh runs, on a machine without a GPU, into bench/gpu/bin:
+# the CUDA `latentflow` binary, the GPU benchmark and the test binaries (kernels, parity),
+# stripped, and packs them as bench/gpu/bin.tar.xz (~30 MB, small enough to carry to a GPU
+# machine; run.sh unpacks it).
+#   eval "$(gpu-kernels/toolchain/setup.sh ~/.cache/latentflow-cuda --env)"; bench/gpu/build.sh
+set -euo pipefail
+command -v nvcc >/dev/null || { echo "nvcc not found: run gpu-kernels/toolchain/setup.sh first (see the README)" >&2; exit 1; }
+dest=bench/gpu/bin
+mkdir -p "$dest"
+cargo build --release --features cuda -p latentflow-pipelines -p latentflow-bench --bins
+rm -f "$dest"/*
+cp target/release/latentflow target/release/gpu_train_step "$dest/"
+# Test binaries: cargo prints their paths as JSON; keep the ones run.sh runs, without the hash.
+cargo test --release --features cuda -p latentflow-gpu-kernels -p latentflow-tests --no-run --message-format=json \
+  | python3 -c '
+import json, shutil, sys
+wanted = {"gpu_vs_cpu", "nvrtc_compile", "model_parity", "training_parity"}
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in wanted:
+        shutil.copy(m["executable"], sys.argv[1] + "/" + m["target"]["name"])
+        print("built", m["target"]["name"])
+' "$dest"
+strip "$dest"/*
+ls -la "$dest"
+tar -cJf bench/gpu/bin.tar.xz -C "$dest" .
+ls -la bench/gpu/bin.tar.xz

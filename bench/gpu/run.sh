@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of latentflow in one call, for a GPU machine with no Rust
+# toolchain: run it from the repository root with the binaries `bench/gpu/build.sh` made.
+#   bench/gpu/run.sh [BIN] [OUT_DIR]   BIN: a folder or build.sh's .tar.xz (default: bench/gpu/bin,
+#                                       else bench/gpu/bin.tar.xz); OUT_DIR: default $OUT or bench/gpu/out
+# 1. the kernel tests on the GPU (each NVRTC kernel against its CPU reference) and the NVRTC
+#    compile test; 2. the parity tests on CUDA (models against the diffusers/transformers
+#    goldens, one training step against PyTorch's); 3. the SD2-base UNet training step at 256 px
+#    (bf16) at batch 8, 32 and 64 in latentflow, then in PyTorch + diffusers on the same GPU;
+#    4. the online topology with real-size encoders on one GPU. Writes OUT/summary.md and the raw
+#    outputs beside it; exits non-zero if any part failed (every part runs regardless).
+set -uo pipefail
+bin=${1:-bench/gpu/bin}
+[[ -z ${1:-} && ! -d $bin && -f bench/gpu/bin.tar.xz ]] && bin=bench/gpu/bin.tar.xz
+if [[ -f $bin ]]; then
+  unpacked=$(mktemp -d)
+  tar -xJf "$bin" -C "$unpacked" || { echo "cannot unpack $bin" >&2; exit 1; }
+  bin=$unpacked
+fi
+bin=$(cd "$bin" && pwd) || { echo "no binaries in ${1:-bench/gpu/bin}: run bench/gpu/build.sh first" >&2; exit 1; }
+out=${2:-${OUT:-bench/gpu/out}}
+mkdir -p "$out" && out=$(cd "$out" && pwd)
+root=$(pwd)
+export LATENTFLOW_REPO=$root # the test binaries find tests/fixtures here
+status=0
+note() { echo "== $*" | tee -a "$out/log.txt"; }
+# The whole script fits one device call: each part gets at most its own limit and what is left
+# of LATENTFLOW_GPU_BUDGET_S (default 540 s); parts that would get under 20 s are skipped.
+deadline=$((SECONDS + ${LATENTFLOW_GPU_BUDGET_S:-540}))
+step() { # step NAME TIMEOUT_S COMMAND...: runs, logs, records the exit status
+  local name=$1 limit=$2; shift 2
+  local left=$((deadline - SECONDS))
+  ((limit > left)) && limit=$left
+  if ((limit < 20)); then
+    echo "$name skipped: out of time budget" | tee -a "$out/log.txt"; status=1; return
+  fi
+  note "$name (limit ${limit}s): $*"
+  local started=$SECONDS
+  timeout "$limit" "$@" >"$out/$name.txt" 2>&1
+  local rc=$?
+  echo "$name rc=$rc seconds=$((SECONDS - started))" | tee -a "$out/log.txt"
+  [[ $rc == 0 ]] || status=1
+}
+
+# CUDA libraries: PyTorch's pip packages (cuBLAS, cuRAND, NVRTC, runtime) and the driver.
+site=$(python3 -c "import nvidia, os; print(os.path.dirname(list(nvidia.__path__)[0]))" 2>/dev/null || true)
+libs=$( { [[ -n $site ]] && find "$site/nvidia" -name 'lib*.so*' -printf '%h\n'; } 2>/dev/null | sort -u | tr '\n' ':')
+export LD_LIBRARY_PATH="${libs}/usr/lib/x86_64-linux-gnu:/usr/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+{
+  date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+  for l in libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libcudart.so.13; do
+    printf '%s: ' "$l"; ldconfig -p | grep -q "$l" && echo system || (IFS=:; for d in $LD_LIBRARY_PATH; do [[ -e $d/$l ]] && { echo "$d"; break; }; done) || echo missing
+  done
+  python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" 2>&1 | tail -1
+} >"$out/machine.txt" 2>&1
+cat "$out/machine.txt"
+
+# GPU memory in use, sampled every 200 ms while the benchmarks run.
+nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >"$out/gpu-memory-mib.txt" 2>/dev/null &
+smi=$!
+
+cd "$root"
+step kernels 90 "$bin/gpu_vs_cpu" --test-threads=1 --nocapture
+step nvrtc 60 "$bin/nvrtc_compile" --nocapture
+step parity_models 60 "$bin/model_parity" --test-threads=1 --nocapture
+step parity_training 60 "$bin/training_parity" one_training_step_end_to_end --nocapture
+step latentflow_step 180 "$bin/gpu_train_step" --batches 8,32,64 --steps 6 --warmup 2 --config-out "$out/unet_config.json"
+if [[ -s $out/unet_config.json ]]; then
+  step pytorch_step 120 python3 "$root/bench/gpu/pytorch_step.py" --config "$out/unet_config.json" --batches 8,32,64 --steps 6 --warmup 2
+fi
+mkdir -p "$out/online" && cd "$out/online"
+step online 180 "$bin/latentflow" run "$root/bench/gpu/online-sd2-base-1gpu.toml" --workers 2 --profile "$out/online-profile.json"
+cd "$root"
+kill "$smi" 2>/dev/null
+
+python3 "$root/bench/gpu/summarize.py" "$out" | tee "$out/summary.md"
+exit $status

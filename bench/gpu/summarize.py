@@ -1,0 +1,67 @@
+"""Summarises a bench/gpu/run.sh output folder as Markdown: test results, the training-step
+table (latentflow vs PyTorch on the same GPU, with the ratio), and the online run."""
+
+import json
+import os
+import re
+import sys
+
+out = sys.argv[1]
+
+
+def read(name):
+    path = os.path.join(out, name)
+    return open(path, errors="replace").read() if os.path.exists(path) else ""
+
+
+def json_lines(name):
+    rows = []
+    for line in read(name).splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return rows
+
+
+print("# latentflow on the GPU (bench/gpu/run.sh)\n")
+print("```\n" + read("machine.txt").strip() + "\n```\n")
+print("## Tests\n")
+for line in read("log.txt").splitlines():
+    if " rc=" in line:
+        print(f"- {line}")
+for name in ["kernels", "nvrtc", "parity_models", "parity_training"]:
+    results = re.findall(r"test result: .*", read(f"{name}.txt"))
+    if results:
+        print(f"- {name}: {results[-1]}")
+print()
+ours = {r["batch"]: r for r in json_lines("latentflow_step.txt") if "batch" in r}
+torch = {r["batch"]: r for r in json_lines("pytorch_step.txt") if "batch" in r}
+print("## SD2-base UNet training step, 256 px (latents 4x32x32, text 77x1024), bf16, AdamW\n")
+print("| batch | latentflow images/s | peak GiB in use | PyTorch images/s | PyTorch peak GiB allocated | ratio latentflow/PyTorch |")
+print("|---|---|---|---|---|---|")
+for batch in sorted(set(ours) | set(torch)):
+    o, t = ours.get(batch, {}), torch.get(batch, {})
+    oi, ti = o.get("images_per_s"), t.get("images_per_s")
+    ratio = f"{oi / ti:.3f}" if oi and ti else "-"
+    cell = lambda r, k: f"{r[k]:.1f}" if k in r else r.get("error", "-")[:60]
+    print(f"| {batch} | {cell(o, 'images_per_s')} | {cell(o, 'peak_gpu_gib_in_use')} | {cell(t, 'images_per_s')} | {cell(t, 'peak_gpu_gib_allocated')} | {ratio} |")
+errors = [r for r in json_lines("pytorch_step.txt") if "batch" not in r]
+for r in errors:
+    print(f"\nPyTorch baseline: {r.get('error')}")
+memory = [int(x) for x in read("gpu-memory-mib.txt").split() if x.isdigit()]
+if memory:
+    print(f"\nPeak GPU memory in use over the whole run (nvidia-smi, 200 ms samples): {max(memory) / 1024:.1f} GiB")
+print("\n## Online topology, real-size encoders and trainer on one GPU\n")
+metrics = os.path.join(out, "online", "runs", "gpu-online-sd2-base", "metrics.jsonl")
+rows = [json.loads(l) for l in open(metrics)] if os.path.exists(metrics) else []
+if rows:
+    later = rows[len(rows) // 4:] or rows  # leave out the first quarter (warm-up, compiles)
+    samples = sum(r.get("samples", 0) for r in later)
+    seconds = sum(r.get("step_s", 0) + r.get("wait_s", 0) for r in later)
+    wait = sum(r.get("wait_s", 0) for r in later)
+    print(f"- steps: {len(rows)}; after warm-up: {samples / seconds:.2f} samples/s, trainer waiting for data {100 * wait / seconds:.1f} % of the time")
+else:
+    print("- no metrics.jsonl: see online.txt\n\n```\n" + read("online.txt")[-3000:] + "\n```")

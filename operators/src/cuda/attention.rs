@@ -1,0 +1,146 @@
+//! Attention on CUDA through the flash-style kernels: the forward pass and a backward op that
+//! recomputes probabilities from per-query statistics, so training never stores the
+//! `[B, H, Nq, Nk]` probabilities that the composed attention keeps for its backward pass.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use half::bf16;
+use latentflow_gpu_kernels::ops::attention::{
+    attention_backward_cuda, attention_forward_cuda, AttentionShape, HEAD_DIMS,
+};
+
+use super::{kernel_error, stream_of, view};
+
+/// True when the kernels take this head size and element type.
+pub fn supported(q: &Tensor, head_dim: usize) -> bool {
+    q.device().is_cuda() && matches!(q.dtype(), DType::F32 | DType::BF16) && HEAD_DIMS.contains(&head_dim)
+}
+
+/// The sizes of `q` [B, Nq, H*D] against `k` [B, Nk, H*D].
+pub(crate) fn shape(q: &Shape, k: &Shape, heads: usize) -> candle_core::Result<AttentionShape> {
+    let (batch, nq, width) = q.dims3()?;
+    let nk = k.dims3()?.1;
+    Ok(AttentionShape { batch, heads, head_dim: width / heads, nq, nk })
+}
+
+/// `softmax(q k^T / sqrt(D)) v` on CUDA (f32 or bf16) for [`crate::models::fused_attention`].
+pub(crate) fn forward(
+    heads: usize,
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let s = shape(l1.shape(), l2.shape(), heads)?;
+    let stream = stream_of(s1);
+    let n = l1.shape().elem_count();
+    let out = match s1.dtype() {
+        DType::F32 => {
+            let mut o = stream.alloc_zeros::<f32>(n).map_err(kernel_error)?;
+            let (q, k, v) = (view::<f32>(s1, l1)?, view::<f32>(s2, l2)?, view::<f32>(s3, l3)?);
+            attention_forward_cuda(&stream, &q, &k, &v, s, &mut o.as_view_mut()).map_err(kernel_error)?;
+            CudaStorage::wrap_cuda_slice(o, s1.device.clone())
+        }
+        DType::BF16 => {
+            let mut o = stream.alloc_zeros::<bf16>(n).map_err(kernel_error)?;
+            let (q, k, v) = (view::<bf16>(s1, l1)?, view::<bf16>(s2, l2)?, view::<bf16>(s3, l3)?);
+            attention_forward_cuda(&stream, &q, &k, &v, s, &mut o.as_view_mut()).map_err(kernel_error)?;
+            CudaStorage::wrap_cuda_slice(o, s1.device.clone())
+        }
+        other => candle_core::bail!("CUDA attention takes f32 or bf16, not {other:?}"),
+    };
+    Ok((out, l1.shape().clone()))
+}
+
+/// The gradients of q, k and v as one op over (q, k, v) holding the output and its gradient;
+/// its result is `[dq | dk | dv]` flattened, split by [`backward`].
+struct AttentionBackward {
+    heads: usize,
+    out: Tensor,
+    grad_out: Tensor,
+}
+
+impl CustomOp3 for AttentionBackward {
+    fn name(&self) -> &'static str {
+        "flash-attention-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the CUDA attention backward pass got CPU tensors")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let s = shape(l1.shape(), l2.shape(), self.heads)?;
+        let (o_storage, o_layout) = self.out.storage_and_layout();
+        let (g_storage, g_layout) = self.grad_out.storage_and_layout();
+        let (Storage::Cuda(o_storage), Storage::Cuda(g_storage)) = (&*o_storage, &*g_storage) else {
+            candle_core::bail!("the CUDA attention backward pass got CPU tensors")
+        };
+        let stream = stream_of(s1);
+        let (nq, nk) = (l1.shape().elem_count(), l2.shape().elem_count());
+        let total = nq + 2 * nk;
+        macro_rules! run {
+            ($t:ty) => {{
+                let mut grads = stream.alloc_zeros::<$t>(total).map_err(kernel_error)?;
+                {
+                    let (mut dq, mut rest) = grads.split_at_mut(nq);
+                    let (mut dk, mut dv) = rest.split_at_mut(nk);
+                    attention_backward_cuda(
+                        &stream,
+                        &view::<$t>(s1, l1)?,
+                        &view::<$t>(s2, l2)?,
+                        &view::<$t>(s3, l3)?,
+                        &view::<$t>(o_storage, o_layout)?,
+                        &view::<$t>(g_storage, g_layout)?,
+                        s,
+                        &mut dq,
+                        &mut dk,
+                        &mut dv,
+                    )
+                    .map_err(kernel_error)?;
+                }
+                CudaStorage::wrap_cuda_slice(grads, s1.device.clone())
+            }};
+        }
+        let grads = match s1.dtype() {
+            DType::F32 => run!(f32),
+            DType::BF16 => run!(bf16),
+            other => candle_core::bail!("CUDA attention takes f32 or bf16, not {other:?}"),
+        };
+        Ok((grads, Shape::from(total)))
+    }
+}
+
+/// `(dq, dk, dv)` for the attention of `q`, `k`, `v` whose output `out` got gradient `grad_out`.
+pub(crate) fn backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    grad_out: &Tensor,
+    heads: usize,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let op = AttentionBackward { heads, out: out.contiguous()?, grad_out: grad_out.contiguous()?.to_dtype(q.dtype())? };
+    let flat = q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+    let (nq, nk) = (q.elem_count(), k.elem_count());
+    Ok((
+        flat.narrow(0, 0, nq)?.reshape(q.shape())?,
+        flat.narrow(0, nq, nk)?.reshape(k.shape())?,
+        flat.narrow(0, nq + nk, nk)?.reshape(v.shape())?,
+    ))
+}
