@@ -33,9 +33,16 @@ for line in read("log.txt").splitlines():
     if " rc=" in line:
         print(f"- {line}")
 for name in ["kernels", "nvrtc", "parity_models", "parity_training"]:
-    results = re.findall(r"test result: .*", read(f"{name}.txt"))
-    if results:
-        print(f"- {name}: {results[-1]}")
+    text = read(f"{name}.txt")
+    results = re.findall(r"test result: .*", text)
+    if not results:
+        continue
+    where = ""
+    if name == "kernels":
+        where = " (NO GPU FOUND: the GPU comparisons were skipped)" if "skipped: no NVIDIA GPU" in text else " (on the GPU)"
+    elif name.startswith("parity"):
+        where = " (on cuda:0)" if "parity on cuda:0" in text else " (NOT on a GPU: no GPU found, ran on the CPU)"
+    print(f"- {name}: {results[-1]}{where}")
 print()
 ours = {r["batch"]: r for r in json_lines("latentflow_step.txt") if "batch" in r}
 torch = {r["batch"]: r for r in json_lines("pytorch_step.txt") if "batch" in r}

@@ -101,7 +101,8 @@ impl<'a> Compiler<'a> {
             self.error(location, None, Some(&format!("job.{}", e.key)), e.message);
         }
         if devices_valid {
-            for device in &job.devices {
+            let mut seen = std::collections::HashSet::new();
+            for device in job.devices.iter().filter(|d| seen.insert(d.as_str())) {
                 if let Some(problem) = self.catalog.device_problem(device) {
                     let location = self.doc.map.value(&["job", "devices"]);
                     self.error(location, None, Some("job.devices"), format!("`{device}`: {problem}"));
