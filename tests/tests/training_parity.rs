@@ -120,8 +120,10 @@ fn one_training_step_end_to_end_matches_pytorch() {
     draws.noise = draws.noise.to_device(&device).unwrap();
     let report = trainer.train_with(&on("latents"), &on("text_embeds"), None, &draws).unwrap().unwrap();
     assert_eq!(report.step, 1);
-    assert!((report.loss - 1.0531415939331055).abs() <= 1e-6, "loss {}", report.loss);
-    assert!((report.grad_norm - 2.9437692165374756).abs() <= 1e-6, "grad_norm {}", report.grad_norm);
+    // GPU reductions sum in another order than the CPU's: 1e-5 there.
+    let tolerance = if device.is_cuda() { 1e-5 } else { 1e-6 };
+    assert!((report.loss - 1.0531415939331055).abs() <= tolerance, "loss {}", report.loss);
+    assert!((report.grad_norm - 2.9437692165374756).abs() <= tolerance, "grad_norm {}", report.grad_norm);
     for name in LISTED {
         // End to end a gradient element near eps can flip its update (fixtures README):
         // atol 1e-4, with a few elements allowed up to 2e-3.
