@@ -22,32 +22,16 @@ pub mod source;
 pub use error::KernelError;
 
 /// An element type the kernels read and write: f32, or bf16 (stored as raw bits on the
-/// device, converted with round-to-nearest-even).
+/// device, converted with round-to-nearest-even, as `half::bf16::from_f32` does).
 pub trait Element: Copy + Send + Sync + 'static {
     /// The suffix of the kernels for this type (`f32`, `bf16`).
     const NAME: &'static str;
-    /// From f32, rounding as the kernels do.
-    fn from_f32(x: f32) -> Self;
-    /// To f32 (exact).
-    fn to_f32(self) -> f32;
 }
 
 impl Element for f32 {
     const NAME: &'static str = "f32";
-    fn from_f32(x: f32) -> Self {
-        x
-    }
-    fn to_f32(self) -> f32 {
-        self
-    }
 }
 
 impl Element for half::bf16 {
     const NAME: &'static str = "bf16";
-    fn from_f32(x: f32) -> Self {
-        half::bf16::from_f32(x)
-    }
-    fn to_f32(self) -> f32 {
-        half::bf16::to_f32(self)
-    }
 }

@@ -163,7 +163,7 @@ fn normalize_on_device(pixels: &Tensor, device: &Device, table: &Tensor) -> cand
     let on_device = pixels.to_device(device)?;
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
-        return crate::cuda::elementwise::normalize_pixels(&on_device, DType::F32);
+        return crate::cuda::elementwise::normalize_pixels(&on_device);
     }
     let ids = on_device.to_dtype(DType::U32)?.flatten_all()?;
     table.index_select(&ids, 0)?.reshape(pixels.dims())

@@ -11,7 +11,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use latentflow_operators::models::{UNet, UNetConfig, Weights};
 use latentflow_operators::rng::Rng;
 use latentflow_operators::training::{NoiseSchedule, Precision, SchedulerConfig, Trainer, TrainingOptions};
@@ -50,7 +50,7 @@ fn run(
 ) -> candle_core::Result<serde_json::Value> {
     let mut rng = Rng::new(2, batch as u64);
     let latents = Tensor::from_vec(rng.normals(batch * 4 * 32 * 32), (batch, 4, 32, 32), device)?;
-    let text = Tensor::from_vec(rng.normals(batch * 77 * 1024), (batch, 77, 1024), device)?.to_dtype(DType::F32)?;
+    let text = Tensor::from_vec(rng.normals(batch * 77 * 1024), (batch, 77, 1024), device)?;
     let mut times = Vec::new();
     let mut peak: f64 = 0.0;
     let mut last_loss = f64::NAN;

@@ -9,7 +9,7 @@ use latentflow_gpu_kernels::ops::attention::{
     attention_backward_cuda, attention_forward_cuda, AttentionShape, HEAD_DIMS,
 };
 
-use super::{kernel_error, stream_of, view};
+use super::{kernel_error, stream_of, view, KernelElement};
 
 /// True when the kernels take this head size and element type.
 pub fn supported(q: &Tensor, head_dim: usize) -> bool {
@@ -31,24 +31,25 @@ pub(crate) fn forward(
     (s3, l3): (&CudaStorage, &Layout),
 ) -> candle_core::Result<(CudaStorage, Shape)> {
     let s = shape(l1.shape(), l2.shape(), heads)?;
-    let stream = stream_of(s1);
-    let n = l1.shape().elem_count();
     let out = match s1.dtype() {
-        DType::F32 => {
-            let mut o = stream.alloc_zeros::<f32>(n).map_err(kernel_error)?;
-            let (q, k, v) = (view::<f32>(s1, l1)?, view::<f32>(s2, l2)?, view::<f32>(s3, l3)?);
-            attention_forward_cuda(&stream, &q, &k, &v, s, &mut o.as_view_mut()).map_err(kernel_error)?;
-            CudaStorage::wrap_cuda_slice(o, s1.device.clone())
-        }
-        DType::BF16 => {
-            let mut o = stream.alloc_zeros::<bf16>(n).map_err(kernel_error)?;
-            let (q, k, v) = (view::<bf16>(s1, l1)?, view::<bf16>(s2, l2)?, view::<bf16>(s3, l3)?);
-            attention_forward_cuda(&stream, &q, &k, &v, s, &mut o.as_view_mut()).map_err(kernel_error)?;
-            CudaStorage::wrap_cuda_slice(o, s1.device.clone())
-        }
+        DType::F32 => forward_as::<f32>(s, (s1, l1), (s2, l2), (s3, l3))?,
+        DType::BF16 => forward_as::<bf16>(s, (s1, l1), (s2, l2), (s3, l3))?,
         other => candle_core::bail!("CUDA attention takes f32 or bf16, not {other:?}"),
     };
     Ok((out, l1.shape().clone()))
+}
+
+fn forward_as<T: KernelElement>(
+    s: AttentionShape,
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+) -> candle_core::Result<CudaStorage> {
+    let stream = stream_of(s1);
+    let mut o = stream.alloc_zeros::<T>(l1.shape().elem_count()).map_err(kernel_error)?;
+    let (q, k, v) = (view::<T>(s1, l1)?, view::<T>(s2, l2)?, view::<T>(s3, l3)?);
+    attention_forward_cuda(&stream, &q, &k, &v, s, &mut o.as_view_mut()).map_err(kernel_error)?;
+    Ok(CudaStorage::wrap_cuda_slice(o, s1.device.clone()))
 }
 
 /// The gradients of q, k and v as one op over (q, k, v) holding the output and its gradient;
@@ -91,39 +92,33 @@ impl CustomOp3 for AttentionBackward {
         let (Storage::Cuda(o_storage), Storage::Cuda(g_storage)) = (&*o_storage, &*g_storage) else {
             candle_core::bail!("the CUDA attention backward pass got CPU tensors")
         };
-        let stream = stream_of(s1);
-        let (nq, nk) = (l1.shape().elem_count(), l2.shape().elem_count());
-        let total = nq + 2 * nk;
-        macro_rules! run {
-            ($t:ty) => {{
-                let mut grads = stream.alloc_zeros::<$t>(total).map_err(kernel_error)?;
-                {
-                    let (mut dq, mut rest) = grads.split_at_mut(nq);
-                    let (mut dk, mut dv) = rest.split_at_mut(nk);
-                    attention_backward_cuda(
-                        &stream,
-                        &view::<$t>(s1, l1)?,
-                        &view::<$t>(s2, l2)?,
-                        &view::<$t>(s3, l3)?,
-                        &view::<$t>(o_storage, o_layout)?,
-                        &view::<$t>(g_storage, g_layout)?,
-                        s,
-                        &mut dq,
-                        &mut dk,
-                        &mut dv,
-                    )
-                    .map_err(kernel_error)?;
-                }
-                CudaStorage::wrap_cuda_slice(grads, s1.device.clone())
-            }};
-        }
+        let inputs = [(s1, l1), (s2, l2), (s3, l3), (o_storage, o_layout), (g_storage, g_layout)];
         let grads = match s1.dtype() {
-            DType::F32 => run!(f32),
-            DType::BF16 => run!(bf16),
+            DType::F32 => backward_as::<f32>(s, inputs)?,
+            DType::BF16 => backward_as::<bf16>(s, inputs)?,
             other => candle_core::bail!("CUDA attention takes f32 or bf16, not {other:?}"),
         };
+        let total = l1.shape().elem_count() + 2 * l2.shape().elem_count();
         Ok((grads, Shape::from(total)))
     }
+}
+
+/// `[dq | dk | dv]` from q, k, v, the output and its gradient (storage and layout each).
+fn backward_as<T: KernelElement>(
+    s: AttentionShape,
+    [q, k, v, o, go]: [(&CudaStorage, &Layout); 5],
+) -> candle_core::Result<CudaStorage> {
+    let (stream, device) = (stream_of(q.0), q.0.device.clone());
+    let (nq, nk) = (q.1.shape().elem_count(), k.1.shape().elem_count());
+    let mut grads = stream.alloc_zeros::<T>(nq + 2 * nk).map_err(kernel_error)?;
+    {
+        let (mut dq, mut rest) = grads.split_at_mut(nq);
+        let (mut dk, mut dv) = rest.split_at_mut(nk);
+        let (q, k, v) = (view::<T>(q.0, q.1)?, view::<T>(k.0, k.1)?, view::<T>(v.0, v.1)?);
+        let (o, go) = (view::<T>(o.0, o.1)?, view::<T>(go.0, go.1)?);
+        attention_backward_cuda(&stream, &q, &k, &v, &o, &go, s, &mut dq, &mut dk, &mut dv).map_err(kernel_error)?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(grads, device))
 }
 
 /// `(dq, dk, dv)` for the attention of `q`, `k`, `v` whose output `out` got gradient `grad_out`.

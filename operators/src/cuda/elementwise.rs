@@ -1,13 +1,14 @@
 //! The element-wise kernels on candle tensors: pixel normalisation, noising with the training
 //! target, and GroupNorm + SiLU.
 
-use candle_core::{DType, Storage, Tensor};
+use candle_core::cuda_backend::cudarc::driver::CudaView;
+use candle_core::{CudaStorage, DType, Layout, Storage, Tensor};
 use half::bf16;
 use latentflow_gpu_kernels::ops::group_norm_silu::{group_norm_silu_cuda, GroupNormShape};
 use latentflow_gpu_kernels::ops::noising::noise_and_target_cuda;
 use latentflow_gpu_kernels::ops::normalize::normalize_u8_chw_cuda;
 
-use super::{kernel_error, stream_of, view};
+use super::{kernel_error, stream_of, view, KernelElement};
 
 /// A tensor from a fresh device buffer.
 fn wrap<T: candle_core::cuda_backend::CudaDType>(
@@ -19,9 +20,9 @@ fn wrap<T: candle_core::cuda_backend::CudaDType>(
     Tensor::from_storage(Storage::Cuda(storage), shape, candle_core::op::BackpropOp::none(), false)
 }
 
-/// u8 images `[n, c, h, w]` on a GPU → `dtype` (f32 or bf16) in [-1, 1], torchvision's
-/// `(x / 255 - 0.5) / 0.5`, in one kernel.
-pub fn normalize_pixels(pixels: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+/// u8 images `[n, c, h, w]` on a GPU → f32 in [-1, 1], torchvision's `(x / 255 - 0.5) / 0.5`,
+/// in one kernel.
+pub fn normalize_pixels(pixels: &Tensor) -> candle_core::Result<Tensor> {
     let pixels = pixels.contiguous()?;
     let dims = pixels.dims().to_vec();
     let [n, c, h, w] = <[usize; 4]>::try_from(dims.as_slice())
@@ -30,20 +31,9 @@ pub fn normalize_pixels(pixels: &Tensor, dtype: DType) -> candle_core::Result<Te
     let Storage::Cuda(storage) = &*storage else { candle_core::bail!("normalize_pixels needs a CUDA tensor") };
     let stream = stream_of(storage);
     let src = view::<u8>(storage, layout)?;
-    let total = n * c * h * w;
-    Ok(match dtype {
-        DType::F32 => {
-            let mut out = stream.alloc_zeros::<f32>(total).map_err(kernel_error)?;
-            normalize_u8_chw_cuda(&stream, &src, None, [n, c, h, w], &mut out.as_view_mut()).map_err(kernel_error)?;
-            wrap(out, &storage.device, &dims)
-        }
-        DType::BF16 => {
-            let mut out = stream.alloc_zeros::<bf16>(total).map_err(kernel_error)?;
-            normalize_u8_chw_cuda(&stream, &src, None, [n, c, h, w], &mut out.as_view_mut()).map_err(kernel_error)?;
-            wrap(out, &storage.device, &dims)
-        }
-        other => candle_core::bail!("normalize_pixels writes f32 or bf16, not {other:?}"),
-    })
+    let mut out = stream.alloc_zeros::<f32>(n * c * h * w).map_err(kernel_error)?;
+    normalize_u8_chw_cuda(&stream, &src, None, [n, c, h, w], &mut out.as_view_mut()).map_err(kernel_error)?;
+    Ok(wrap(out, &storage.device, &dims))
 }
 
 /// `(noisy, target)` for f32 latents `x0` and `noise` on a GPU with per-sample coefficients
@@ -103,24 +93,26 @@ pub fn group_norm_silu(
     let (Storage::Cuda(xs), Storage::Cuda(gs), Storage::Cuda(bs)) = (&*x_storage, &*g_storage, &*b_storage) else {
         candle_core::bail!("group_norm_silu needs CUDA tensors")
     };
-    let stream = stream_of(xs);
     let (g, b) = (view::<f32>(gs, g_layout)?, view::<f32>(bs, b_layout)?);
-    let total = x.elem_count();
-    Ok(match x.dtype() {
-        DType::F32 => {
-            let mut y = stream.alloc_zeros::<f32>(total).map_err(kernel_error)?;
-            let xv = view::<f32>(xs, x_layout)?;
-            group_norm_silu_cuda(&stream, &xv, &g, &b, shape, eps as f32, &mut y.as_view_mut())
-                .map_err(kernel_error)?;
-            wrap(y, &xs.device, &dims)
-        }
-        DType::BF16 => {
-            let mut y = stream.alloc_zeros::<bf16>(total).map_err(kernel_error)?;
-            let xv = view::<bf16>(xs, x_layout)?;
-            group_norm_silu_cuda(&stream, &xv, &g, &b, shape, eps as f32, &mut y.as_view_mut())
-                .map_err(kernel_error)?;
-            wrap(y, &xs.device, &dims)
-        }
+    let run = match x.dtype() {
+        DType::F32 => group_norm_silu_as::<f32>,
+        DType::BF16 => group_norm_silu_as::<bf16>,
         other => candle_core::bail!("group_norm_silu takes f32 or bf16, not {other:?}"),
-    })
+    };
+    run((xs, x_layout), &g, &b, shape, eps as f32, &dims)
+}
+
+fn group_norm_silu_as<T: KernelElement>(
+    (xs, x_layout): (&CudaStorage, &Layout),
+    gamma: &CudaView<'_, f32>,
+    beta: &CudaView<'_, f32>,
+    shape: GroupNormShape,
+    eps: f32,
+    dims: &[usize],
+) -> candle_core::Result<Tensor> {
+    let stream = stream_of(xs);
+    let mut y = stream.alloc_zeros::<T>(x_layout.shape().elem_count()).map_err(kernel_error)?;
+    let x = view::<T>(xs, x_layout)?;
+    group_norm_silu_cuda(&stream, &x, gamma, beta, shape, eps, &mut y.as_view_mut()).map_err(kernel_error)?;
+    Ok(wrap(y, &xs.device, dims))
 }

@@ -9,9 +9,19 @@ pub mod optimizer;
 
 use std::sync::Arc;
 
-use candle_core::cuda_backend::cudarc::driver::{CudaStream, CudaView, DevicePtr};
+use candle_core::cuda_backend::cudarc::driver::{CudaStream, CudaView, DevicePtr, DeviceRepr, ValidAsZeroBits};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, Layout, Storage, Tensor};
+
+/// An element type both candle's CUDA storage and our kernels take (f32, bf16), so one generic
+/// function serves both dtypes.
+pub(crate) trait KernelElement:
+    CudaDType + latentflow_gpu_kernels::Element + DeviceRepr + ValidAsZeroBits
+{
+}
+
+impl KernelElement for f32 {}
+impl KernelElement for half::bf16 {}
 
 /// A kernel or driver error as a candle error.
 pub(crate) fn kernel_error(e: impl std::error::Error + Send + Sync + 'static) -> candle_core::Error {

@@ -68,15 +68,15 @@ impl AdamW {
     /// without one are left alone (PyTorch skips `p.grad is None`).
     pub fn step(&mut self, params: &BTreeMap<String, Var>, grads: &HashMap<String, Tensor>, lr: f64) -> Result<()> {
         self.step += 1;
+        #[cfg(feature = "cuda")]
+        if params.values().all(|v| v.device().is_cuda() && v.dtype() == candle_core::DType::F32) {
+            return self.step_cuda(params, grads, lr);
+        }
         let c = self.config;
         // Python computes these scalars in f64; each is rounded to f32 where it meets a tensor.
         let bias_correction1 = 1.0 - c.beta1.powi(self.step as i32);
         let bias_correction2_sqrt = (1.0 - c.beta2.powi(self.step as i32)).sqrt();
         let step_size = lr / bias_correction1;
-        #[cfg(feature = "cuda")]
-        if params.values().all(|v| v.device().is_cuda() && v.dtype() == candle_core::DType::F32) {
-            return self.step_cuda(params, grads, lr);
-        }
         for (name, var) in params {
             let Some(grad) = grads.get(name) else { continue };
             let p = &var.as_tensor().detach();
