@@ -26,7 +26,7 @@ fn plain_loop(batch_size: usize) -> u64 {
     let plan = four_operator_plan(ROWS, batch_size, PAYLOAD, 1).expect("valid plan");
     let job = JobConfig::default();
     let mut instances = plan.nodes.iter().map(|n| {
-        let ctx = InstanceContext { node: &n.id, job: &job, worker: WorkerInfo::single() };
+        let ctx = InstanceContext { node: &n.id, job: &job, worker: WorkerInfo::single(), batch_size: None };
         n.spec.instantiate(&ctx).expect("instance")
     });
     let (

@@ -20,6 +20,7 @@
 //! ```
 
 pub mod catalog;
+pub mod collective;
 pub mod data;
 pub mod error;
 pub mod metrics;
@@ -28,6 +29,7 @@ pub mod plan;
 pub mod runtime;
 
 pub use catalog::{Catalog, DeviceCheck, OperatorEntry};
+pub use collective::{Collective, CollectiveError};
 pub use data::{Batch, Column, ColumnType, DataError, Field, Ports, Schema};
 pub use error::{EngineError, OpError};
 pub use metrics::{OperatorProfile, Profile, ProgressMode};

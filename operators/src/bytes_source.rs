@@ -41,7 +41,7 @@ impl OperatorConfig for BytesSourceConfig {
     const EXAMPLE: &'static str = "count = 512\nbatch_size = 32";
     const KEYS: &'static [(&'static str, &'static str)] = &[
         ("count", "rows in total over all workers (default 512)"),
-        ("batch_size", "rows per epoch on each worker (default 32)"),
+        ("batch_size", "rows per epoch on each worker (default 32; left out in a training job: the trainer's global_batch_size split over the source's workers)"),
         ("payload_bytes", "bytes of the synthetic `image` payload per row (default 1024)"),
     ];
 }
@@ -62,9 +62,13 @@ impl NodeSpec for BytesSourceConfig {
         source_rows::ports()
     }
 
+    fn source_batch_size(&self) -> Option<usize> {
+        Some(self.batch_size)
+    }
+
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
         Ok(OperatorImpl::Source(Box::new(BytesSource::new(
-            self.clone(),
+            Self { batch_size: ctx.batch_size.unwrap_or(self.batch_size), ..self.clone() },
             ctx.job.seed,
             ctx.worker.shard as u64,
             ctx.worker.shards as u64,

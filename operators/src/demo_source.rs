@@ -40,7 +40,7 @@ impl OperatorConfig for DemoSourceConfig {
     const EXAMPLE: &'static str = "count = 512\nbatch_size = 32";
     const KEYS: &'static [(&'static str, &'static str)] = &[
         ("count", "rows in total over all workers (default 512)"),
-        ("batch_size", "rows per epoch on each worker (default 32)"),
+        ("batch_size", "rows per epoch on each worker (default 32; left out in a training job: the trainer's global_batch_size split over the source's workers)"),
         ("quality", "JPEG quality 1-100 (default 90)"),
     ];
 }
@@ -61,9 +61,17 @@ impl NodeSpec for DemoSourceConfig {
         source_rows::ports()
     }
 
+    fn source_batch_size(&self) -> Option<usize> {
+        Some(self.batch_size)
+    }
+
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
         let keys = KeyShard::new(self.count, ctx.worker.shard as u64, ctx.worker.shards as u64);
-        Ok(OperatorImpl::Source(Box::new(DemoSource { config: self.clone(), seed: ctx.job.seed, keys })))
+        Ok(OperatorImpl::Source(Box::new(DemoSource {
+            config: Self { batch_size: ctx.batch_size.unwrap_or(self.batch_size), ..self.clone() },
+            seed: ctx.job.seed,
+            keys,
+        })))
     }
 }
 

@@ -38,7 +38,7 @@ impl OperatorConfig for FolderSourceConfig {
     const EXAMPLE: &'static str = "path = \"data/images\"";
     const KEYS: &'static [(&'static str, &'static str)] = &[
         ("path", "a folder, searched recursively for .jpg/.jpeg/.png/.webp; captions are same-named .txt files (missing: empty caption)"),
-        ("batch_size", "rows per epoch on each worker (default 32)"),
+        ("batch_size", "rows per epoch on each worker (default 32; left out in a training job: the trainer's global_batch_size split over the source's workers)"),
     ];
 }
 
@@ -65,10 +65,18 @@ impl NodeSpec for FolderSourceConfig {
         source_rows::ports()
     }
 
+    fn source_batch_size(&self) -> Option<usize> {
+        Some(self.batch_size)
+    }
+
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
         let files = self.images().map_err(OpError::msg)?;
         let keys = KeyShard::new(files.len() as u64, ctx.worker.shard as u64, ctx.worker.shards as u64);
-        Ok(OperatorImpl::Source(Box::new(FolderSource { files, keys, batch_size: self.batch_size })))
+        Ok(OperatorImpl::Source(Box::new(FolderSource {
+            files,
+            keys,
+            batch_size: ctx.batch_size.unwrap_or(self.batch_size),
+        })))
     }
 }
 

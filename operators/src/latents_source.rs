@@ -44,7 +44,7 @@ impl OperatorConfig for LatentsSourceConfig {
     const EXAMPLE: &'static str = "path = \"runs/preprocess/latents\"\nbatch_size = 8";
     const KEYS: &'static [(&'static str, &'static str)] = &[
         ("path", "a parquet file, a folder of them or a glob"),
-        ("batch_size", "rows per batch and worker (default 32)"),
+        ("batch_size", "rows per epoch on each worker (default 32; left out in a training job: the trainer's global_batch_size split over the source's workers)"),
         ("shuffle", "shuffle row groups and the rows within each with the job's seed (default false)"),
     ];
 }
@@ -64,9 +64,13 @@ impl NodeSpec for LatentsSourceConfig {
         Ports { adds: latents_fields(), ..Ports::default() }
     }
 
+    fn source_batch_size(&self) -> Option<usize> {
+        Some(self.batch_size)
+    }
+
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
         Ok(OperatorImpl::Source(Box::new(LatentsSource::new(
-            self.clone(),
+            Self { batch_size: ctx.batch_size.unwrap_or(self.batch_size), ..self.clone() },
             ctx.job.seed,
             ctx.worker.shard,
             ctx.worker.shards,

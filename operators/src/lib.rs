@@ -102,7 +102,7 @@ mod tests {
                 continue;
             }
             assert!(errors.is_empty(), "{}: example does not validate: {errors:?}", entry.type_name);
-            let ctx = InstanceContext { node: "n", job: &job, worker: WorkerInfo::single() };
+            let ctx = InstanceContext { node: "n", job: &job, worker: WorkerInfo::single(), batch_size: None };
             let instance = spec.instantiate(&ctx).unwrap_or_else(|e| panic!("{}: {e}", entry.type_name));
             assert_eq!(instance.kind(), entry.kind, "{}", entry.type_name);
         }

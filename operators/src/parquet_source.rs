@@ -87,7 +87,7 @@ impl OperatorConfig for ParquetSourceConfig {
         ("image_column", "image bytes column: binary or a struct {bytes, path} (default \"jpg\")"),
         ("caption_column", "caption column (default \"caption\")"),
         ("key_column", "integer key column (default: \"hash\" if present, else rows are numbered per file)"),
-        ("batch_size", "rows per epoch on each worker (default 32)"),
+        ("batch_size", "rows per epoch on each worker (default 32; left out in a training job: the trainer's global_batch_size split over the source's workers)"),
         ("min_width", "keep rows whose `width` column is at least this"),
         ("min_height", "keep rows whose `height` column is at least this"),
         ("filter", "[[nodes.ID.filter]] tables: column, min, max (e.g. punsafe, AESTHETIC_SCORE)"),
@@ -169,10 +169,14 @@ impl NodeSpec for ParquetSourceConfig {
         source_rows::ports()
     }
 
+    fn source_batch_size(&self) -> Option<usize> {
+        Some(self.batch_size)
+    }
+
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
         let files = expand(&self.path, &["parquet"]).map_err(OpError::msg)?;
         Ok(OperatorImpl::Source(Box::new(ParquetSource::new(
-            self.clone(),
+            Self { batch_size: ctx.batch_size.unwrap_or(self.batch_size), ..self.clone() },
             files,
             ctx.job.seed,
             ctx.worker.shard,

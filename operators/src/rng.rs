@@ -2,6 +2,9 @@
 //! identical on every machine and version and resumable from one saved number, so they do not
 //! depend on an external crate's algorithm.
 
+/// Splitmix64's increment: the state after `n` draws is the state plus `n` times this.
+const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
 /// Splitmix64 stream.
 #[derive(Clone, Debug)]
 pub struct Rng(u64);
@@ -16,7 +19,7 @@ impl Rng {
 
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.0 = self.0.wrapping_add(GAMMA);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -53,6 +56,21 @@ impl Rng {
     /// `n` standard normal draws in f32.
     pub fn normals(&mut self, n: usize) -> Vec<f32> {
         (0..n).map(|_| self.normal() as f32).collect()
+    }
+
+    /// Jumps over `n` draws of 64 bits, as if [`Rng::next_u64`] had been called `n` times, in
+    /// constant time: lets a data-parallel trainer draw only its own rows' share of a stream.
+    /// ([`Rng::unit`] and [`Rng::below`] take one draw, [`Rng::normal`] two.)
+    ///
+    /// ```
+    /// use latentflow_operators::rng::Rng;
+    /// let (mut a, mut b) = (Rng::new(3, 4), Rng::new(3, 4));
+    /// for _ in 0..5 { a.next_u64(); }
+    /// b.skip(5);
+    /// assert_eq!(a.next_u64(), b.next_u64());
+    /// ```
+    pub fn skip(&mut self, n: u64) {
+        self.0 = self.0.wrapping_add(n.wrapping_mul(GAMMA));
     }
 
     /// The whole state: `Rng::from_state(rng.state())` continues the same stream.

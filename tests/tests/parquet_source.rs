@@ -131,7 +131,10 @@ fn instantiate(config: &str) -> Box<dyn Source> {
     let spec = entry.parse(config.parse().unwrap()).unwrap();
     assert!(spec.validate().is_empty(), "{:?}", spec.validate());
     let job = JobConfig { seed: 9, ..JobConfig::default() };
-    match spec.instantiate(&InstanceContext { node: "read", job: &job, worker: WorkerInfo::single() }).unwrap() {
+    match spec
+        .instantiate(&InstanceContext { node: "read", job: &job, worker: WorkerInfo::single(), batch_size: None })
+        .unwrap()
+    {
         OperatorImpl::Source(s) => s,
         _ => panic!("a source"),
     }

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use crate::collective::Collective;
 use crate::plan::JobConfig;
 use crate::runtime::{PositionLedger, StopSignal};
 
@@ -52,6 +53,9 @@ pub struct InstanceContext<'a> {
     pub job: &'a JobConfig,
     /// The worker this instance runs on.
     pub worker: WorkerInfo,
+    /// For a source: the rows per epoch the plan fixed for this instance (its share of a
+    /// trainer's `global_batch_size`), which overrides its default `batch_size`.
+    pub batch_size: Option<usize>,
 }
 
 /// A row an operator dropped, and why.
@@ -79,6 +83,7 @@ pub struct OpContext {
     rejections: Vec<Rejection>,
     stop: Option<Arc<StopSignal>>,
     positions: Option<Arc<PositionLedger>>,
+    collective: Option<Collective>,
 }
 
 impl OpContext {
@@ -87,8 +92,22 @@ impl OpContext {
         worker: WorkerInfo,
         stop: Arc<StopSignal>,
         positions: Arc<PositionLedger>,
+        collective: Option<Collective>,
     ) -> Self {
-        OpContext { node, worker, epoch: 0, rejections: Vec::new(), stop: Some(stop), positions: Some(positions) }
+        OpContext {
+            node,
+            worker,
+            epoch: 0,
+            rejections: Vec::new(),
+            stop: Some(stop),
+            positions: Some(positions),
+            collective,
+        }
+    }
+
+    /// A detached context that carries `collective`: for tests of operators that work together.
+    pub fn with_collective(node: &str, worker: WorkerInfo, collective: Collective) -> Self {
+        OpContext { worker, collective: Some(collective), ..OpContext::detached(node) }
     }
 
     /// A context outside any running job: for unit tests and plain loops.
@@ -100,6 +119,7 @@ impl OpContext {
             rejections: Vec::new(),
             stop: None,
             positions: None,
+            collective: None,
         }
     }
 
@@ -145,6 +165,19 @@ impl OpContext {
     /// `None` outside a running job. Ask for epochs in increasing order.
     pub fn data_position(&self, epoch: u64) -> Option<serde_json::Value> {
         self.positions.as_ref().map(|p| p.after_epoch(epoch))
+    }
+
+    /// The collective over the workers that run this node, for a node that asked for one
+    /// ([`NodeSpec::collective`](super::NodeSpec::collective)) and runs on more than one worker;
+    /// `None` otherwise (a single instance works alone). Stages and sinks keep one context for
+    /// their whole life, so the handle is theirs from `start` to `finish`.
+    pub fn collective(&mut self) -> Option<&mut Collective> {
+        self.collective.as_mut()
+    }
+
+    /// Takes the collective out of the context, for an operator that keeps it in its own state.
+    pub fn take_collective(&mut self) -> Option<Collective> {
+        self.collective.take()
     }
 
     /// True once the job was asked to stop.

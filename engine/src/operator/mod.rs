@@ -81,6 +81,27 @@ pub trait NodeSpec: Send + Sync + fmt::Debug + 'static {
     /// `start`, which runs on the instance's own thread.
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError>;
 
+    /// True for a node whose instances work together (a data-parallel trainer): when it runs on
+    /// more than one worker, each instance's context carries a [`Collective`](crate::Collective)
+    /// over those workers ([`OpContext::collective`]).
+    fn collective(&self) -> bool {
+        false
+    }
+
+    /// For a source: the rows per epoch each instance emits by its own config (its `batch_size`).
+    /// When the topology leaves `batch_size` out and a node trains, the plan derives it instead
+    /// ([`InstanceContext::batch_size`](super::InstanceContext::batch_size)).
+    fn source_batch_size(&self) -> Option<usize> {
+        None
+    }
+
+    /// For a node that trains: the rows every epoch must bring over all its instances (one
+    /// optimizer step). Sources that leave their batch size to the plan emit their share of it,
+    /// and the plan checks the sources' batch sizes against it.
+    fn global_batch_size(&self) -> Option<usize> {
+        None
+    }
+
     /// For a node that checkpoints (the trainer): the data position its checkpoint saved
     /// ([`OpContext::data_position`]), which the job's sources seek to before their first
     /// batch. `None` (the default): the sources start at the beginning.

@@ -408,7 +408,6 @@ impl<'a> Compiler<'a> {
                 let d = drafts[i].take().expect("each node once");
                 let entry = d.entry.expect("checked");
                 PlanNode {
-                    id: d.id,
                     type_name: entry.type_name,
                     kind: entry.kind,
                     inputs: edges[i].iter().map(|j| position[j]).collect(),
@@ -416,6 +415,14 @@ impl<'a> Compiler<'a> {
                     reject_log: d.reject_log,
                     schema: schemas[i].take().expect("checked"),
                     spec: d.spec.expect("checked"),
+                    batch_size_set: self
+                        .doc
+                        .table()
+                        .get("nodes")
+                        .and_then(|n| n.get(&d.id))
+                        .and_then(|n| n.get("batch_size"))
+                        .is_some(),
+                    id: d.id,
                 }
             })
             .collect();

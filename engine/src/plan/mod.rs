@@ -7,6 +7,7 @@ mod builder;
 mod compile;
 mod diagnostics;
 mod document;
+mod epochs;
 mod job;
 mod placement;
 
@@ -54,6 +55,8 @@ pub struct PlanNode {
     pub schema: Schema,
     /// Its checked config.
     pub spec: Arc<dyn NodeSpec>,
+    /// A source whose `batch_size` the topology sets (else the plan may derive it).
+    pub batch_size_set: bool,
 }
 
 impl Plan {

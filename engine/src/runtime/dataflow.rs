@@ -1,7 +1,7 @@
 //! Builds one worker's timely dataflow from a plan. Every worker builds the same graph; workers
 //! outside a node's placement hold an empty instance that receives nothing.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::{Concatenate, ConnectLoop, Exchange, Feedback};
@@ -11,6 +11,7 @@ use timely::worker::Worker;
 use super::shared::{JobShared, NodeRuntime};
 use super::stage_op::SinkStage;
 use super::{map_op, source_op, stage_op};
+use crate::collective::{local, network, AbortCheck, Collective};
 use crate::data::Batch;
 use crate::error::OpError;
 use crate::operator::{InstanceContext, OperatorImpl, OperatorKind, Stage, WorkerInfo};
@@ -42,8 +43,10 @@ fn build<'s>(scope: Scope<'s, u64>, shared: &Arc<JobShared>, index: usize, peers
             metrics: shared.metrics.register(i, index),
             shared: Arc::clone(shared),
             reject_log: node.reject_log.as_ref().and_then(|p| shared.reject_logs.get(p).cloned()),
+            collective: Arc::new(Mutex::new(collective(scope, shared, i, node, &workers))),
         };
-        let instance = if workers.contains(&index) { instantiate(node, &runtime) } else { None };
+        let batch_size = shared.source_batches[i];
+        let instance = if workers.contains(&index) { instantiate(node, &runtime, batch_size) } else { None };
         let input = (!node.inputs.is_empty() && open_chain.is_none()).then(|| {
             let inputs = node.inputs.iter().map(|&j| streams[j].clone().expect("inputs come first"));
             let merged = if node.inputs.len() == 1 {
@@ -111,6 +114,33 @@ fn build<'s>(scope: Scope<'s, u64>, shared: &Arc<JobShared>, index: usize, peers
     scope.concatenate(controls).broadcast().connect_loop(ctl_handle);
 }
 
+/// This worker's collective for node `i`, when the node asks for one and runs on several workers:
+/// shared memory when all of them are in this process, timely's channels otherwise.
+fn collective(
+    scope: Scope<'_, u64>,
+    shared: &Arc<JobShared>,
+    i: usize,
+    node: &PlanNode,
+    members: &[usize],
+) -> Option<Collective> {
+    if !node.spec.collective() || members.len() < 2 {
+        return None;
+    }
+    let stop = Arc::clone(&shared.stop);
+    let abort: AbortCheck = Arc::new(move || stop.is_failed());
+    // Decided the same way on every worker, so every worker builds the same graph.
+    let process_of = |w: &usize| w / shared.threads;
+    if members.iter().all(|w| process_of(w) == process_of(&members[0])) {
+        let rank = members.iter().position(|&w| w == scope.index())?;
+        let mut groups = shared.local_groups.lock().expect("groups lock");
+        let group = groups
+            .entry(i)
+            .or_insert_with(|| local::group(&node.id, members.len(), abort).into_iter().map(Some).collect());
+        return group[rank].take();
+    }
+    network::build(scope, &node.id, members, abort)
+}
+
 /// `chain_next[i]`: map `i` feeds the next node, a map on the same workers that reads only it,
 /// and nothing else reads `i`; the two then run as one operator.
 fn chain_next(plan: &crate::plan::Plan) -> Vec<bool> {
@@ -143,8 +173,9 @@ fn worker_info(shared: &JobShared, index: usize, peers: usize, workers: &[usize]
 }
 
 /// Builds this worker's instance; a failure stops the job and leaves an empty instance.
-fn instantiate(node: &PlanNode, runtime: &NodeRuntime) -> Option<OperatorImpl> {
-    let ctx = InstanceContext { node: &node.id, job: &runtime.shared.plan.job, worker: runtime.worker.clone() };
+fn instantiate(node: &PlanNode, runtime: &NodeRuntime, batch_size: Option<usize>) -> Option<OperatorImpl> {
+    let job = &runtime.shared.plan.job;
+    let ctx = InstanceContext { node: &node.id, job, worker: runtime.worker.clone(), batch_size };
     match node.spec.instantiate(&ctx) {
         Ok(instance) if instance.kind() == node.kind => Some(instance),
         Ok(instance) => {

@@ -126,6 +126,7 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<RunReport, EngineError> 
             )));
         }
     }
+    let source_batches = plan.source_batches(threads, processes).map_err(|e| EngineError::Options(e.join("\n")))?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(plan.job.cpu_threads())
         .thread_name(|i| format!("lf-pool-{i}"))
@@ -145,9 +146,11 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<RunReport, EngineError> 
         pool,
         trace: options.trace.then(|| Arc::new(TraceRecorder::new(start, process))),
         failure: Mutex::new(None),
-        ledger: Arc::new(PositionLedger::new(threads * processes, processes)),
+        ledger: Arc::new(PositionLedger::new(threads * processes, processes, process)),
         resume,
         reject_logs,
+        local_groups: Mutex::default(),
+        source_batches,
     });
     let _interrupts = options.handle_interrupts.then(|| stop::handle_interrupts(&shared.stop));
     let (peer_tx, peer_rx) = unbounded::<String>();

@@ -12,13 +12,15 @@ use serde_json::{json, Value};
 pub struct PositionLedger {
     workers: usize,
     processes: usize,
+    process: usize,
     entries: Mutex<BTreeMap<(String, usize), BTreeMap<u64, Value>>>,
 }
 
 impl PositionLedger {
-    /// An empty ledger for a job of `workers` workers in all over `processes` processes.
-    pub fn new(workers: usize, processes: usize) -> Self {
-        PositionLedger { workers, processes, entries: Mutex::default() }
+    /// An empty ledger for process `process` of a job of `workers` workers in all over
+    /// `processes` processes.
+    pub fn new(workers: usize, processes: usize, process: usize) -> Self {
+        PositionLedger { workers, processes, process, entries: Mutex::default() }
     }
 
     /// Source `node` on `worker` stands at `position` after emitting epoch `epoch`. Every sink
@@ -43,13 +45,13 @@ impl PositionLedger {
     }
 
     /// Every source's position once epoch `epoch` (and every epoch before it) has been read:
-    /// `{"workers": N, "processes": P, "sources": {"NODE": {"WORKER": position}}}` (this
-    /// process's sources only). Older entries are dropped,
+    /// `{"workers": N, "processes": P, "covered": [p], "sources": {"NODE": {"WORKER": position}}}`
+    /// (this process `p`'s sources only; a trainer merges the processes' ledgers). Older entries are dropped,
     /// so ask for epochs in increasing order.
     ///
     /// ```
     /// use latentflow_engine::runtime::PositionLedger;
-    /// let ledger = PositionLedger::new(1, 1);
+    /// let ledger = PositionLedger::new(1, 1, 0);
     /// assert_eq!(ledger.after_epoch(0)["sources"], serde_json::json!({}));
     /// ```
     pub fn after_epoch(&self, epoch: u64) -> Value {
@@ -66,7 +68,7 @@ impl PositionLedger {
                 per_worker[worker.to_string()] = position;
             }
         }
-        json!({ "workers": self.workers, "processes": self.processes, "sources": sources })
+        json!({ "workers": self.workers, "processes": self.processes, "covered": [self.process], "sources": sources })
     }
 }
 
@@ -78,11 +80,19 @@ impl ResumePositions {
     /// Checks that `saved` was taken with as many workers as this run has.
     pub(crate) fn new(saved: Option<Value>, workers: usize) -> Result<Self, String> {
         if let Some(saved) = &saved {
-            if saved.get("processes").and_then(Value::as_u64).unwrap_or(1) > 1 {
-                // Each process saw only its own sources; the others' positions are not saved.
-                return Err("resuming a cluster run's data position is not supported yet; \
-                            resume on one process, or start the data from the beginning"
-                    .into());
+            let processes = saved.get("processes").and_then(Value::as_u64).unwrap_or(1);
+            let covered: Vec<u64> = match saved.get("covered").and_then(Value::as_array) {
+                Some(list) => list.iter().filter_map(Value::as_u64).collect(),
+                None => vec![0],
+            };
+            if covered != (0..processes).collect::<Vec<_>>() {
+                // Each process's ledger holds its own sources; the trainers merge them, and a
+                // process without a trainer is missing.
+                return Err(format!(
+                    "the checkpoint's data position covers the sources of process(es) {covered:?} of {processes}: \
+                     the processes without a trainer were not saved; place a trainer on every process, or start \
+                     the data from the beginning"
+                ));
             }
             let was = saved.get("workers").and_then(Value::as_u64);
             if was != Some(workers as u64) {
@@ -109,14 +119,14 @@ mod tests {
 
     #[test]
     fn position_after_an_epoch_is_the_newest_at_or_before_it() {
-        let ledger = PositionLedger::new(2, 1);
+        let ledger = PositionLedger::new(2, 1, 0);
         ledger.record("read", 0, 0, json!(10), 0);
         ledger.record("read", 0, 1, json!(20), 0);
         ledger.record("read", 1, 0, json!(5), 0);
         ledger.record("read", 0, 2, json!(30), 0);
         assert_eq!(
             ledger.after_epoch(1),
-            json!({"workers": 2, "processes": 1, "sources": {"read": {"0": 20, "1": 5}}})
+            json!({"workers": 2, "processes": 1, "covered": [0], "sources": {"read": {"0": 20, "1": 5}}})
         );
         // Asking again for a later epoch still sees worker 1's last position.
         assert_eq!(ledger.after_epoch(2)["sources"]["read"], json!({"0": 30, "1": 5}));
@@ -124,7 +134,7 @@ mod tests {
 
     #[test]
     fn finished_epochs_are_dropped_but_the_newest_of_them() {
-        let ledger = PositionLedger::new(1, 1);
+        let ledger = PositionLedger::new(1, 1, 0);
         for epoch in 0..1000 {
             ledger.record("read", 0, epoch, json!(epoch), epoch.saturating_sub(2));
         }

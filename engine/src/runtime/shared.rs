@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::StopSignal;
+use crate::collective::Collective;
 use crate::error::{EngineError, OpError};
 use crate::metrics::{MetricsRegistry, OperatorMetrics, TraceRecorder};
 use crate::operator::{OpContext, WorkerInfo};
@@ -93,6 +94,11 @@ pub(crate) struct JobShared {
     /// Where sources start when the run resumes a checkpoint.
     pub resume: super::positions::ResumePositions,
     pub reject_logs: std::collections::HashMap<std::path::PathBuf, Arc<super::reject_log::RejectLog>>,
+    /// Shared-memory collectives by node index, made by the first worker that builds the node
+    /// and taken rank by rank.
+    pub local_groups: Mutex<BTreeMap<usize, Vec<Option<Collective>>>>,
+    /// Rows per epoch per instance of each source, as the plan fixed them.
+    pub source_batches: Vec<Option<usize>>,
 }
 
 impl JobShared {
@@ -116,6 +122,8 @@ pub(crate) struct NodeRuntime {
     pub metrics: Arc<OperatorMetrics>,
     pub shared: Arc<JobShared>,
     pub reject_log: Option<Arc<super::reject_log::RejectLog>>,
+    /// This instance's collective, until its thread's context takes it.
+    pub collective: Arc<Mutex<Option<Collective>>>,
 }
 
 impl NodeRuntime {
@@ -125,6 +133,7 @@ impl NodeRuntime {
             self.worker.clone(),
             Arc::clone(&self.shared.stop),
             Arc::clone(&self.shared.ledger),
+            self.collective.lock().expect("collective lock").take(),
         )
     }
 

@@ -77,6 +77,8 @@ pub(crate) fn build<'s>(
     let mut output = OutputBuilder::<u64, CapacityContainerBuilder<Vec<Batch>>>::from(output);
     let activator = scope.worker().sync_activator_for(info.address.to_vec());
     let thread = stage.map(|s| spawn_thread(s, node.clone(), activator));
+    let every_epoch =
+        node.shared.plan.nodes.iter().find(|n| n.id.as_str() == &*node.id).is_some_and(|n| n.spec.collective());
 
     builder.build(move |mut caps| {
         // Held until the final flush, trailing the input frontier so it never holds back the gate.
@@ -84,6 +86,8 @@ pub(crate) fn build<'s>(
         let mut epochs: BTreeMap<u64, Epoch> = BTreeMap::new();
         let mut finish_sent = false;
         let mut failed = false;
+        // The first epoch not yet ended on the thread.
+        let mut next_epoch = 0u64;
         move |frontiers| {
             let frontier = frontiers[0].frontier();
             input.for_each(|cap, data| {
@@ -106,9 +110,21 @@ pub(crate) fn build<'s>(
             let Some((tx, rx)) = thread.as_ref() else {
                 return;
             };
-            // The thread sees one epoch at a time: the oldest open epoch's batches go now, later
-            // epochs wait until it has ended (the input frontier moved past it).
+            // The thread sees one epoch at a time, in order: an epoch's batches go only once every
+            // earlier epoch has ended (the input frontier reached it), so which rows an epoch holds
+            // never depends on timing. Nodes whose instances work together also end the epochs
+            // that brought them nothing, so every instance sees the same sequence of epochs.
+            let reached = |time: u64| frontier.iter().all(|f| *f >= time);
             for (time, epoch) in epochs.iter_mut().filter(|(_, e)| !e.ended) {
+                if !reached(*time) {
+                    break;
+                }
+                if every_epoch {
+                    for empty in next_epoch..*time {
+                        let _ = tx.send(StageIn::EndEpoch(empty));
+                    }
+                }
+                next_epoch = next_epoch.max(*time);
                 if !epoch.buffered.is_empty() {
                     let _ = tx.send(StageIn::Batches(*time, std::mem::take(&mut epoch.buffered)));
                 }
@@ -116,7 +132,15 @@ pub(crate) fn build<'s>(
                     break;
                 }
                 epoch.ended = true;
+                next_epoch = *time + 1;
                 let _ = tx.send(StageIn::EndEpoch(*time));
+            }
+            if let (true, Some(&f)) = (every_epoch, frontier.iter().min()) {
+                // Every epoch below the frontier is complete; those with data ended above.
+                for empty in next_epoch..f {
+                    let _ = tx.send(StageIn::EndEpoch(empty));
+                }
+                next_epoch = next_epoch.max(f);
             }
             if let (Some(h), Some(&f)) = (held.as_mut(), frontier.iter().min()) {
                 if f > *h.time() {

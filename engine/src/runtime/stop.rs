@@ -24,6 +24,7 @@ pub enum StopReason {
 pub struct StopSignal {
     stopped: AtomicBool,
     interrupted: AtomicBool,
+    failed: AtomicBool,
     wakers: Mutex<Vec<SyncActivator>>,
 }
 
@@ -32,6 +33,9 @@ impl StopSignal {
     pub fn request(&self, reason: StopReason) {
         if reason == StopReason::Interrupted {
             self.interrupted.store(true, Ordering::SeqCst);
+        }
+        if reason == StopReason::Failed {
+            self.failed.store(true, Ordering::SeqCst);
         }
         if !self.stopped.swap(true, Ordering::SeqCst) {
             tracing::info!(?reason, "stopping: sources stop, in-flight work drains");
@@ -44,6 +48,11 @@ impl StopSignal {
     /// True once a stop was requested.
     pub fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::SeqCst)
+    }
+
+    /// True once an operator in this process failed: collectives waiting for peers give up.
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
     }
 
     /// True when the stop came from Ctrl-C.

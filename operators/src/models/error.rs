@@ -50,6 +50,9 @@ pub enum ModelError {
     /// Bad input to a model or to training (shapes, options, a non-finite loss).
     #[error("{0}")]
     Input(String),
+    /// Data-parallel replicas could not agree (a collective failed, or they diverged).
+    #[error("data-parallel training: {0}")]
+    Replicas(String),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -3,6 +3,7 @@
 //! gradient clipping and accumulation, EMA, and checkpoints that resume exactly.
 
 pub mod adamw;
+pub mod buckets;
 pub mod checkpoint;
 pub mod ema;
 pub mod grads;
@@ -18,4 +19,4 @@ pub use ema::Ema;
 pub use lr::{LrDecay, LrSchedule};
 pub use options::{Precision, TrainingOptions};
 pub use schedule::{NoiseSchedule, Prediction, SchedulerConfig};
-pub use trainer::{Draws, StepReport, Trainer, TrainerState};
+pub use trainer::{Draws, Replicas, Shard, StepReport, Trainer, TrainerState};

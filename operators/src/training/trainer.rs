@@ -8,6 +8,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::adamw::AdamW;
+use super::buckets::{GradientBuckets, DEFAULT_BUCKET_BYTES};
 use super::ema::Ema;
 use super::grads::{self, Grads};
 use super::options::{Precision, TrainingOptions};
@@ -55,6 +56,7 @@ pub struct StepReport {
 struct Pending {
     grads: Grads,
     micro_batches: u64,
+    /// Sum over micro-batches of rows x mean loss.
     loss_sum: f64,
     samples: usize,
     forward_s: f64,
@@ -72,6 +74,27 @@ pub struct Trainer {
     rng: Rng,
     compute: DType,
     pending: Pending,
+    buckets: Option<GradientBuckets>,
+}
+
+/// Sums gradients (and a few scalars) over the replicas of a data-parallel trainer: after the
+/// call every replica holds the same sum. The engine's collective implements it in the `train`
+/// operator; the training math does not know where the other replicas are.
+pub trait Replicas {
+    /// Replaces `buf` by the element-wise sum of every replica's `buf`.
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> std::result::Result<(), String>;
+}
+
+/// Where one replica's rows sit in a step's global batch: positions `first..first + n` of
+/// `global_rows`, in the batch's key order. A replica's draws (timesteps, noise, caption
+/// dropout) are those of its positions in one stream for the whole global batch, so a step's
+/// numbers do not depend on how many replicas share it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    /// The position of this replica's first row.
+    pub first: usize,
+    /// Rows in the whole step, over all replicas.
+    pub global_rows: usize,
 }
 
 /// The pieces a trainer continues from (a fresh start or a checkpoint).
@@ -124,6 +147,7 @@ impl Trainer {
             rng: state.rng,
             compute,
             pending: Pending::default(),
+            buckets: None,
         })
     }
 
@@ -174,20 +198,58 @@ impl Trainer {
 
     /// Draws timesteps, noise and caption dropout for latents [B, C, H, W].
     pub fn draw(&mut self, latents: &Tensor) -> Result<Draws> {
-        let dims = latents.dims4()?;
-        let (b, c) = (dims.0, dims.1);
-        let timesteps = (0..b).map(|_| self.rng.below(self.schedule.len())).collect();
-        let mut noise = Tensor::from_vec(self.rng.normals(latents.elem_count()), latents.dims(), latents.device())?;
+        let b = latents.dims4()?.0;
+        let draws = self.draw_at(latents, Shard { first: 0, global_rows: b })?;
+        self.rng.skip(self.draws_per_step(latents, b)?);
+        Ok(draws)
+    }
+
+    /// The draws of rows `shard.first..shard.first + B` of a global batch of
+    /// `shard.global_rows`, without moving the stream. The stream holds, for the whole batch
+    /// in order: one timestep per row, the noise (row after row, two draws per value), the
+    /// noise offsets, then the caption-dropout coins; a replica jumps to its rows in each.
+    fn draw_at(&self, latents: &Tensor, shard: Shard) -> Result<Draws> {
+        let (b, c, _, _) = latents.dims4()?;
+        let per_row = latents.elem_count() / b.max(1);
+        let (first, global) = (shard.first as u64, shard.global_rows as u64);
+        let at = |skip: u64| {
+            let mut rng = self.rng.clone();
+            rng.skip(skip);
+            rng
+        };
+        let mut rng = at(first);
+        let timesteps = (0..b).map(|_| rng.below(self.schedule.len())).collect();
+        let noise_start = global;
+        let values = at(noise_start + 2 * first * per_row as u64).normals(latents.elem_count());
+        let mut noise = Tensor::from_vec(values, latents.dims(), latents.device())?;
+        let mut coins_start = noise_start + 2 * global * per_row as u64;
         if self.options.noise_offset > 0.0 {
-            let offset = Tensor::from_vec(self.rng.normals(b * c), (b, c, 1, 1), latents.device())?;
+            let offsets = at(coins_start + 2 * first * c as u64).normals(b * c);
+            let offset = Tensor::from_vec(offsets, (b, c, 1, 1), latents.device())?;
             noise = noise.broadcast_add(&offset.affine(self.options.noise_offset, 0.0)?)?;
+            coins_start += 2 * global * c as u64;
         }
         let keep_caption = if self.options.caption_dropout > 0.0 {
-            (0..b).map(|_| self.rng.unit() >= self.options.caption_dropout).collect()
+            let mut rng = at(coins_start + first);
+            (0..b).map(|_| rng.unit() >= self.options.caption_dropout).collect()
         } else {
             vec![true; b]
         };
         Ok(Draws { timesteps, noise, keep_caption })
+    }
+
+    /// How far one step of `global_rows` rows shaped like `latents` moves the stream.
+    fn draws_per_step(&self, latents: &Tensor, global_rows: usize) -> Result<u64> {
+        let (_, c, h, w) = latents.dims4()?;
+        let g = global_rows as u64;
+        let mut n = g + 2 * g * (c * h * w) as u64;
+        if self.options.noise_offset > 0.0 {
+            n += 2 * g * c as u64;
+        }
+        if self.options.caption_dropout > 0.0 {
+            n += g;
+        }
+        Ok(n)
     }
 
     /// The loss of one micro-batch for given draws: latents [B, 4, h, w], text `context`
@@ -297,24 +359,92 @@ impl Trainer {
         context: &Tensor,
         empty_context: Option<&Tensor>,
     ) -> Result<StepReport> {
+        let rows = latents.dims()[0];
+        self.train_shard(latents, context, empty_context, Shard { first: 0, global_rows: rows }, None)
+    }
+
+    /// One data-parallel optimizer step: this replica's rows (latents [B, 4, h, w] and
+    /// `context` [B, N, D], positions `shard.first..` of the step's batch; B may be 0), split
+    /// into `gradient_accumulation_steps` micro-batches, each micro-batch's loss weighted by its
+    /// share of the WHOLE batch. `replicas` then sums the gradients over every replica (so the
+    /// sum is the gradient of the batch's mean loss, however unevenly it was split) and every
+    /// replica clips, steps AdamW and updates the EMA on the same numbers. With `None` this
+    /// replica is alone ([`Trainer::train_batch`]).
+    pub fn train_shard(
+        &mut self,
+        latents: &Tensor,
+        context: &Tensor,
+        empty_context: Option<&Tensor>,
+        shard: Shard,
+        replicas: Option<&mut dyn Replicas>,
+    ) -> Result<StepReport> {
         if self.pending.micro_batches != 0 {
             return Err(ModelError::Input("train_batch called with micro-batches already pending".into()));
         }
         let rows = latents.dims()[0];
-        if rows == 0 {
-            return Err(ModelError::Input("an optimizer step needs at least one row".into()));
+        let global = shard.global_rows;
+        if global == 0 || shard.first + rows > global {
+            return Err(ModelError::Input(format!(
+                "an optimizer step needs at least one row, and rows {}..{} within the batch's {global}",
+                shard.first,
+                shard.first + rows
+            )));
         }
-        let parts = (self.options.gradient_accumulation_steps as usize).min(rows);
+        let parts = (self.options.gradient_accumulation_steps as usize).min(rows).max(1);
         let micro = rows.div_ceil(parts);
         let mut start = 0;
         while start < rows {
             let n = micro.min(rows - start);
             let (l, c) = (latents.narrow(0, start, n)?, context.narrow(0, start, n)?);
-            let draws = self.draw(&l)?;
-            self.accumulate(&l, &c, empty_context, &draws, n as f64 / rows as f64)?;
+            let draws = self.draw_at(&l, Shard { first: shard.first + start, global_rows: global })?;
+            self.accumulate(&l, &c, empty_context, &draws, n as f64 / global as f64)?;
             start += n;
         }
+        self.rng.skip(self.draws_per_step(latents, global)?);
+        if let Some(replicas) = replicas {
+            self.reduce(replicas)?;
+        }
         self.apply()
+    }
+
+    /// Sums the pending gradients, loss and sample count over the replicas, bucket by bucket.
+    fn reduce(&mut self, replicas: &mut dyn Replicas) -> Result<()> {
+        let buckets = self.buckets.get_or_insert_with(|| GradientBuckets::new(&self.params, DEFAULT_BUCKET_BYTES));
+        let pending = &mut self.pending;
+        let fail = |e: String| ModelError::Replicas(e);
+        // Which parameters got a gradient anywhere, the loss and the rows: one small message.
+        let names: Vec<String> = buckets.names().map(str::to_string).collect();
+        let mut head: Vec<f32> = names.iter().map(|n| f32::from(pending.grads.contains_key(n))).collect();
+        head.extend([pending.loss_sum as f32, pending.samples as f32]);
+        replicas.all_reduce_sum(&mut head).map_err(fail)?;
+        let present: std::collections::HashSet<&str> =
+            names.iter().zip(&head).filter(|(_, &n)| n > 0.0).map(|(name, _)| name.as_str()).collect();
+        pending.loss_sum = f64::from(head[names.len()]);
+        pending.samples = head[names.len() + 1].round() as usize;
+        for b in 0..buckets.len() {
+            let mut buf = buckets.pack(b, &pending.grads)?;
+            replicas.all_reduce_sum(&mut buf).map_err(fail)?;
+            buckets.unpack(b, &buf, &mut pending.grads, &|n| present.contains(n), &self.params)?;
+        }
+        if pending.micro_batches == 0 {
+            pending.micro_batches = 1; // this replica had no rows; the step is still taken
+        }
+        Ok(())
+    }
+
+    /// A hash of everything a replica must share at the start: weights, step and stream.
+    pub fn checksum(&self) -> Result<u64> {
+        let mut hash = 0xcbf2_9ce4_8422_2325u64 ^ self.step() ^ self.rng.state().rotate_left(17);
+        for (name, var) in &self.params {
+            for byte in name.bytes() {
+                hash = (hash ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3);
+            }
+            let values = var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            for v in values {
+                hash = (hash ^ u64::from(v.to_bits())).wrapping_mul(0x100_0000_01b3);
+            }
+        }
+        Ok(hash)
     }
 
     /// Forward and backward on one micro-batch; its gradient, times `weight`, joins the pending sum.
@@ -338,7 +468,7 @@ impl Trainer {
         grads::accumulate(&mut self.pending.grads, grads::collect(&self.params, &store))?;
         let p = &mut self.pending;
         p.micro_batches += 1;
-        p.loss_sum += loss_value;
+        p.loss_sum += loss_value * draws.timesteps.len() as f64;
         p.samples += draws.timesteps.len();
         p.forward_s += forward_s;
         p.backward_s += started.elapsed().as_secs_f64() - forward_s;
@@ -360,7 +490,7 @@ impl Trainer {
         }
         Ok(StepReport {
             step,
-            loss: pending.loss_sum / pending.micro_batches as f64,
+            loss: pending.loss_sum / pending.samples.max(1) as f64,
             grad_norm,
             lr,
             samples: pending.samples,

@@ -1,0 +1,219 @@
+//! `train`'s configuration: its keys, their validation, and the checkpoint a run resumes from.
+
+use std::path::{Path, PathBuf};
+
+use latentflow_engine::{
+    ColumnType, Field, InstanceContext, JobConfig, KeyError, NodeSpec, OpError, OperatorConfig, OperatorImpl,
+    OperatorKind, Ports,
+};
+use serde::{Deserialize, Serialize};
+
+use super::Train;
+use crate::model_keys::{self, op_error};
+use crate::training::{checkpoint, NoiseSchedule, SchedulerConfig, TrainingOptions};
+
+/// Config of `train`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// A diffusers pipeline folder: its `unet/` is the starting point, `scheduler/` the noise
+    /// schedule, `text_encoder/` + `tokenizer/` give the empty caption for caption dropout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<PathBuf>,
+    /// The UNet's own folder.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// A built-in UNet size with random initial weights (training from scratch); with `model`
+    /// too, the UNet still starts from scratch and `model` gives the scheduler and text encoder.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
+    /// A scheduler folder (`scheduler_config.json`); default `model/scheduler`, else SD's DDPM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<PathBuf>,
+    /// A text encoder folder for the empty caption (caption dropout); default `model/text_encoder`,
+    /// else the preset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text_encoder: Option<PathBuf>,
+    /// Rows per optimizer step, over all trainers: what one epoch brings. The sources' share of
+    /// it per worker follows from the plan (`batch_size` left out), and the trainers split it
+    /// between them by row key.
+    pub global_batch_size: usize,
+    /// Stop after this many optimizer steps (counted over resumes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<u64>,
+    /// Save a checkpoint every this many steps (0: only at the end).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (0: all).
+    pub keep_last: usize,
+    /// `"latest"` (the newest checkpoint under the output folder, if any) or a checkpoint folder.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume: Option<String>,
+    /// Also write each step's row keys to `metrics.jsonl`.
+    pub log_keys: bool,
+    /// Every this many steps, sample `sample_prompts` into `samples/step-N.png` (0: never).
+    pub sample_every: u64,
+    /// The prompts of the preview grid.
+    pub sample_prompts: Vec<String>,
+    /// DDIM steps per preview.
+    pub sample_steps: usize,
+    /// Classifier-free guidance scale of the previews.
+    pub guidance_scale: f64,
+    /// A VAE folder for decoding previews; default `model/vae`, else the preset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vae: Option<PathBuf>,
+    /// The training hyperparameters (`[nodes.ID.training]`).
+    pub training: TrainingOptions,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: None,
+            path: None,
+            preset: None,
+            scheduler: None,
+            text_encoder: None,
+            global_batch_size: 8,
+            max_steps: None,
+            checkpoint_every: 500,
+            keep_last: 3,
+            resume: None,
+            log_keys: false,
+            sample_every: 0,
+            sample_prompts: vec!["a red circle on a blue background".into(), "a yellow square".into()],
+            sample_steps: 20,
+            guidance_scale: 7.5,
+            vae: None,
+            training: TrainingOptions::default(),
+        }
+    }
+}
+
+impl OperatorConfig for TrainConfig {
+    const TYPE: &'static str = "train";
+    const KIND: OperatorKind = OperatorKind::Sink;
+    const SUMMARY: &'static str = "latents + caption_latents -> one UNet optimizer step per epoch; checkpoints, \
+                                   metrics.jsonl, loss.png, final/unet";
+    const EXAMPLE: &'static str = "preset = \"tiny\"\nglobal_batch_size = 8\nmax_steps = 100\n\n[training]\nlr = 1e-4";
+    const KEYS: &'static [(&'static str, &'static str)] = &[
+        ("model", "a diffusers pipeline folder: unet/ to start from, scheduler/, text_encoder/ + tokenizer/"),
+        ("path", "the UNet's own folder to start from"),
+        ("preset", "\"tiny\", \"sd2-base\" or \"sd1\": train from random weights (even with `model`, which then gives scheduler/ and text_encoder/)"),
+        ("scheduler", "a scheduler folder (default model/scheduler, else SD's DDPM schedule)"),
+        ("text_encoder", "text encoder folder for the empty caption of caption dropout (default model/text_encoder or the preset)"),
+        ("global_batch_size", "rows per optimizer step over all trainers = rows per epoch (default 8); sources without batch_size emit their share of it"),
+        ("max_steps", "stop after this many optimizer steps, counted over resumes"),
+        ("checkpoint_every", "save a checkpoint every N steps (default 500; 0: only at the end)"),
+        ("keep_last", "checkpoints kept (default 3; 0 keeps all)"),
+        ("resume", "\"latest\" (the newest checkpoint under the output folder, if any) or a checkpoint folder"),
+        ("log_keys", "write each step's row keys to metrics.jsonl (default false)"),
+        ("sample_every", "every N steps, decode sample_prompts with DDIM + the VAE into samples/step-N.png (default 0: never)"),
+        ("sample_prompts", "prompts of the preview grid"),
+        ("sample_steps", "DDIM steps per preview (default 20)"),
+        ("guidance_scale", "classifier-free guidance of the previews (default 7.5)"),
+        ("vae", "VAE folder for decoding previews (default model/vae or the preset)"),
+        ("training", "table of training options: lr, warmup_steps, lr_decay, total_steps, adam_*, weight_decay, max_grad_norm, gradient_accumulation_steps, snr_gamma, noise_offset, caption_dropout, ema_decay, ema_start_step, precision, seed"),
+    ];
+}
+
+impl TrainConfig {
+    /// The checkpoint this run continues from, if any.
+    pub fn resume_checkpoint(&self, job: &JobConfig) -> Result<Option<PathBuf>, OpError> {
+        match self.resume.as_deref() {
+            None => Ok(None),
+            Some("latest") => checkpoint::latest(&job.output_dir()).map_err(op_error),
+            Some(dir) => {
+                let dir = PathBuf::from(dir);
+                checkpoint::read_state(&dir).map_err(op_error)?;
+                Ok(Some(dir))
+            }
+        }
+    }
+
+    pub(super) fn schedule(&self) -> Result<NoiseSchedule, OpError> {
+        let folder = self.scheduler.clone().or_else(|| self.model.as_ref().map(|m| m.join("scheduler")));
+        match folder {
+            Some(dir) => NoiseSchedule::from_folder(&dir),
+            None => NoiseSchedule::new(&SchedulerConfig::default(), Path::new("the default SD schedule")),
+        }
+        .map_err(op_error)
+    }
+}
+
+impl NodeSpec for TrainConfig {
+    fn validate(&self) -> Vec<KeyError> {
+        let mut errors = model_keys::check_source(self.model.as_deref(), self.path.as_deref(), self.preset.as_deref());
+        errors.extend(KeyError::check_range("global_batch_size", self.global_batch_size, 1, 1 << 24));
+        if let Some(max) = self.max_steps {
+            errors.extend(KeyError::check_range("max_steps", max, 1, u64::MAX));
+        }
+        errors.extend(self.training.problems().into_iter().map(|p| KeyError::new("training", p)));
+        if self.sample_every > 0 {
+            if self.sample_prompts.is_empty() {
+                errors.push(KeyError::new("sample_prompts", "previews need at least one prompt"));
+            }
+            errors.extend(KeyError::check_range("sample_steps", self.sample_steps, 1, 1000));
+            if !(self.guidance_scale.is_finite() && self.guidance_scale >= 1.0) {
+                errors.push(KeyError::new("guidance_scale", format!("must be >= 1, got {}", self.guidance_scale)));
+            }
+        }
+        if let Some(dir) = self.resume.as_deref().filter(|r| *r != "latest") {
+            if !Path::new(dir).join("state.json").is_file() {
+                errors.push(KeyError::new(
+                    "resume",
+                    format!(
+                        "`{dir}` is not a checkpoint folder (no state.json); use \"latest\" or a checkpoint-N folder"
+                    ),
+                ));
+            }
+        }
+        errors
+    }
+
+    fn ports(&self) -> Ports {
+        Ports {
+            requires: vec![
+                Field::new("key", ColumnType::I64),
+                Field::new("latents", ColumnType::F32Tensor),
+                Field::new("caption_latents", ColumnType::F32Tensor),
+            ],
+            ..Ports::default()
+        }
+    }
+
+    fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
+        Ok(OperatorImpl::Sink(Box::new(Train::new(self.clone(), ctx.job)?)))
+    }
+
+    fn collective(&self) -> bool {
+        true // data-parallel: the instances average their gradients
+    }
+
+    fn global_batch_size(&self) -> Option<usize> {
+        Some(self.global_batch_size)
+    }
+
+    fn resume_data_position(&self, job: &JobConfig) -> Result<Option<serde_json::Value>, OpError> {
+        let Some(dir) = self.resume_checkpoint(job)? else { return Ok(None) };
+        let state = checkpoint::read_state(&dir).map_err(op_error)?;
+        Ok(Some(state.data_position).filter(|p| !p.is_null()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_reports_every_problem() {
+        let config = TrainConfig {
+            preset: Some("huge".into()),
+            global_batch_size: 0,
+            resume: Some("/nonexistent".into()),
+            training: TrainingOptions { lr: -1.0, ..Default::default() },
+            ..Default::default()
+        };
+        let keys: Vec<_> = config.validate().into_iter().map(|e| e.key).collect();
+        assert_eq!(keys, ["preset", "global_batch_size", "training", "resume"]);
+    }
+}

@@ -1,0 +1,296 @@
+//! `train`: the UNet's training loop as the graph's last node. Each epoch's rows are one global
+//! batch and one optimizer step; it writes `metrics.jsonl`, checkpoints that resume exactly
+//! (data position included), and at the end `loss.png` and `final/unet/` in the diffusers layout.
+//!
+//! On several workers the instances are data-parallel replicas of one model ([`replicas`]):
+//! each trains its block of every step's rows, gradients are summed over them, and the first
+//! writes the files.
+
+mod conditions;
+mod config;
+mod metrics;
+mod replicas;
+mod rows;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use latentflow_engine::{Batch, JobConfig, OpContext, OpError, Sink};
+
+pub use config::TrainConfig;
+
+use crate::model_keys::{self, op_error};
+use crate::models::load::{load_unet, ModelSource};
+use crate::training::{checkpoint, loss_plot, Shard, Trainer};
+use conditions::Previews;
+use metrics::MetricsLog;
+use replicas::{GradientSum, Replicas, StepRows, FINISHED};
+use rows::RowBuffer;
+
+/// The `train` sink.
+pub struct Train {
+    config: TrainConfig,
+    source: ModelSource,
+    output_dir: PathBuf,
+    seed: u64,
+    resume: Option<PathBuf>,
+    run: Option<Run>,
+}
+
+/// A started run: the trainer, its replicas and what the current epoch has brought.
+struct Run {
+    trainer: Trainer,
+    replicas: Replicas,
+    device: Device,
+    empty_caption: Option<Tensor>,
+    previews: Option<Previews>,
+    metrics: MetricsLog,
+    rows: RowBuffer,
+    idle_since: Instant,
+    busy_in_writes: Duration,
+    /// The job's data position after the last step (what the next checkpoint saves).
+    position: Option<serde_json::Value>,
+    checkpointed_step: u64,
+    warned_short: bool,
+}
+
+impl Train {
+    /// The sink for `config` in `job` (its output folder and seed); the model loads in `start`.
+    pub fn new(config: TrainConfig, job: &JobConfig) -> Result<Train, OpError> {
+        // A preset means training from scratch even with `model` set (which then gives the
+        // scheduler and the empty caption), as the reference trains SD2's UNet.
+        let model = if config.preset.is_some() { None } else { config.model.as_deref() };
+        let source = model_keys::source(model, config.path.as_deref(), config.preset.as_deref(), "unet")?;
+        Ok(Train {
+            resume: config.resume_checkpoint(job)?,
+            config,
+            source,
+            output_dir: job.output_dir(),
+            seed: job.seed,
+            run: None,
+        })
+    }
+
+    /// The trainer, once started (for tests that compare the saved UNet with the one in memory).
+    pub fn trainer(&self) -> Option<&Trainer> {
+        self.run.as_ref().map(|r| &r.trainer)
+    }
+
+    fn run_mut(&mut self) -> Result<&mut Run, OpError> {
+        self.run.as_mut().ok_or_else(|| OpError::msg("train used before start"))
+    }
+
+    fn start_run(&mut self, device: Device, replicas: Replicas) -> Result<Run, OpError> {
+        let schedule = self.config.schedule()?;
+        let (empty_caption, prompts) = self.config.text_conditions(&device, self.seed)?;
+        let first = replicas.is_first();
+        let previews = if first { self.config.previews(&device, self.seed, &schedule, prompts)? } else { None };
+        let options = self.config.training.clone();
+        let (trainer, step) = match &self.resume {
+            Some(dir) => {
+                let (trainer, state) = checkpoint::resume(dir, schedule, options, &device).map_err(op_error)?;
+                tracing::info!(checkpoint = %dir.display(), step = state.step, "training resumes");
+                (trainer, state.step)
+            }
+            None => {
+                let (unet, weights) = load_unet(&self.source, &device, true, self.seed).map_err(op_error)?;
+                (Trainer::new(unet, &weights, schedule, options).map_err(op_error)?, 0)
+            }
+        };
+        if first {
+            std::fs::create_dir_all(&self.output_dir).map_err(|e| OpError::io(&self.output_dir, e))?;
+        }
+        let metrics = MetricsLog::open(&self.output_dir.join("metrics.jsonl"), step, first)?;
+        Ok(Run {
+            trainer,
+            replicas,
+            device,
+            empty_caption,
+            previews,
+            metrics,
+            rows: RowBuffer::default(),
+            idle_since: Instant::now(),
+            busy_in_writes: Duration::ZERO,
+            position: None,
+            checkpointed_step: step,
+            warned_short: false,
+        })
+    }
+
+    /// Samples the preview prompts with the current weights into `samples/step-N.png`.
+    fn preview(&self, step: u64) -> Result<(), OpError> {
+        let Some(run) = self.run.as_ref() else { return Ok(()) };
+        let (Some(previews), Some(uncond), Some((latent_shape, _))) =
+            (&run.previews, &run.empty_caption, &run.rows.shapes)
+        else {
+            return Ok(());
+        };
+        let [c, h, w] = latent_shape[..] else { return Ok(()) };
+        let path = self.output_dir.join("samples").join(format!("step-{step}.png"));
+        previews.write(&path, run.trainer.unet(), uncond, self.config.guidance_scale, (c, h, w), self.seed)
+    }
+
+    fn done(&self) -> bool {
+        let (Some(run), Some(max)) = (&self.run, self.config.max_steps) else { return false };
+        run.trainer.step() >= max
+    }
+
+    /// Saves a checkpoint with the whole job's data position (every replica takes part; the
+    /// first writes it).
+    fn save_checkpoint(&mut self) -> Result<(), OpError> {
+        let keep_last = self.config.keep_last;
+        let output_dir = self.output_dir.clone();
+        let run = self.run_mut()?;
+        let position = run.replicas.job_position(run.position.clone())?;
+        run.checkpointed_step = run.trainer.step();
+        if !run.replicas.is_first() {
+            return Ok(());
+        }
+        let loss = run.metrics.losses.last().map(|l| l.1);
+        let position = position.unwrap_or(serde_json::Value::Null);
+        let path = checkpoint::save(&output_dir, &run.trainer, position, loss, keep_last).map_err(op_error)?;
+        tracing::info!(checkpoint = %path.display(), "checkpoint saved");
+        Ok(())
+    }
+
+    /// Agrees with the other replicas on steps until `epoch` has been trained (`FINISHED`: until
+    /// every replica has finished), training each step whose epoch some replica announced.
+    fn train_through(&mut self, epoch: u64, ctx: &mut OpContext) -> Result<(), OpError> {
+        let run = self.run_mut()?;
+        let mut rows = Some(run.rows.take());
+        while let Some(mine) = rows.take() {
+            if self.done() {
+                return Ok(()); // every replica is at the same step, so all stop here
+            }
+            let run = self.run_mut()?;
+            let shapes = run.rows.shapes.clone();
+            let (step, unused) = run.replicas.next_step(epoch, mine, shapes.as_ref())?;
+            rows = unused;
+            if step.global_rows > 0 {
+                self.train_step(step, ctx)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One optimizer step on this replica's block of `step`, then metrics, checkpoint, preview.
+    fn train_step(&mut self, step: StepRows, ctx: &mut OpContext) -> Result<(), OpError> {
+        let global = self.config.global_batch_size;
+        let log_keys = self.config.log_keys;
+        let run = self.run_mut()?;
+        let epoch = step.epoch;
+        if step.global_rows > global {
+            return Err(OpError::msg(format!(
+                "epoch {epoch} brought {} rows but global_batch_size is {global}: the sources emit more per epoch \
+                 than a step trains; leave their batch_size out so the plan derives it",
+                step.global_rows
+            )));
+        }
+        if step.global_rows < global && !run.warned_short && run.replicas.is_first() {
+            run.warned_short = true;
+            tracing::warn!(
+                "epoch {epoch} brought {} rows, fewer than global_batch_size {global} (rows rejected upstream, or the \
+                 end of the data): such steps train on the rows they have",
+                step.global_rows
+            );
+        }
+        if let Some(shapes) = step.shapes.clone() {
+            run.rows.check_shapes(shapes)?;
+        }
+        let shapes = run.rows.shapes.clone().ok_or_else(|| OpError::msg("a step without row shapes"))?;
+        let waited = run.idle_since.elapsed().saturating_sub(run.busy_in_writes).as_secs_f64();
+        let (latents, context) = rows::stack(&step.rows, &shapes, &run.device)?;
+        let began = Instant::now();
+        let shard = Shard { first: step.first, global_rows: step.global_rows };
+        let empty = run.empty_caption.as_ref();
+        let report = match run.replicas.collective() {
+            Some(c) => run.trainer.train_shard(&latents, &context, empty, shard, Some(&mut GradientSum(c))),
+            None => run.trainer.train_shard(&latents, &context, empty, shard, None),
+        }
+        .map_err(op_error)?;
+        let step_s = began.elapsed().as_secs_f64();
+        if epoch != FINISHED {
+            run.position = ctx.data_position(epoch).or(run.position.take());
+        }
+        run.metrics.write(&report, waited, step_s, log_keys.then_some(step.keys.as_slice()))?;
+        run.idle_since = Instant::now();
+        run.busy_in_writes = Duration::ZERO;
+        let first = run.replicas.is_first();
+        let step = report.step;
+        if self.config.checkpoint_every > 0 && step % self.config.checkpoint_every == 0 {
+            self.save_checkpoint()?;
+        }
+        let every = self.config.sample_every;
+        if first && every > 0 && step % every == 0 {
+            self.preview(step)?;
+        }
+        if self.done() {
+            tracing::info!(step, "max_steps reached");
+            ctx.request_stop();
+        }
+        Ok(())
+    }
+}
+
+impl Sink for Train {
+    fn start(&mut self, ctx: &mut OpContext) -> Result<(), OpError> {
+        let device = model_keys::device(ctx)?;
+        let replicas = Replicas::new(ctx.take_collective());
+        let mut run = self.start_run(device, replicas)?;
+        run.replicas.check_identical(&run.trainer)?;
+        if run.replicas.size() > 1 && run.replicas.is_first() {
+            tracing::info!(replicas = run.replicas.size(), "data-parallel training");
+        }
+        self.run = Some(run);
+        Ok(())
+    }
+
+    fn write(&mut self, batch: Batch, ctx: &mut OpContext) -> Result<(), OpError> {
+        let began = Instant::now();
+        if self.done() {
+            // In flight when max_steps was reached: not trained, and a resume reads them again.
+            for key in batch.i64s("key")? {
+                ctx.reject(key.to_string(), "after_max_steps");
+            }
+            return Ok(());
+        }
+        let run = self.run_mut()?;
+        run.rows.push(&batch)?;
+        run.busy_in_writes += began.elapsed();
+        Ok(())
+    }
+
+    fn end_epoch(&mut self, epoch: u64, ctx: &mut OpContext) -> Result<(), OpError> {
+        self.train_through(epoch, ctx)
+    }
+
+    fn finish(&mut self, ctx: &mut OpContext) -> Result<(), OpError> {
+        if self.run.is_none() {
+            return Ok(());
+        }
+        // Steps some replicas still hold rows for; then every replica is finished.
+        self.train_through(FINISHED, ctx)?;
+        let run = self.run_mut()?;
+        if run.trainer.step() > run.checkpointed_step {
+            self.save_checkpoint()?;
+        }
+        let run = self.run.as_ref().expect("started");
+        if !run.replicas.is_first() {
+            return Ok(());
+        }
+        let trainer = &run.trainer;
+        let tensors = match trainer.ema() {
+            Some(ema) => ema.tensors().iter().map(|(n, t)| (n.clone(), t.clone())).collect(),
+            None => trainer.params().iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect(),
+        };
+        let final_dir = self.output_dir.join("final").join("unet");
+        checkpoint::write_unet(&final_dir, trainer.unet().config(), &tensors).map_err(op_error)?;
+        let plot = self.output_dir.join("loss.png");
+        if !run.metrics.losses.is_empty() {
+            loss_plot::draw(&plot, &run.metrics.losses).map_err(OpError::msg)?;
+        }
+        tracing::info!(steps = trainer.step(), unet = %final_dir.display(), loss_plot = %plot.display(), "training finished");
+        Ok(())
+    }
+}
