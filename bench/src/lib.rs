@@ -16,7 +16,7 @@ pub fn four_operator_plan(
 ) -> Result<Plan, PlanErrors> {
     TopologyBuilder::new("overhead")
         .job(|job| job.cpu_threads = Some(workers_threads))
-        .node("read", BytesSourceConfig { count, batch_size, payload_bytes }, &[])
+        .node("read", BytesSourceConfig { count, batch_size: Some(batch_size), payload_bytes }, &[])
         .node("sum1", ChecksumConfig::default(), &["read"])
         .node("sum2", ChecksumConfig::default(), &["sum1"])
         .node("sink", NullSinkConfig::default(), &["sum2"])

@@ -23,14 +23,15 @@ pub struct BytesSourceConfig {
     /// Rows in total, over all workers.
     pub count: u64,
     /// Rows per batch (one epoch) on each worker.
-    pub batch_size: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
     /// Bytes of the synthetic `image` payload per row.
     pub payload_bytes: usize,
 }
 
 impl Default for BytesSourceConfig {
     fn default() -> Self {
-        BytesSourceConfig { count: 512, batch_size: 32, payload_bytes: 1024 }
+        BytesSourceConfig { count: 512, batch_size: None, payload_bytes: 1024 }
     }
 }
 
@@ -50,7 +51,7 @@ impl NodeSpec for BytesSourceConfig {
     fn validate(&self) -> Vec<KeyError> {
         [
             KeyError::check_range("count", self.count, 1, 1_000_000_000_000),
-            KeyError::check_range("batch_size", self.batch_size, 1, 1_000_000),
+            self.batch_size.and_then(|b| KeyError::check_range("batch_size", b, 1, 1_000_000)),
             KeyError::check_range("payload_bytes", self.payload_bytes, 0, 1_000_000_000),
         ]
         .into_iter()
@@ -63,12 +64,21 @@ impl NodeSpec for BytesSourceConfig {
     }
 
     fn source_batch_size(&self) -> Option<usize> {
-        Some(self.batch_size)
+        self.batch_size
+    }
+
+    fn reshard_position(
+        &self,
+        saved: &[Option<serde_json::Value>],
+        shard: usize,
+        shards: usize,
+    ) -> Result<Option<serde_json::Value>, OpError> {
+        KeyShard::reshard(saved, shard, shards).map(Some)
     }
 
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
         Ok(OperatorImpl::Source(Box::new(BytesSource::new(
-            Self { batch_size: ctx.batch_size.unwrap_or(self.batch_size), ..self.clone() },
+            Self { batch_size: Some(source_rows::batch_size(ctx, self.batch_size)), ..self.clone() },
             ctx.job.seed,
             ctx.worker.shard as u64,
             ctx.worker.shards as u64,
@@ -94,7 +104,7 @@ impl BytesSource {
 
 impl Source for BytesSource {
     fn next_batch(&mut self, _ctx: &mut OpContext) -> Result<Option<Batch>, OpError> {
-        let keys = self.keys.next_keys(self.config.batch_size);
+        let keys = self.keys.next_keys(self.config.batch_size.unwrap_or(source_rows::DEFAULT_BATCH_SIZE));
         if keys.is_empty() {
             return Ok(None);
         }
@@ -139,7 +149,7 @@ mod tests {
 
     #[test]
     fn shards_cover_every_key_once() {
-        let config = BytesSourceConfig { count: 10, batch_size: 3, payload_bytes: 4 };
+        let config = BytesSourceConfig { count: 10, batch_size: Some(3), payload_bytes: 4 };
         let mut all: Vec<i64> = (0..3).flat_map(|s| drain(&mut BytesSource::new(config.clone(), 0, s, 3))).collect();
         all.sort_unstable();
         assert_eq!(all, (0..10).collect::<Vec<_>>());
@@ -147,7 +157,7 @@ mod tests {
 
     #[test]
     fn rows_are_deterministic_and_seeded() {
-        let config = BytesSourceConfig { count: 4, batch_size: 4, payload_bytes: 16 };
+        let config = BytesSourceConfig { count: 4, batch_size: Some(4), payload_bytes: 16 };
         let mut ctx = OpContext::detached("read");
         let a = BytesSource::new(config.clone(), 1, 0, 1).next_batch(&mut ctx).unwrap().unwrap();
         let b = BytesSource::new(config.clone(), 1, 0, 1).next_batch(&mut ctx).unwrap().unwrap();
@@ -159,7 +169,7 @@ mod tests {
 
     #[test]
     fn seek_resumes_after_the_last_batch() {
-        let config = BytesSourceConfig { count: 10, batch_size: 4, payload_bytes: 0 };
+        let config = BytesSourceConfig { count: 10, batch_size: Some(4), payload_bytes: 0 };
         let mut first = BytesSource::new(config.clone(), 0, 0, 1);
         first.next_batch(&mut OpContext::detached("read")).unwrap();
         let mut resumed = BytesSource::new(config, 0, 0, 1);

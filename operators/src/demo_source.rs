@@ -22,14 +22,15 @@ pub struct DemoSourceConfig {
     /// Rows in total, over all workers.
     pub count: u64,
     /// Rows per batch (one epoch) on each worker.
-    pub batch_size: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
     /// JPEG quality, 1-100.
     pub quality: u8,
 }
 
 impl Default for DemoSourceConfig {
     fn default() -> Self {
-        DemoSourceConfig { count: 512, batch_size: 32, quality: 90 }
+        DemoSourceConfig { count: 512, batch_size: None, quality: 90 }
     }
 }
 
@@ -49,7 +50,7 @@ impl NodeSpec for DemoSourceConfig {
     fn validate(&self) -> Vec<KeyError> {
         [
             KeyError::check_range("count", self.count, 1, 1_000_000_000_000),
-            KeyError::check_range("batch_size", self.batch_size, 1, 1_000_000),
+            self.batch_size.and_then(|b| KeyError::check_range("batch_size", b, 1, 1_000_000)),
             KeyError::check_range("quality", self.quality, 1, 100),
         ]
         .into_iter()
@@ -62,13 +63,22 @@ impl NodeSpec for DemoSourceConfig {
     }
 
     fn source_batch_size(&self) -> Option<usize> {
-        Some(self.batch_size)
+        self.batch_size
+    }
+
+    fn reshard_position(
+        &self,
+        saved: &[Option<serde_json::Value>],
+        shard: usize,
+        shards: usize,
+    ) -> Result<Option<serde_json::Value>, OpError> {
+        KeyShard::reshard(saved, shard, shards).map(Some)
     }
 
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
         let keys = KeyShard::new(self.count, ctx.worker.shard as u64, ctx.worker.shards as u64);
         Ok(OperatorImpl::Source(Box::new(DemoSource {
-            config: Self { batch_size: ctx.batch_size.unwrap_or(self.batch_size), ..self.clone() },
+            config: Self { batch_size: Some(source_rows::batch_size(ctx, self.batch_size)), ..self.clone() },
             seed: ctx.job.seed,
             keys,
         })))
@@ -93,7 +103,7 @@ impl DemoSource {
 
 impl Source for DemoSource {
     fn next_batch(&mut self, _ctx: &mut OpContext) -> Result<Option<Batch>, OpError> {
-        let keys = self.keys.next_keys(self.config.batch_size);
+        let keys = self.keys.next_keys(self.config.batch_size.unwrap_or(source_rows::DEFAULT_BATCH_SIZE));
         if keys.is_empty() {
             return Ok(None);
         }
@@ -117,7 +127,7 @@ mod tests {
 
     #[test]
     fn emits_captioned_jpegs_in_key_order() {
-        let mut source = DemoSource::new(DemoSourceConfig { count: 3, batch_size: 2, quality: 80 }, 0, 0, 1);
+        let mut source = DemoSource::new(DemoSourceConfig { count: 3, batch_size: Some(2), quality: 80 }, 0, 0, 1);
         let mut ctx = OpContext::detached("read");
         let first = source.next_batch(&mut ctx).unwrap().unwrap();
         assert_eq!(first.i64s("key").unwrap(), &[0, 1]);

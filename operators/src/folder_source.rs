@@ -23,12 +23,8 @@ pub struct FolderSourceConfig {
     /// The folder (searched recursively for .jpg, .jpeg, .png and .webp files).
     pub path: PathBuf,
     /// Rows per epoch on each worker.
-    #[serde(default = "default_batch_size")]
-    pub batch_size: usize,
-}
-
-fn default_batch_size() -> usize {
-    32
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
 }
 
 impl OperatorConfig for FolderSourceConfig {
@@ -54,7 +50,7 @@ impl FolderSourceConfig {
 impl NodeSpec for FolderSourceConfig {
     fn validate(&self) -> Vec<KeyError> {
         let mut errors: Vec<KeyError> =
-            KeyError::check_range("batch_size", self.batch_size, 1, 1_000_000).into_iter().collect();
+            self.batch_size.and_then(|b| KeyError::check_range("batch_size", b, 1, 1_000_000)).into_iter().collect();
         if let Err(message) = self.images() {
             errors.push(KeyError::new("path", message));
         }
@@ -66,7 +62,16 @@ impl NodeSpec for FolderSourceConfig {
     }
 
     fn source_batch_size(&self) -> Option<usize> {
-        Some(self.batch_size)
+        self.batch_size
+    }
+
+    fn reshard_position(
+        &self,
+        saved: &[Option<serde_json::Value>],
+        shard: usize,
+        shards: usize,
+    ) -> Result<Option<serde_json::Value>, OpError> {
+        KeyShard::reshard(saved, shard, shards).map(Some)
     }
 
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
@@ -75,7 +80,7 @@ impl NodeSpec for FolderSourceConfig {
         Ok(OperatorImpl::Source(Box::new(FolderSource {
             files,
             keys,
-            batch_size: ctx.batch_size.unwrap_or(self.batch_size),
+            batch_size: source_rows::batch_size(ctx, self.batch_size),
         })))
     }
 }
@@ -135,14 +140,14 @@ mod tests {
         std::fs::write(dir.path().join("b/2.txt"), "a dog\n").unwrap();
         std::fs::write(dir.path().join("a.jpg"), b"jpg bytes").unwrap();
         std::fs::write(dir.path().join("notes.md"), b"ignored").unwrap();
-        let config = FolderSourceConfig { path: dir.path().to_path_buf(), batch_size: 8 };
+        let config = FolderSourceConfig { path: dir.path().to_path_buf(), batch_size: Some(8) };
         assert!(config.validate().is_empty());
         let files = config.images().unwrap();
         let mut source = FolderSource { keys: KeyShard::new(files.len() as u64, 0, 1), files, batch_size: 8 };
         let batch = source.next_batch(&mut OpContext::detached("read")).unwrap().unwrap();
         assert_eq!(batch.strs("caption").unwrap(), &["".to_string(), "a dog".to_string()]);
         assert_eq!(batch.bytes("image").unwrap()[1].as_ref(), b"png bytes");
-        let missing = FolderSourceConfig { path: dir.path().join("none"), batch_size: 8 };
+        let missing = FolderSourceConfig { path: dir.path().join("none"), batch_size: Some(8) };
         assert!(missing.validate()[0].message.ends_with("none is not a folder"));
     }
 }

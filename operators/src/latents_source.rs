@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::latents_sink::{latents_fields, CAPTION_LATENTS_SHAPE_KEY, DTYPE, DTYPE_KEY, LATENTS_SHAPE_KEY};
 use crate::rng::Rng;
+use crate::source_rows;
 use crate::tables::files::{expand, open_metadata};
 
 /// Config of `latents_source`.
@@ -25,14 +26,15 @@ pub struct LatentsSourceConfig {
     /// A parquet file, a folder of them or a glob.
     pub path: String,
     /// Rows per batch (per worker).
-    pub batch_size: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
     /// Shuffle the order of row groups and of rows within each, with the job's seed.
     pub shuffle: bool,
 }
 
 impl Default for LatentsSourceConfig {
     fn default() -> Self {
-        LatentsSourceConfig { path: String::new(), batch_size: 32, shuffle: false }
+        LatentsSourceConfig { path: String::new(), batch_size: None, shuffle: false }
     }
 }
 
@@ -52,7 +54,7 @@ impl OperatorConfig for LatentsSourceConfig {
 impl NodeSpec for LatentsSourceConfig {
     fn validate(&self) -> Vec<KeyError> {
         let mut errors: Vec<KeyError> =
-            KeyError::check_range("batch_size", self.batch_size, 1, 1 << 20).into_iter().collect();
+            self.batch_size.and_then(|b| KeyError::check_range("batch_size", b, 1, 1 << 20)).into_iter().collect();
         // The files may not exist yet (a preprocess job writes them), so only the key is checked here.
         if self.path.is_empty() {
             errors.push(KeyError::new("path", "the latents to read: a parquet file, folder or glob"));
@@ -65,12 +67,12 @@ impl NodeSpec for LatentsSourceConfig {
     }
 
     fn source_batch_size(&self) -> Option<usize> {
-        Some(self.batch_size)
+        self.batch_size
     }
 
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
         Ok(OperatorImpl::Source(Box::new(LatentsSource::new(
-            Self { batch_size: ctx.batch_size.unwrap_or(self.batch_size), ..self.clone() },
+            Self { batch_size: Some(source_rows::batch_size(ctx, self.batch_size)), ..self.clone() },
             ctx.job.seed,
             ctx.worker.shard,
             ctx.worker.shards,
@@ -262,7 +264,7 @@ impl Source for LatentsSource {
         let (l, c) = (latent_shape.iter().product::<usize>() * 4, caption_shape.iter().product::<usize>() * 4);
         let (mut keys, mut captions, mut latents, mut embeddings) = (vec![], vec![], vec![], vec![]);
         let mut taken = 0;
-        while taken < self.config.batch_size && self.next < self.total {
+        while taken < self.config.batch_size.unwrap_or(source_rows::DEFAULT_BATCH_SIZE) && self.next < self.total {
             let s = self.next;
             self.next += 1;
             if s % self.shards != self.shard {
@@ -353,7 +355,8 @@ mod tests {
         write(dir.path());
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 3, "{names:?}");
-        let config = LatentsSourceConfig { path: dir.path().display().to_string(), batch_size: 4, shuffle: false };
+        let config =
+            LatentsSourceConfig { path: dir.path().display().to_string(), batch_size: Some(4), shuffle: false };
         let mut source = LatentsSource::new(config, 0, 0, 1);
         source.start(&mut OpContext::detached("read")).unwrap();
         assert_eq!(source.total_rows(), 10);
@@ -371,7 +374,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path());
         let path = dir.path().display().to_string();
-        let config = LatentsSourceConfig { path, batch_size: 2, shuffle: true };
+        let config = LatentsSourceConfig { path, batch_size: Some(2), shuffle: true };
         let mut seen = Vec::new();
         for shard in 0..2 {
             let mut source = LatentsSource::new(config.clone(), 7, shard, 2);

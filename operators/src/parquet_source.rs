@@ -51,8 +51,8 @@ pub struct ParquetSourceConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_column: Option<String>,
     /// Rows per epoch on each worker.
-    #[serde(default = "default_batch_size")]
-    pub batch_size: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
     /// Keep rows whose `width` column is at least this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_width: Option<f64>,
@@ -73,10 +73,6 @@ fn default_image_column() -> String {
 fn default_caption_column() -> String {
     "caption".into()
 }
-fn default_batch_size() -> usize {
-    32
-}
-
 impl OperatorConfig for ParquetSourceConfig {
     const TYPE: &'static str = "parquet_source";
     const KIND: OperatorKind = OperatorKind::Source;
@@ -141,7 +137,7 @@ impl ParquetSourceConfig {
 impl NodeSpec for ParquetSourceConfig {
     fn validate(&self) -> Vec<KeyError> {
         let mut errors: Vec<KeyError> =
-            KeyError::check_range("batch_size", self.batch_size, 1, 1_000_000).into_iter().collect();
+            self.batch_size.and_then(|b| KeyError::check_range("batch_size", b, 1, 1_000_000)).into_iter().collect();
         errors.extend(KeyError::check_range("shuffle_buffer", self.shuffle_buffer, 0, 10_000_000));
         for f in &self.filter {
             if let (Some(lo), Some(hi)) = (f.min, f.max) {
@@ -170,13 +166,13 @@ impl NodeSpec for ParquetSourceConfig {
     }
 
     fn source_batch_size(&self) -> Option<usize> {
-        Some(self.batch_size)
+        self.batch_size
     }
 
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
         let files = expand(&self.path, &["parquet"]).map_err(OpError::msg)?;
         Ok(OperatorImpl::Source(Box::new(ParquetSource::new(
-            Self { batch_size: ctx.batch_size.unwrap_or(self.batch_size), ..self.clone() },
+            Self { batch_size: Some(source_rows::batch_size(ctx, self.batch_size)), ..self.clone() },
             files,
             ctx.job.seed,
             ctx.worker.shard,
@@ -282,7 +278,7 @@ impl ParquetSource {
 
     /// Opens the reader positioned at stream row `at`, or `None` at the end of the stream.
     fn open_at(&mut self, at: u64) -> Result<Option<OpenUnit>, OpError> {
-        let batch_size = self.config.batch_size;
+        let batch_size = self.config.batch_size.unwrap_or(source_rows::DEFAULT_BATCH_SIZE);
         let names = self.names.clone();
         let Some(u) = self.units()?.iter().position(|u| at < u.stream_start + u.rows) else { return Ok(None) };
         let unit = self.units()?[u].clone();
@@ -401,8 +397,9 @@ impl ParquetSource {
 
 impl Source for ParquetSource {
     fn next_batch(&mut self, ctx: &mut OpContext) -> Result<Option<Batch>, OpError> {
-        let mut rows = Vec::with_capacity(self.config.batch_size);
-        while rows.len() < self.config.batch_size {
+        let batch_size = self.config.batch_size.unwrap_or(source_rows::DEFAULT_BATCH_SIZE);
+        let mut rows = Vec::with_capacity(batch_size);
+        while rows.len() < batch_size {
             if self.config.shuffle_buffer > 0 {
                 if self.window.as_ref().is_none_or(|w| w.2.is_empty()) {
                     let before = self.consumed;

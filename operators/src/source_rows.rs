@@ -1,7 +1,7 @@
 //! The rows every source emits: `key` (i64), `caption` (str) and `image` (encoded bytes), what
 //! `image_transform` and `tokenize` read.
 
-use latentflow_engine::{Batch, Column, ColumnType, Field, OpError, Ports};
+use latentflow_engine::{Batch, Column, ColumnType, Field, InstanceContext, OpError, Ports};
 use serde_bytes::ByteBuf;
 
 /// The columns a source adds.
@@ -28,4 +28,14 @@ pub fn batch(keys: Vec<i64>, captions: Vec<String>, images: Vec<ByteBuf>) -> Res
         .with("key", Column::I64(keys))?
         .with("caption", Column::Str(captions))?
         .with("image", Column::Bytes(images))?)
+}
+
+/// Rows per epoch on each worker of a source whose topology sets no `batch_size` and whose
+/// job trains nothing.
+pub const DEFAULT_BATCH_SIZE: usize = 32;
+
+/// The rows per epoch a source instance emits: its own `batch_size`, else the plan's share of
+/// the trainer's `global_batch_size`, else [`DEFAULT_BATCH_SIZE`].
+pub fn batch_size(ctx: &InstanceContext<'_>, configured: Option<usize>) -> usize {
+    configured.or(ctx.batch_size).unwrap_or(DEFAULT_BATCH_SIZE)
 }

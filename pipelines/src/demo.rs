@@ -12,7 +12,7 @@ use latentflow_operators::{DemoSourceConfig, ImageSinkConfig, ImageTransformConf
 /// ```
 pub fn plan(count: u64) -> Result<Plan, PlanErrors> {
     TopologyBuilder::new("demo")
-        .node("read", DemoSourceConfig { count, ..DemoSourceConfig::default() }, &[])
+        .node("read", DemoSourceConfig { count, batch_size: Some(32), ..DemoSourceConfig::default() }, &[])
         .node("transform", ImageTransformConfig::default(), &["read"])
         .node("tokenize", TokenizeConfig::default(), &["transform"])
         .node("images", ImageSinkConfig { max_images: 32, ..ImageSinkConfig::default() }, &["tokenize"])

@@ -13,7 +13,7 @@ use crate::Settings;
 /// ```
 pub fn plan(settings: &Settings) -> Result<Plan, PlanErrors> {
     settings
-        .encoders("online")
+        .encoders("online", None)
         .node("train", settings.train(), &["text"])
         .placement("train", Placement::Gpu)
         .compile(&latentflow_operators::registry())

@@ -14,7 +14,7 @@ use crate::Settings;
 /// ```
 pub fn plan(settings: &Settings) -> Result<Plan, PlanErrors> {
     settings
-        .encoders("preprocess")
+        .encoders("preprocess", Some(settings.global_batch_size))
         .node("latents", LatentsSinkConfig::default(), &["text"])
         .compile(&latentflow_operators::registry())
 }

@@ -52,11 +52,12 @@ impl Default for Settings {
 
 impl Settings {
     /// The nodes the preprocessing and online jobs share: `read` → `transform` → `tokenize` →
-    /// `vae` → `text` (the encoders on device-owning workers), under job `name`.
-    pub(crate) fn encoders(&self, name: &str) -> TopologyBuilder {
+    /// `vae` → `text` (the encoders on device-owning workers), under job `name`. `read_batch`:
+    /// the source's rows per worker (`None` when a trainer's global batch decides it).
+    pub(crate) fn encoders(&self, name: &str, read_batch: Option<usize>) -> TopologyBuilder {
         TopologyBuilder::new(name)
             .job(|job| job.max_epochs_in_flight = 2)
-            .node("read", self.read(), &[])
+            .node("read", self.read(read_batch), &[])
             .node("transform", self.transform(), &["read"])
             .node("tokenize", self.tokenize(), &["transform"])
             .node("vae", self.vae(), &["tokenize"])
@@ -65,8 +66,8 @@ impl Settings {
             .placement("text", Placement::Gpu)
     }
 
-    fn read(&self) -> DemoSourceConfig {
-        DemoSourceConfig { count: self.images, batch_size: self.global_batch_size, ..DemoSourceConfig::default() }
+    fn read(&self, batch_size: Option<usize>) -> DemoSourceConfig {
+        DemoSourceConfig { count: self.images, batch_size, ..DemoSourceConfig::default() }
     }
 
     fn transform(&self) -> ImageTransformConfig {

@@ -14,11 +14,7 @@ use crate::Settings;
 /// assert_eq!(plan.nodes[0].type_name, "latents_source");
 /// ```
 pub fn plan(settings: &Settings, latents: &str) -> Result<Plan, PlanErrors> {
-    let read = LatentsSourceConfig {
-        path: latents.into(),
-        batch_size: settings.global_batch_size,
-        ..LatentsSourceConfig::default()
-    };
+    let read = LatentsSourceConfig { path: latents.into(), ..LatentsSourceConfig::default() };
     TopologyBuilder::new("train")
         .job(|job| job.max_epochs_in_flight = 2)
         .node("read", read, &[])

@@ -79,7 +79,7 @@ impl NodeSpec for ProbeSourceConfig {
     }
 
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
-        let config = BytesSourceConfig { count: self.count, batch_size: self.batch_size, payload_bytes: 8 };
+        let config = BytesSourceConfig { count: self.count, batch_size: Some(self.batch_size), payload_bytes: 8 };
         let inner = BytesSource::new(config, ctx.job.seed, ctx.worker.shard as u64, ctx.worker.shards as u64);
         Ok(OperatorImpl::Source(Box::new(ProbeSource { inner, probe: probe(&self.probe) })))
     }

@@ -95,6 +95,20 @@ pub trait NodeSpec: Send + Sync + fmt::Debug + 'static {
         None
     }
 
+    /// For a source: where shard `shard` of `shards` continues, given the positions the shards of
+    /// an earlier run with a different number of workers saved (`saved[s]` for its shard `s`;
+    /// `None` where a shard had emitted nothing). This is what lets a checkpoint resume on more
+    /// or fewer workers or processes; `None` starts the shard at the beginning. By default a
+    /// source cannot.
+    fn reshard_position(
+        &self,
+        _saved: &[Option<serde_json::Value>],
+        _shard: usize,
+        _shards: usize,
+    ) -> Result<Option<serde_json::Value>, OpError> {
+        Err(OpError::msg("this source cannot continue a position saved with another number of workers; resume with the run's --workers and --processes"))
+    }
+
     /// For a node that trains: the rows every epoch must bring over all its instances (one
     /// optimizer step). Sources that leave their batch size to the plan emit their share of it,
     /// and the plan checks the sources' batch sizes against it.

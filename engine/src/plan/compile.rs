@@ -415,13 +415,6 @@ impl<'a> Compiler<'a> {
                     reject_log: d.reject_log,
                     schema: schemas[i].take().expect("checked"),
                     spec: d.spec.expect("checked"),
-                    batch_size_set: self
-                        .doc
-                        .table()
-                        .get("nodes")
-                        .and_then(|n| n.get(&d.id))
-                        .and_then(|n| n.get("batch_size"))
-                        .is_some(),
                     id: d.id,
                 }
             })

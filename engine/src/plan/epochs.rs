@@ -42,7 +42,7 @@ impl Plan {
                 ));
             }
         }
-        let (set, free): (Vec<usize>, Vec<usize>) = sources.iter().partition(|&&i| self.nodes[i].batch_size_set);
+        let (set, free): (Vec<usize>, Vec<usize>) = sources.iter().partition(|&&i| batches[i].is_some());
         let fixed: usize = set.iter().map(|&i| batches[i].unwrap_or(0) * workers(i)).sum();
         let described = |list: &[usize]| {
             list.iter()

@@ -55,8 +55,6 @@ pub struct PlanNode {
     pub schema: Schema,
     /// Its checked config.
     pub spec: Arc<dyn NodeSpec>,
-    /// A source whose `batch_size` the topology sets (else the plan may derive it).
-    pub batch_size_set: bool,
 }
 
 impl Plan {

@@ -94,13 +94,23 @@ pub(crate) fn watch_peers(events: Sender<String>) {
             match sender {
                 Some(sender) if is_network => {
                     LOST.store(true, Ordering::SeqCst);
-                    let _ = sender.send(message);
+                    let _ = sender.send(name_the_peer(std::thread::current().name(), message));
                 }
                 Some(_) if LOST.load(Ordering::SeqCst) => {}
                 _ => previous(info),
             }
         }));
     });
+}
+
+/// Names the lost process: timely's network threads are `timely:recv-N` / `timely:send-N` for
+/// peer process `N`.
+fn name_the_peer(thread: Option<&str>, message: String) -> String {
+    let peer = thread.and_then(|t| t.strip_prefix("timely:recv-").or_else(|| t.strip_prefix("timely:send-")));
+    match peer {
+        Some(n) => format!("process {n}: {message}"),
+        None => message,
+    }
 }
 
 /// Stops routing network failures for the finished job.
@@ -113,6 +123,13 @@ pub(crate) fn unwatch_peers() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lost_process_is_named() {
+        let message = "timely communication error: reading data: reset".to_string();
+        assert_eq!(name_the_peer(Some("timely:recv-1"), message.clone()), format!("process 1: {message}"));
+        assert_eq!(name_the_peer(Some("lf-timely"), message.clone()), message);
+    }
 
     #[test]
     fn hostfiles_are_checked() {

@@ -134,7 +134,14 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<RunReport, EngineError> 
         .map_err(|e| EngineError::Options(format!("cannot start the thread pool: {e}")))?;
     let start = Instant::now();
     let reject_logs = reject_log::open_all(plan, process, processes)?;
-    let resume = resume_positions(plan, threads * processes)?;
+    let resume = resume_positions(plan, threads, processes)?;
+    let devices = plan.job.devices.len();
+    let source_shards = plan
+        .nodes
+        .iter()
+        .filter(|n| n.kind == crate::operator::OperatorKind::Source)
+        .map(|n| (n.id.clone(), n.placement.workers(threads, processes, devices)))
+        .collect();
     let shared = Arc::new(JobShared {
         plan: plan.clone(),
         threads,
@@ -146,7 +153,7 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<RunReport, EngineError> 
         pool,
         trace: options.trace.then(|| Arc::new(TraceRecorder::new(start, process))),
         failure: Mutex::new(None),
-        ledger: Arc::new(PositionLedger::new(threads * processes, processes, process)),
+        ledger: Arc::new(PositionLedger::new(threads * processes, processes, process).with_shards(source_shards)),
         resume,
         reject_logs,
         local_groups: Mutex::default(),
@@ -215,7 +222,7 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<RunReport, EngineError> 
 }
 
 /// The data position a checkpointing node (the trainer) resumes from, checked against this run.
-fn resume_positions(plan: &Plan, workers: usize) -> Result<positions::ResumePositions, EngineError> {
+fn resume_positions(plan: &Plan, threads: usize, processes: usize) -> Result<positions::ResumePositions, EngineError> {
     let mut saved = None;
     for node in &plan.nodes {
         let position = node.spec.resume_data_position(&plan.job).map_err(|source| EngineError::Operator {
@@ -234,7 +241,7 @@ fn resume_positions(plan: &Plan, workers: usize) -> Result<positions::ResumePosi
             saved = Some(position);
         }
     }
-    positions::ResumePositions::new(saved, workers).map_err(EngineError::Options)
+    positions::ResumePositions::new(saved, plan, threads, processes).map_err(EngineError::Options)
 }
 
 enum WaitError {

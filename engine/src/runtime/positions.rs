@@ -7,12 +7,17 @@ use std::sync::Mutex;
 
 use serde_json::{json, Value};
 
+use crate::operator::OperatorKind;
+use crate::plan::Plan;
+
 /// Per source instance `(node, worker)`: its position after each recent epoch.
 #[derive(Debug, Default)]
 pub struct PositionLedger {
     workers: usize,
     processes: usize,
     process: usize,
+    /// Each source's workers in shard order (saved, so a resume can tell a re-sharding).
+    shards: BTreeMap<String, Vec<usize>>,
     entries: Mutex<BTreeMap<(String, usize), BTreeMap<u64, Value>>>,
 }
 
@@ -20,7 +25,13 @@ impl PositionLedger {
     /// An empty ledger for process `process` of a job of `workers` workers in all over
     /// `processes` processes.
     pub fn new(workers: usize, processes: usize, process: usize) -> Self {
-        PositionLedger { workers, processes, process, entries: Mutex::default() }
+        PositionLedger { workers, processes, process, shards: BTreeMap::new(), entries: Mutex::default() }
+    }
+
+    /// The same ledger, noting each source's workers in shard order (`node -> workers`).
+    pub fn with_shards(mut self, shards: BTreeMap<String, Vec<usize>>) -> Self {
+        self.shards = shards;
+        self
     }
 
     /// Source `node` on `worker` stands at `position` after emitting epoch `epoch`. Every sink
@@ -45,8 +56,9 @@ impl PositionLedger {
     }
 
     /// Every source's position once epoch `epoch` (and every epoch before it) has been read:
-    /// `{"workers": N, "processes": P, "covered": [p], "sources": {"NODE": {"WORKER": position}}}`
-    /// (this process `p`'s sources only; a trainer merges the processes' ledgers). Older entries are dropped,
+    /// `{"workers": N, "processes": P, "covered": [p], "shards": {"NODE": [WORKER, ...]},
+    /// "sources": {"NODE": {"WORKER": position}}}` (this process `p`'s sources only; a trainer
+    /// merges the processes' ledgers). Older entries are dropped,
     /// so ask for epochs in increasing order.
     ///
     /// ```
@@ -68,48 +80,85 @@ impl PositionLedger {
                 per_worker[worker.to_string()] = position;
             }
         }
-        json!({ "workers": self.workers, "processes": self.processes, "covered": [self.process], "sources": sources })
+        json!({
+            "workers": self.workers,
+            "processes": self.processes,
+            "covered": [self.process],
+            "shards": self.shards,
+            "sources": sources,
+        })
     }
 }
 
-/// Where a resumed run's sources start: what [`PositionLedger::after_epoch`] returned.
+/// Where a resumed run's sources start: each source instance's position, from what
+/// [`PositionLedger::after_epoch`] saved. When the run has the same workers as the saved one,
+/// each worker continues its own position; with a different number of workers or processes
+/// (elastic resume), each source re-shards its saved positions
+/// ([`NodeSpec::reshard_position`](crate::NodeSpec::reshard_position)).
 #[derive(Clone, Debug, Default)]
-pub(crate) struct ResumePositions(Option<Value>);
+pub(crate) struct ResumePositions(BTreeMap<(String, usize), Value>);
 
 impl ResumePositions {
-    /// Checks that `saved` was taken with as many workers as this run has.
-    pub(crate) fn new(saved: Option<Value>, workers: usize) -> Result<Self, String> {
-        if let Some(saved) = &saved {
-            let processes = saved.get("processes").and_then(Value::as_u64).unwrap_or(1);
-            let covered: Vec<u64> = match saved.get("covered").and_then(Value::as_array) {
-                Some(list) => list.iter().filter_map(Value::as_u64).collect(),
-                None => vec![0],
-            };
-            if covered != (0..processes).collect::<Vec<_>>() {
-                // Each process's ledger holds its own sources; the trainers merge them, and a
-                // process without a trainer is missing.
-                return Err(format!(
-                    "the checkpoint's data position covers the sources of process(es) {covered:?} of {processes}: \
-                     the processes without a trainer were not saved; place a trainer on every process, or start \
-                     the data from the beginning"
-                ));
-            }
-            let was = saved.get("workers").and_then(Value::as_u64);
-            if was != Some(workers as u64) {
-                return Err(format!(
-                    "the checkpoint's data position was saved by a run with {} workers, this run has {workers}; \
-                     resume with the same --workers and --processes",
-                    was.map_or_else(|| "an unknown number of".to_string(), |w| w.to_string())
-                ));
-            }
+    /// Resolves `saved` for `plan` on `threads` workers per process over `processes` processes.
+    pub(crate) fn new(saved: Option<Value>, plan: &Plan, threads: usize, processes: usize) -> Result<Self, String> {
+        let Some(saved) = saved else { return Ok(ResumePositions::default()) };
+        let saved_processes = saved.get("processes").and_then(Value::as_u64).unwrap_or(1);
+        let covered: Vec<u64> = match saved.get("covered").and_then(Value::as_array) {
+            Some(list) => list.iter().filter_map(Value::as_u64).collect(),
+            None => vec![0],
+        };
+        if covered != (0..saved_processes).collect::<Vec<_>>() {
+            // Each process's ledger holds its own sources; the trainers merge them, and a
+            // process without a trainer is missing.
+            return Err(format!(
+                "the checkpoint's data position covers the sources of process(es) {covered:?} of {saved_processes}: \
+                 the processes without a trainer were not saved; place a trainer on every process, or start \
+                 the data from the beginning"
+            ));
         }
-        Ok(ResumePositions(saved))
+        let saved_workers = saved.get("workers").and_then(Value::as_u64).unwrap_or(0) as usize;
+        let mut resolved = BTreeMap::new();
+        let devices = plan.job.devices.len();
+        for node in plan.nodes.iter().filter(|n| n.kind == OperatorKind::Source) {
+            let Some(by_worker) = saved["sources"].get(&node.id) else { continue };
+            let now = node.placement.workers(threads, processes, devices);
+            // The saved shard order; older checkpoints list none and ran on every worker.
+            let then: Vec<usize> = match saved.get("shards").and_then(|s| s.get(&node.id)).and_then(Value::as_array) {
+                Some(list) => list.iter().filter_map(|w| w.as_u64().map(|w| w as usize)).collect(),
+                None => (0..saved_workers).collect(),
+            };
+            if then == now {
+                for w in now {
+                    if let Some(position) = by_worker.get(w.to_string()) {
+                        resolved.insert((node.id.clone(), w), position.clone());
+                    }
+                }
+                continue;
+            }
+            let old: Vec<Option<Value>> = then.iter().map(|w| by_worker.get(w.to_string()).cloned()).collect();
+            for (shard, &w) in now.iter().enumerate() {
+                let position = node.spec.reshard_position(&old, shard, now.len()).map_err(|e| {
+                    format!(
+                        "node `{}`: the checkpoint's data position was saved with {} source worker(s), this run has \
+                         {}: {e}",
+                        node.id,
+                        then.len(),
+                        now.len()
+                    )
+                })?;
+                if let Some(position) = position {
+                    resolved.insert((node.id.clone(), w), position);
+                }
+            }
+            tracing::info!(node = %node.id, from = then.len(), to = now.len(), "source positions re-sharded");
+        }
+        Ok(ResumePositions(resolved))
     }
 
     /// The position source `node` on `worker` continues from; `None` to start at the beginning
     /// (no resume, or a source that had emitted nothing when the checkpoint was taken).
     pub(crate) fn get(&self, node: &str, worker: usize) -> Option<&Value> {
-        self.0.as_ref()?.get("sources")?.get(node)?.get(worker.to_string())
+        self.0.get(&(node.to_string(), worker))
     }
 }
 
@@ -126,7 +175,7 @@ mod tests {
         ledger.record("read", 0, 2, json!(30), 0);
         assert_eq!(
             ledger.after_epoch(1),
-            json!({"workers": 2, "processes": 1, "covered": [0], "sources": {"read": {"0": 20, "1": 5}}})
+            json!({"workers": 2, "processes": 1, "covered": [0], "shards": {}, "sources": {"read": {"0": 20, "1": 5}}})
         );
         // Asking again for a later epoch still sees worker 1's last position.
         assert_eq!(ledger.after_epoch(2)["sources"]["read"], json!({"0": 30, "1": 5}));
@@ -142,15 +191,5 @@ mod tests {
         assert_eq!(kept, [996, 997, 998, 999], "bounded by the epochs in flight");
         assert_eq!(ledger.after_epoch(997)["sources"]["read"]["0"], json!(997));
         assert_eq!(ledger.latest()[&("read".to_string(), 0)], json!(999));
-    }
-
-    #[test]
-    fn resume_needs_the_same_number_of_workers() {
-        let saved = json!({"workers": 2, "sources": {"read": {"1": {"row": 4}}}});
-        let err = ResumePositions::new(Some(saved.clone()), 1).unwrap_err();
-        assert!(err.contains("2 workers, this run has 1"), "{err}");
-        let resume = ResumePositions::new(Some(saved), 2).unwrap();
-        assert_eq!(resume.get("read", 1), Some(&json!({"row": 4})));
-        assert_eq!(resume.get("read", 0), None);
     }
 }
