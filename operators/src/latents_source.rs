@@ -20,7 +20,7 @@ use crate::source_rows;
 use crate::tables::files::{expand, open_metadata};
 
 /// Config of `latents_source`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LatentsSourceConfig {
     /// A parquet file, a folder of them or a glob.
@@ -32,11 +32,6 @@ pub struct LatentsSourceConfig {
     pub shuffle: bool,
 }
 
-impl Default for LatentsSourceConfig {
-    fn default() -> Self {
-        LatentsSourceConfig { path: String::new(), batch_size: None, shuffle: false }
-    }
-}
 
 impl OperatorConfig for LatentsSourceConfig {
     const TYPE: &'static str = "latents_source";
