@@ -32,7 +32,6 @@ pub struct LatentsSourceConfig {
     pub shuffle: bool,
 }
 
-
 impl OperatorConfig for LatentsSourceConfig {
     const TYPE: &'static str = "latents_source";
     const KIND: OperatorKind = OperatorKind::Source;

@@ -177,3 +177,28 @@ fn ctrl_c_drains_flushes_and_exits_130() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains(&format!("rows      jsonl_sink  {n:>9}")) || stdout.contains(&n.to_string()), "{stdout}");
 }
+
+#[test]
+fn validate_checks_the_global_batch_against_the_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let online = topology("online.toml");
+    let online = online.to_str().unwrap();
+    let out = latentflow(BIN, dir.path(), &["validate", online, "--workers", "2", "--processes", "2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("read emits 4 rows per epoch"), "{}", text(&out));
+    let out = latentflow(BIN, dir.path(), &["validate", online, "--workers", "3"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("does not split evenly over its 3 workers") && stderr.contains("(such as 18)"), "{stderr}");
+    let fixed = ["validate", online, "--workers", "2", "--set", "nodes.read.batch_size=16"];
+    let out = latentflow(BIN, dir.path(), &fixed);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the sources bring 32 rows per epoch") && stderr.contains("set batch_size = 8"),
+        "{stderr}"
+    );
+    // `run` refuses the same before loading any model.
+    let out = latentflow(BIN, dir.path(), &["run", online, "--workers", "3"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}

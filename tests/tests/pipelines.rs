@@ -173,9 +173,18 @@ fn the_sd2_topologies_validate_once_their_paths_are_set() {
     let d = dir.path();
     run_ok(d, &["demo-data", "--out", "shard.parquet", "--n", "8"]);
     let model = fixture("tiny-sd").display().to_string();
-    for name in ["preprocess.toml", "train.toml", "online.toml"] {
+    // (topology, workers, processes, the source rows each worker emits per epoch)
+    let layouts = [
+        ("preprocess.toml", "1", "1", "read emits 120 rows"),
+        ("train.toml", "1", "1", "read emits 128 rows"),
+        ("online.toml", "2", "1", "read emits 64 rows"),
+        ("online-8gpu.toml", "8", "1", "read emits 96 rows"),
+        ("online-multinode.toml", "8", "4", "read emits 96 rows"),
+    ];
+    for (name, workers, processes, emits) in layouts {
         let file = topo(&format!("sd2-base-256/{name}"));
         let mut args = vec!["validate".to_string(), file.clone()];
+        args.extend(["--workers", workers, "--processes", processes].map(String::from));
         for node in ["read", "tokenize", "vae", "text", "train"] {
             let has = std::fs::read_to_string(&file).unwrap().contains(&format!("[nodes.{node}]"));
             if has && node != "read" {
@@ -201,6 +210,7 @@ fn the_sd2_topologies_validate_once_their_paths_are_set() {
         args.extend(["--set".into(), format!("job.devices=[{devices}]")]);
         let out = latentflow(BIN, d, &args.iter().map(String::as_str).collect::<Vec<_>>());
         assert_eq!(out.status.code(), Some(0), "{name}: {}", text(&out));
+        assert!(String::from_utf8_lossy(&out.stdout).contains(emits), "{name}: {}", text(&out));
     }
     // Unset, the placeholder data path is named.
     let out = latentflow(BIN, d, &["validate", &topo("sd2-base-256/online.toml")]);

@@ -322,6 +322,11 @@ impl<'a> Compiler<'a> {
                     n + 1,
                     job.devices.len()
                 )),
+                Placement::Devices(a, b) if b >= job.devices.len() => Some(format!(
+                    "placement \"devices:{a}-{b}\" needs `job.devices` to have at least {} entries, it has {}",
+                    b + 1,
+                    job.devices.len()
+                )),
                 _ => None,
             };
             if let Some(message) = placement_error {

@@ -22,7 +22,7 @@ pub enum Command {
     /// Run a topology.
     Run(RunArgs),
     /// Check a topology and list every problem (exit 0 when valid, 2 otherwise).
-    Validate(TopologyArgs),
+    Validate(ValidateArgs),
     /// List the operator types, their inputs, outputs and keys.
     Operators,
     /// Write procedural captioned demo images as parquet (img2dataset layout).
@@ -51,6 +51,20 @@ pub struct TopologyArgs {
     /// Override a key, e.g. `--set nodes.read.count=2000` or `--set job.seed=1` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+}
+
+/// `latentflow validate`.
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// The topology and overrides.
+    #[command(flatten)]
+    pub topology: TopologyArgs,
+    /// Check for this many worker threads per process (batch sizes, placements).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: u16,
+    /// Check for this many processes.
+    #[arg(long, default_value_t = 1)]
+    pub processes: usize,
 }
 
 /// `latentflow run`.

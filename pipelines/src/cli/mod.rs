@@ -11,7 +11,7 @@ use std::ffi::OsString;
 
 use clap::Parser;
 
-pub use args::{Cli, Command, DemoDataArgs, RunArgs, TopologyArgs};
+pub use args::{Cli, Command, DemoDataArgs, RunArgs, TopologyArgs, ValidateArgs};
 
 /// Success.
 pub const EXIT_OK: i32 = 0;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use latentflow_engine::{ClusterOptions, EngineError, Plan, ProgressMode, RunOptions};
 
-use super::{RunArgs, TopologyArgs, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE};
+use super::{RunArgs, TopologyArgs, ValidateArgs, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE};
 
 /// Loads and checks the topology, printing every problem on failure.
 fn load(args: &TopologyArgs) -> Result<Plan, i32> {
@@ -19,11 +19,34 @@ fn load(args: &TopologyArgs) -> Result<Plan, i32> {
     })
 }
 
-/// `latentflow validate`: exit 0 when valid, 2 with every error listed.
-pub fn validate(args: &TopologyArgs) -> i32 {
+/// `latentflow validate`: exit 0 when valid, 2 with every error listed (also what only a
+/// number of workers and processes decides: the sources' share of a trainer's global batch).
+pub fn validate(validate: &ValidateArgs) -> i32 {
+    let args = &validate.topology;
     match load(args) {
         Ok(plan) => {
-            println!("{}: valid, {} nodes", args.topology.display(), plan.nodes.len());
+            let (threads, processes) = (usize::from(validate.workers), validate.processes.max(1));
+            let batches = match plan.source_batches(threads, processes) {
+                Ok(batches) => batches,
+                Err(errors) => {
+                    for e in &errors {
+                        eprintln!("{}: {e}", args.topology.display());
+                    }
+                    let n = errors.len();
+                    eprintln!("error: {} has {n} problem{}", args.topology.display(), if n == 1 { "" } else { "s" });
+                    return EXIT_USAGE;
+                }
+            };
+            println!(
+                "{}: valid, {} nodes (on {threads} worker(s) x {processes} process(es))",
+                args.topology.display(),
+                plan.nodes.len()
+            );
+            for (i, batch) in batches.iter().enumerate() {
+                if let Some(b) = batch {
+                    println!("  {} emits {b} rows per epoch on each of its workers", plan.nodes[i].id);
+                }
+            }
             for node in &plan.nodes {
                 let inputs: Vec<&str> = node.inputs.iter().map(|&i| plan.nodes[i].id.as_str()).collect();
                 let from = if inputs.is_empty() { String::new() } else { format!(" <- {}", inputs.join(", ")) };
