@@ -105,11 +105,6 @@ impl OpContext {
         }
     }
 
-    /// A detached context that carries `collective`: for tests of operators that work together.
-    pub fn with_collective(node: &str, worker: WorkerInfo, collective: Collective) -> Self {
-        OpContext { worker, collective: Some(collective), ..OpContext::detached(node) }
-    }
-
     /// A context outside any running job: for unit tests and plain loops.
     pub fn detached(node: &str) -> Self {
         OpContext {

@@ -28,13 +28,16 @@ impl MetricsLog {
         Ok(MetricsLog { file: Some(file), losses })
     }
 
-    /// Appends one step's line (and logs it every 10 steps).
+    /// Appends one step's line (and logs it every 10 steps). `reduced`: with replicas, the
+    /// seconds this trainer spent in the gradient all-reduce (waiting for the others included)
+    /// and the bytes it sent.
     pub fn write(
         &mut self,
         report: &StepReport,
         waited_s: f64,
         step_s: f64,
         keys: Option<&[i64]>,
+        reduced: Option<(f64, u64)>,
     ) -> Result<(), OpError> {
         let samples_per_s = report.samples as f64 / (step_s + waited_s).max(1e-9);
         self.losses.push((report.step, report.loss));
@@ -49,6 +52,10 @@ impl MetricsLog {
             "step_s": step_s,
             "wait_s": waited_s,
         });
+        if let Some((seconds, bytes)) = reduced {
+            line["allreduce_s"] = json!(seconds);
+            line["allreduce_bytes"] = json!(bytes);
+        }
         if let Some(keys) = keys {
             line["keys"] = json!(keys);
         }

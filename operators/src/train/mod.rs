@@ -204,8 +204,15 @@ impl Train {
         let began = Instant::now();
         let shard = Shard { first: step.first, global_rows: step.global_rows };
         let empty = run.empty_caption.as_ref();
+        let mut reduced = None;
         let report = match run.replicas.collective() {
-            Some(c) => run.trainer.train_shard(&latents, &context, empty, shard, Some(&mut GradientSum(c))),
+            Some(c) => {
+                let stats = std::sync::Arc::clone(c.stats());
+                let before = (stats.seconds(), stats.bytes_sent());
+                let report = run.trainer.train_shard(&latents, &context, empty, shard, Some(&mut GradientSum(c)));
+                reduced = Some((stats.seconds() - before.0, stats.bytes_sent() - before.1));
+                report
+            }
             None => run.trainer.train_shard(&latents, &context, empty, shard, None),
         }
         .map_err(op_error)?;
@@ -213,7 +220,8 @@ impl Train {
         if epoch != FINISHED {
             run.position = ctx.data_position(epoch).or(run.position.take());
         }
-        run.metrics.write(&report, waited, step_s, log_keys.then_some(step.keys.as_slice()))?;
+        let keys = log_keys.then_some(step.keys.as_slice());
+        run.metrics.write(&report, waited, step_s, keys, reduced)?;
         run.idle_since = Instant::now();
         run.busy_in_writes = Duration::ZERO;
         let first = run.replicas.is_first();
