@@ -116,7 +116,8 @@ fn main() {
 
     let (one, two) = (figures(&d.join("one")), figures(&d.join("two")));
     let grads = gradient_bytes(&d.join("two"));
-    let ring = 2.0 * (2.0 - 1.0) / 2.0 * grads as f64;
+    let ranks = 2.0;
+    let ring = 2.0 * (ranks - 1.0) / ranks * grads as f64;
     println!("\n== data-parallel weak scaling ({batch} rows per trainer per step, tiny UNet, 64 px)");
     println!("1 process x 1 trainer   {:7.1} samples/s  ({} steps)", one.samples_per_s, one.steps);
     println!("2 processes x 1 trainer {:7.1} samples/s  ({} steps)", two.samples_per_s, two.steps);
