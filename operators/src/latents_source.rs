@@ -64,6 +64,37 @@ impl NodeSpec for LatentsSourceConfig {
         self.batch_size
     }
 
+    fn reshard_position(
+        &self,
+        saved: &[Option<serde_json::Value>],
+        _shard: usize,
+        _shards: usize,
+    ) -> Result<Option<serde_json::Value>, OpError> {
+        // Shards take the stream's rows `s % shards == shard` in order, so a new layout goes on
+        // from the first row no old shard took, provided the old ones took a prefix of it.
+        let next = |p: &Option<serde_json::Value>| -> Result<u64, OpError> {
+            match p {
+                None => Ok(0),
+                Some(p) => p
+                    .get("row")
+                    .and_then(serde_json::Value::as_u64)
+                    .ok_or_else(|| OpError::msg(format!("bad latents_source position {p}: expected {{\"row\": N}}"))),
+            }
+        };
+        let old = saved.len() as u64;
+        let taken = |s: u64, upto: u64| if upto > s { (upto - s).div_ceil(old) } else { 0 };
+        let took: Vec<u64> =
+            saved.iter().enumerate().map(|(s, p)| Ok(taken(s as u64, next(p)?))).collect::<Result<_, OpError>>()?;
+        let prefix: u64 = took.iter().sum();
+        if took.iter().enumerate().any(|(s, &k)| k != taken(s as u64, prefix)) {
+            return Err(OpError::msg(format!(
+                "the saved shards took {took:?} rows each, which is not the first {prefix} rows of the stream; \
+                 resume with the number of workers that saved it"
+            )));
+        }
+        Ok(Some(serde_json::json!({ "row": prefix })))
+    }
+
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
         Ok(OperatorImpl::Source(Box::new(LatentsSource::new(
             Self { batch_size: Some(source_rows::batch_size(ctx, self.batch_size)), ..self.clone() },
@@ -361,6 +392,41 @@ mod tests {
         assert_eq!(shape, &[4, 2, 2]);
         assert_eq!(&data[..3], &[0.0, 1.0, 2.0]);
         assert_eq!(batches[0].strs("caption").unwrap()[1], "caption 1");
+    }
+
+    #[test]
+    fn a_position_saved_by_two_shards_continues_on_three() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path());
+        let config = LatentsSourceConfig { path: dir.path().display().to_string(), batch_size: Some(2), shuffle: true };
+        let mut ctx = OpContext::detached("read");
+        let mut seen = Vec::new();
+        let mut saved = Vec::new();
+        for shard in 0..2 {
+            let mut source = LatentsSource::new(config.clone(), 7, shard, 2);
+            source.start(&mut ctx).unwrap();
+            for _ in 0..2 {
+                seen.extend(source.next_batch(&mut ctx).unwrap().unwrap().i64s("key").unwrap().to_vec());
+            }
+            saved.push(Some(source.position()));
+        }
+        for shard in 0..3 {
+            let mut source = LatentsSource::new(config.clone(), 7, shard, 3);
+            source.start(&mut ctx).unwrap();
+            source.seek(&config.reshard_position(&saved, shard, 3).unwrap().unwrap()).unwrap();
+            while let Some(batch) = source.next_batch(&mut ctx).unwrap() {
+                seen.extend(batch.i64s("key").unwrap().to_vec());
+            }
+        }
+        let total = seen.len();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), total, "no row twice");
+        let mut all = LatentsSource::new(config.clone(), 7, 0, 1);
+        all.start(&mut ctx).unwrap();
+        assert_eq!(total as u64, all.total_rows(), "every row once");
+        let gap = [Some(serde_json::json!({"row": 4})), None];
+        assert!(config.reshard_position(&gap, 0, 1).unwrap_err().to_string().contains("not the first"));
     }
 
     #[test]

@@ -216,21 +216,26 @@ impl Collective {
             .collect();
         let incoming = self.exchange(outgoing)?;
         let own = chunks[self.rank].clone();
-        let mut sum = vec![0f32; own.len()];
-        for (from, bytes) in incoming.iter().enumerate() {
-            let contribution = if from == self.rank { buf[own.clone()].to_vec() } else { from_bytes(bytes) };
-            if contribution.len() != own.len() {
+        for (from, bytes) in incoming.iter().enumerate().filter(|(from, _)| *from != self.rank) {
+            if bytes.len() != own.len() * 4 {
                 return Err(self.mismatch(format!(
                     "rank {from} sent {} values for chunk {}, expected {} (buffers of different lengths)",
-                    contribution.len(),
+                    bytes.len() / 4,
                     self.rank,
                     own.len()
                 )));
             }
-            if from == 0 {
-                sum = contribution;
+        }
+        // Sum in rank order, reading every contribution where it lies (no decoded copies).
+        let mut sum: Vec<f32> = match self.rank {
+            0 => buf[own.clone()].to_vec(),
+            _ => decode(&incoming[0]).collect(),
+        };
+        for (from, bytes) in incoming.iter().enumerate().skip(1) {
+            if from == self.rank {
+                sum.iter_mut().zip(&buf[own.clone()]).for_each(|(s, c)| *s += c);
             } else {
-                sum.iter_mut().zip(&contribution).for_each(|(s, c)| *s += c);
+                sum.iter_mut().zip(decode(bytes)).for_each(|(s, c)| *s += c);
             }
         }
         // All-gather: every rank's summed chunk to everybody.
@@ -239,16 +244,15 @@ impl Collective {
         let incoming = self.exchange(outgoing)?;
         buf[own].copy_from_slice(&sum);
         for (from, bytes) in incoming.iter().enumerate().filter(|(from, _)| *from != self.rank) {
-            let values = from_bytes(bytes);
             let range = chunks[from].clone();
-            if values.len() != range.len() {
+            if bytes.len() != range.len() * 4 {
                 return Err(self.mismatch(format!(
                     "rank {from} sent {} summed values, expected {}",
-                    values.len(),
+                    bytes.len() / 4,
                     range.len()
                 )));
             }
-            buf[range].copy_from_slice(&values);
+            buf[range].iter_mut().zip(decode(bytes)).for_each(|(b, v)| *b = v);
         }
         Ok(())
     }
@@ -282,7 +286,11 @@ pub fn to_bytes(values: &[f32]) -> Vec<u8> {
 
 /// Little-endian bytes as f32s (a trailing partial value is ignored).
 pub fn from_bytes(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    decode(bytes).collect()
+}
+
+fn decode(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 #[cfg(test)]
