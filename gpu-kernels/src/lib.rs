@@ -16,6 +16,8 @@
 pub mod error;
 #[cfg(feature = "cuda")]
 pub mod kernel;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod ops;
 pub mod source;
 

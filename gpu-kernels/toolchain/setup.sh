@@ -24,7 +24,7 @@ fi
 python3 -m venv "$dir/venv"
 "$dir/venv/bin/pip" install -q nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 \
   nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 "nvidia-cublas>=13.0,<13.1" nvidia-curand==10.4.0.35 \
-  nvidia-cuda-nvrtc==13.0.88 >&2
+  nvidia-cuda-nvrtc==13.0.88 nvidia-nccl-cu13==2.30.7 >&2
 cu=$(ls -d "$dir"/venv/lib/python3*/site-packages/nvidia/cu13)
 mkdir -p "$root/lib"
 ln -sfn "$cu/bin" "$root/bin"; ln -sfn "$cu/include" "$root/include"; ln -sfn "$cu/nvvm" "$root/nvvm"; ln -sfn "$cu/lib" "$root/cu13lib"
@@ -32,6 +32,9 @@ for l in cublas cublasLt curand nvrtc cudart; do
   f=$(ls "$cu"/lib/lib$l.so.* | grep -v alt | head -1)
   ln -sf "$f" "$root/lib/lib$l.so"
 done
+# NCCL (the `nccl` feature links it): its wheel keeps the library beside the CUDA ones.
+nccl=$(ls "$dir"/venv/lib/python3*/site-packages/nvidia/nccl/lib/libnccl.so.* 2>/dev/null | head -1 || true)
+if [[ -n $nccl ]]; then ln -sf "$nccl" "$root/lib/libnccl.so"; else echo "note: no libnccl in the nccl wheel" >&2; fi
 # Linker stub for the driver API: every cu* entry point that cudarc declares, soname libcuda.so.1.
 command -v cargo >/dev/null && (cd "$(dirname "$0")/../.." && cargo fetch --locked >/dev/null 2>&1 || true)
 sys=$(ls -d ~/.cargo/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs 2>/dev/null | head -1 || true)

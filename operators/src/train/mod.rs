@@ -25,7 +25,7 @@ use crate::models::load::{load_unet, ModelSource};
 use crate::training::{checkpoint, loss_plot, Shard, Trainer};
 use conditions::Previews;
 use metrics::MetricsLog;
-use replicas::{GradientSum, Replicas, StepRows, FINISHED};
+use replicas::{Replicas, StepRows, FINISHED};
 use rows::RowBuffer;
 
 /// The `train` sink.
@@ -205,12 +205,10 @@ impl Train {
         let shard = Shard { first: step.first, global_rows: step.global_rows };
         let empty = run.empty_caption.as_ref();
         let mut reduced = None;
-        let report = match run.replicas.collective() {
-            Some(c) => {
-                let stats = std::sync::Arc::clone(c.stats());
-                let before = (stats.seconds(), stats.bytes_sent());
-                let report = run.trainer.train_shard(&latents, &context, empty, shard, Some(&mut GradientSum(c)));
-                reduced = Some((stats.seconds() - before.0, stats.bytes_sent() - before.1));
+        let report = match run.replicas.gradient_sum() {
+            Some(mut sum) => {
+                let report = run.trainer.train_shard(&latents, &context, empty, shard, Some(&mut sum));
+                reduced = Some(sum.figures());
                 report
             }
             None => run.trainer.train_shard(&latents, &context, empty, shard, None),
@@ -247,6 +245,8 @@ impl Sink for Train {
         let replicas = Replicas::new(ctx.take_collective());
         let mut run = self.start_run(device, replicas)?;
         run.replicas.check_identical(&run.trainer)?;
+        #[cfg(feature = "nccl")]
+        run.replicas.join_nccl(ctx.worker().device.as_deref())?;
         if run.replicas.size() > 1 && run.replicas.is_first() {
             tracing::info!(replicas = run.replicas.size(), "data-parallel training");
         }

@@ -48,6 +48,9 @@ struct Announcement {
 /// This trainer's place among the replicas; alone when `collective` is `None`.
 pub(super) struct Replicas {
     collective: Option<Collective>,
+    /// With the `nccl` feature on CUDA devices: the communicator that sums the gradients.
+    #[cfg(feature = "nccl")]
+    nccl: Option<latentflow_gpu_kernels::nccl::NcclGroup>,
 }
 
 fn collective_error(e: latentflow_engine::CollectiveError) -> OpError {
@@ -56,7 +59,38 @@ fn collective_error(e: latentflow_engine::CollectiveError) -> OpError {
 
 impl Replicas {
     pub fn new(collective: Option<Collective>) -> Self {
-        Replicas { collective }
+        Replicas {
+            collective,
+            #[cfg(feature = "nccl")]
+            nccl: None,
+        }
+    }
+
+    /// On CUDA device `cuda:N` (`device`), with several replicas: joins an NCCL communicator
+    /// over them (rank 0's unique id travels over the engine's collective), which then sums the
+    /// gradients instead of the collective.
+    #[cfg(feature = "nccl")]
+    pub fn join_nccl(&mut self, device: Option<&str>) -> Result<(), OpError> {
+        use latentflow_gpu_kernels::nccl::NcclGroup;
+        let ordinal = device.and_then(|d| d.strip_prefix("cuda:")).and_then(|n| n.parse::<usize>().ok());
+        let (Some(ordinal), Some(collective)) = (ordinal, self.collective.as_mut()) else { return Ok(()) };
+        let nccl = |e: latentflow_gpu_kernels::KernelError| OpError::msg(e.to_string());
+        let id = if collective.rank() == 0 { NcclGroup::unique_id().map_err(nccl)? } else { Vec::new() };
+        let id = collective.broadcast(id, 0).map_err(collective_error)?;
+        self.nccl = Some(NcclGroup::join(ordinal, collective.rank(), collective.size(), &id).map_err(nccl)?);
+        tracing::info!(rank = collective.rank(), device = ordinal, "gradients summed by NCCL");
+        Ok(())
+    }
+
+    /// What sums the gradients: NCCL when joined, else the collective; `None` alone.
+    pub fn gradient_sum(&mut self) -> Option<GradientSum<'_>> {
+        #[cfg(feature = "nccl")]
+        if let Some(group) = self.nccl.as_mut() {
+            return Some(GradientSum::new(group, None));
+        }
+        let collective = self.collective.as_mut()?;
+        let stats = std::sync::Arc::clone(collective.stats());
+        Some(GradientSum::new(collective, Some(stats)))
     }
 
     /// This replica's rank.
@@ -72,11 +106,6 @@ impl Replicas {
     /// The first replica writes the run's files.
     pub fn is_first(&self) -> bool {
         self.rank() == 0
-    }
-
-    /// The collective, to sum gradients.
-    pub fn collective(&mut self) -> Option<&mut Collective> {
-        self.collective.as_mut()
     }
 
     /// Fails unless every replica starts from the same weights, step and random stream.
@@ -268,12 +297,43 @@ fn decode_row(bytes: &[u8], offset: &mut usize, latent_len: usize, caption_len: 
     Some(Row { key, latents: latents.to_vec(), caption: caption.to_vec() })
 }
 
-/// Sums gradients over the replicas with the engine's collective.
-pub(super) struct GradientSum<'a>(pub &'a mut Collective);
+/// Sums gradients over the replicas (the engine's collective or NCCL), timing what it does.
+pub(super) struct GradientSum<'a> {
+    inner: &'a mut dyn crate::training::Replicas,
+    /// The collective's counters, for the bytes it sent.
+    stats: Option<std::sync::Arc<latentflow_engine::collective::CollectiveStats>>,
+    bytes_before: u64,
+    seconds: f64,
+}
+
+impl<'a> GradientSum<'a> {
+    fn new(
+        inner: &'a mut dyn crate::training::Replicas,
+        stats: Option<std::sync::Arc<latentflow_engine::collective::CollectiveStats>>,
+    ) -> Self {
+        let bytes_before = stats.as_ref().map_or(0, |s| s.bytes_sent());
+        GradientSum { inner, stats, bytes_before, seconds: 0.0 }
+    }
+
+    /// Seconds spent summing (waiting for the others included) and bytes sent (0 for NCCL,
+    /// whose traffic this does not see).
+    pub fn figures(&self) -> (f64, u64) {
+        (self.seconds, self.stats.as_ref().map_or(0, |s| s.bytes_sent() - self.bytes_before))
+    }
+}
 
 impl crate::training::Replicas for GradientSum<'_> {
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), String> {
-        self.0.all_reduce_sum(buf).map_err(|e| e.to_string())
+        let started = std::time::Instant::now();
+        let result = self.inner.all_reduce_sum(buf);
+        self.seconds += started.elapsed().as_secs_f64();
+        result
+    }
+}
+
+impl crate::training::Replicas for Collective {
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), String> {
+        Collective::all_reduce_sum(self, buf).map_err(|e| e.to_string())
     }
 }
 

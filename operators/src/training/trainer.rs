@@ -85,6 +85,14 @@ pub trait Replicas {
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> std::result::Result<(), String>;
 }
 
+/// NCCL sums the gradients of trainers on GPUs (feature `nccl`).
+#[cfg(feature = "nccl")]
+impl Replicas for latentflow_gpu_kernels::nccl::NcclGroup {
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> std::result::Result<(), String> {
+        latentflow_gpu_kernels::nccl::NcclGroup::all_reduce_sum(self, buf).map_err(|e| e.to_string())
+    }
+}
+
 /// Where one replica's rows sit in a step's global batch: positions `first..first + n` of
 /// `global_rows`, in the batch's key order. A replica's draws (timesteps, noise, caption
 /// dropout) are those of its positions in one stream for the whole global batch, so a step's
