@@ -231,8 +231,9 @@ impl Stage for EpochSum {
     }
 }
 
-/// `fail_at`: a map that fails on the row with key `key`, and rejects odd keys when
-/// `reject_odd` is set.
+/// `fail_at`: a map that fails on the row with key `key`, rejects odd keys when `reject_odd` is
+/// set, and with `delay_even_epochs_ms` sleeps on the batches of even epochs, so that the pool
+/// finishes later epochs first.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FailAtConfig {
@@ -242,6 +243,9 @@ pub struct FailAtConfig {
     /// Reject rows with odd keys (reason `odd_key`).
     #[serde(default)]
     pub reject_odd: bool,
+    /// Milliseconds to sleep on each batch of an even epoch.
+    #[serde(default)]
+    pub delay_even_epochs_ms: u64,
 }
 
 impl OperatorConfig for FailAtConfig {
@@ -250,7 +254,7 @@ impl OperatorConfig for FailAtConfig {
     const SUMMARY: &'static str = "test: fails on one key, rejects odd keys";
     const EXAMPLE: &'static str = "key = 3";
     const KEYS: &'static [(&'static str, &'static str)] =
-        &[("key", "fail on this key"), ("reject_odd", "reject odd keys")];
+        &[("key", "fail on this key"), ("reject_odd", "reject odd keys"), ("delay_even_epochs_ms", "sleep on even epochs")];
 }
 
 impl NodeSpec for FailAtConfig {
@@ -265,6 +269,9 @@ impl NodeSpec for FailAtConfig {
 
 impl Map for FailAtConfig {
     fn map(&self, mut batch: Batch, ctx: &mut OpContext) -> Result<Batch, OpError> {
+        if ctx.epoch() % 2 == 0 {
+            std::thread::sleep(Duration::from_millis(self.delay_even_epochs_ms));
+        }
         let keys = batch.i64s("key")?.to_vec();
         if let Some(k) = self.key.filter(|k| keys.contains(k)) {
             return Err(OpError::msg(format!("row {k} is poison")));

@@ -51,6 +51,46 @@ probe = "shapes-stage"
 }
 
 #[test]
+fn an_epoch_s_rows_never_depend_on_timing() {
+    // The map finishes odd epochs before even ones; the stage must still see each epoch's rows
+    // alone, after the epoch before it has ended.
+    let p = plan(
+        r#"
+[job]
+max_epochs_in_flight = 4
+cpu_threads = 4
+
+[nodes.read]
+type = "probe_source"
+probe = "shapes-order-src"
+count = 48
+batch_size = 4
+
+[nodes.slow]
+type = "fail_at"
+inputs = ["read"]
+delay_even_epochs_ms = 60
+
+[nodes.sum]
+type = "epoch_sum"
+inputs = ["slow"]
+
+[nodes.sink]
+type = "probe_sink"
+inputs = ["sum"]
+probe = "shapes-order"
+"#,
+    );
+    run(&p, &RunOptions::default()).unwrap();
+    let by_epoch = probe("shapes-order").epoch_keys.lock().unwrap().clone();
+    for t in 0..12u64 {
+        let expected: i64 = (4 * t as i64..4 * t as i64 + 4).sum();
+        let sums: Vec<i64> = by_epoch[&t].iter().copied().filter(|k| *k >= 0).collect();
+        assert_eq!(sums, [expected], "epoch {t} holds its own rows only: {by_epoch:?}");
+    }
+}
+
+#[test]
 fn an_operator_failure_stops_the_job_and_names_the_node() {
     let p = plan(
         r#"
