@@ -253,8 +253,11 @@ impl OperatorConfig for FailAtConfig {
     const KIND: OperatorKind = OperatorKind::Map;
     const SUMMARY: &'static str = "test: fails on one key, rejects odd keys";
     const EXAMPLE: &'static str = "key = 3";
-    const KEYS: &'static [(&'static str, &'static str)] =
-        &[("key", "fail on this key"), ("reject_odd", "reject odd keys"), ("delay_even_epochs_ms", "sleep on even epochs")];
+    const KEYS: &'static [(&'static str, &'static str)] = &[
+        ("key", "fail on this key"),
+        ("reject_odd", "reject odd keys"),
+        ("delay_even_epochs_ms", "sleep on even epochs"),
+    ];
 }
 
 impl NodeSpec for FailAtConfig {
