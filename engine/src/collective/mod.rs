@@ -1,7 +1,7 @@
 //! Collectives over the workers that run one node: all-reduce, broadcast, all-gather, barrier
 //! and all-to-all on flat buffers, for data-parallel training.
 //!
-//! An operator gets a [`Collective`] from its context ([`OpContext::collective`]) when its node
+//! An operator gets a [`Collective`] from its context ([`OpContext::take_collective`]) when its node
 //! asks for one ([`NodeSpec::collective`]) and runs on more than one worker. Nothing here names
 //! timely: the handle moves byte buffers, and the engine picks the transport. When every member
 //! is in this process the buffers move through shared memory ([`local`]); when the group spans
@@ -14,7 +14,7 @@
 //! run repeats bit for bit, and threads and processes give the same bits for the same `N`. Each
 //! rank sends `2 (N - 1) / N` of the buffer per all-reduce, as a ring all-reduce does.
 //!
-//! [`OpContext::collective`]: crate::OpContext::collective
+//! [`OpContext::take_collective`]: crate::OpContext::take_collective
 //! [`NodeSpec::collective`]: crate::NodeSpec::collective
 
 pub(crate) mod local;

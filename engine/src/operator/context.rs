@@ -164,13 +164,8 @@ impl OpContext {
 
     /// The collective over the workers that run this node, for a node that asked for one
     /// ([`NodeSpec::collective`](super::NodeSpec::collective)) and runs on more than one worker;
-    /// `None` otherwise (a single instance works alone). Stages and sinks keep one context for
-    /// their whole life, so the handle is theirs from `start` to `finish`.
-    pub fn collective(&mut self) -> Option<&mut Collective> {
-        self.collective.as_mut()
-    }
-
-    /// Takes the collective out of the context, for an operator that keeps it in its own state.
+    /// `None` otherwise (a single instance works alone, and on later calls). Stages and sinks
+    /// keep one context for their whole life: take it in `start` and keep it.
     pub fn take_collective(&mut self) -> Option<Collective> {
         self.collective.take()
     }

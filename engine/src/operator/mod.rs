@@ -83,7 +83,7 @@ pub trait NodeSpec: Send + Sync + fmt::Debug + 'static {
 
     /// True for a node whose instances work together (a data-parallel trainer): when it runs on
     /// more than one worker, each instance's context carries a [`Collective`](crate::Collective)
-    /// over those workers ([`OpContext::collective`]).
+    /// over those workers ([`OpContext::take_collective`]).
     fn collective(&self) -> bool {
         false
     }

@@ -88,6 +88,36 @@ impl PositionLedger {
             "sources": sources,
         })
     }
+
+    /// Merges what the ledgers of several processes returned from [`PositionLedger::after_epoch`]:
+    /// their sources, and the processes they cover (`"covered"`), so a resume can tell a
+    /// complete position (a trainer gathers them from every process for its checkpoint).
+    pub fn merge(positions: impl IntoIterator<Item = Value>) -> Option<Value> {
+        let mut merged: Option<Value> = None;
+        for position in positions {
+            let Some(m) = merged.as_mut() else {
+                merged = Some(position);
+                continue;
+            };
+            if let (Some(into), Some(from)) = (m["sources"].as_object_mut(), position["sources"].as_object()) {
+                for (node, workers) in from {
+                    let entry = into.entry(node.clone()).or_insert_with(|| Value::Object(Default::default()));
+                    if let (Some(e), Some(w)) = (entry.as_object_mut(), workers.as_object()) {
+                        e.extend(w.iter().map(|(k, v)| (k.clone(), v.clone())));
+                    }
+                }
+            }
+            let mut covered: Vec<Value> = m["covered"].as_array().cloned().unwrap_or_default();
+            for p in position["covered"].as_array().into_iter().flatten() {
+                if !covered.contains(p) {
+                    covered.push(p.clone());
+                }
+            }
+            covered.sort_by_key(|p| p.as_u64());
+            m["covered"] = Value::Array(covered);
+        }
+        merged
+    }
 }
 
 /// Where a resumed run's sources start: each source instance's position, from what
@@ -191,5 +221,16 @@ mod tests {
         assert_eq!(kept, [996, 997, 998, 999], "bounded by the epochs in flight");
         assert_eq!(ledger.after_epoch(997)["sources"]["read"]["0"], json!(997));
         assert_eq!(ledger.latest()[&("read".to_string(), 0)], json!(999));
+    }
+
+    #[test]
+    fn positions_of_several_processes_merge() {
+        let a =
+            serde_json::json!({"workers": 4, "processes": 2, "covered": [0], "sources": {"read": {"0": 1, "1": 2}}});
+        let b =
+            serde_json::json!({"workers": 4, "processes": 2, "covered": [1], "sources": {"read": {"2": 3, "3": 4}}});
+        let merged = PositionLedger::merge([a.clone(), b, a]).unwrap();
+        assert_eq!(merged["sources"]["read"], serde_json::json!({"0": 1, "1": 2, "2": 3, "3": 4}));
+        assert_eq!(merged["covered"], serde_json::json!([0, 1]));
     }
 }

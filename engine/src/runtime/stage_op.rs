@@ -76,9 +76,9 @@ pub(crate) fn build<'s>(
     let (output, stream) = builder.new_output::<Vec<Batch>>();
     let mut output = OutputBuilder::<u64, CapacityContainerBuilder<Vec<Batch>>>::from(output);
     let activator = scope.worker().sync_activator_for(info.address.to_vec());
+    // Instances that work together (they hold a collective) must all see the same epochs.
+    let every_epoch = node.collective.lock().expect("collective lock").is_some();
     let thread = stage.map(|s| spawn_thread(s, node.clone(), activator));
-    let every_epoch =
-        node.shared.plan.nodes.iter().find(|n| n.id.as_str() == &*node.id).is_some_and(|n| n.spec.collective());
 
     builder.build(move |mut caps| {
         // Held until the final flush, trailing the input frontier so it never holds back the gate.

@@ -12,6 +12,7 @@
 //! by every replica before it is trained, the lowest announced epoch is trained first, and at
 //! the end every replica announces "finished" until all have.
 
+use latentflow_engine::runtime::PositionLedger;
 use latentflow_engine::{Collective, OpError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -176,22 +177,17 @@ impl Replicas {
         let block = |r: usize| (r * global_rows / size)..((r + 1) * global_rows / size);
         let owner = |position: usize| (0..size).find(|&r| block(r).contains(&position)).unwrap_or(size - 1);
         let keys: Vec<i64> = order.iter().map(|o| o.0).collect();
-        if step_epoch != epoch {
-            let step = StepRows {
-                epoch: step_epoch,
-                rows: Vec::new(),
-                first: block(rank).start,
-                global_rows,
-                keys,
-                shapes: shape_of_step,
-            };
-            let step = self.move_rows(step, &order, Vec::new(), &owner)?;
-            return Ok((step, Some(rows)));
-        }
-        let step =
-            StepRows { epoch, rows: Vec::new(), first: block(rank).start, global_rows, keys, shapes: shape_of_step };
-        let step = self.move_rows(step, &order, std::mem::take(&mut rows), &owner)?;
-        Ok((step, None))
+        // Rows of a later epoch stay with this replica until that epoch's turn.
+        let (mine, later) = if step_epoch == epoch { (rows, None) } else { (Vec::new(), Some(rows)) };
+        let step = StepRows {
+            epoch: step_epoch,
+            rows: Vec::new(),
+            first: block(rank).start,
+            global_rows,
+            keys,
+            shapes: shape_of_step,
+        };
+        Ok((self.move_rows(step, &order, mine, &owner)?, later))
     }
 
     /// Sends each of this replica's `rows` (those in the step) to the replica whose block holds
@@ -208,8 +204,7 @@ impl Replicas {
         let mut rows: Vec<Option<Row>> = rows.into_iter().map(Some).collect();
         let mut outgoing = vec![Vec::new(); size];
         let mut kept = Vec::new();
-        for (position, &(_, from, i)) in order.iter().enumerate().filter(|(_, o)| o.1 == rank) {
-            let _ = from;
+        for (position, &(_, _, i)) in order.iter().enumerate().filter(|(_, o)| o.1 == rank) {
             let row = rows[i].take().ok_or_else(|| OpError::msg("a row was announced twice"))?;
             let to = owner(position);
             if to == rank {
@@ -247,37 +242,8 @@ impl Replicas {
         let text = serde_json::to_vec(&local).map_err(|e| OpError::msg(e.to_string()))?;
         let all = collective.all_gather(&text).map_err(collective_error)?;
         let positions: Vec<Option<Value>> = all.iter().map(|b| serde_json::from_slice(b).unwrap_or(None)).collect();
-        Ok(merge_positions(positions.into_iter().flatten()))
+        Ok(PositionLedger::merge(positions.into_iter().flatten()))
     }
-}
-
-/// Merges the ledgers of several processes (see `PositionLedger::after_epoch`): their sources,
-/// and the processes they cover (`"covered"`), so a resume can tell a complete position.
-pub(super) fn merge_positions(positions: impl Iterator<Item = Value>) -> Option<Value> {
-    let mut merged: Option<Value> = None;
-    for position in positions {
-        let Some(m) = merged.as_mut() else {
-            merged = Some(position);
-            continue;
-        };
-        if let (Some(into), Some(from)) = (m["sources"].as_object_mut(), position["sources"].as_object()) {
-            for (node, workers) in from {
-                let entry = into.entry(node.clone()).or_insert_with(|| Value::Object(Default::default()));
-                if let (Some(e), Some(w)) = (entry.as_object_mut(), workers.as_object()) {
-                    e.extend(w.iter().map(|(k, v)| (k.clone(), v.clone())));
-                }
-            }
-        }
-        let mut covered: Vec<Value> = m["covered"].as_array().cloned().unwrap_or_default();
-        for p in position["covered"].as_array().into_iter().flatten() {
-            if !covered.contains(p) {
-                covered.push(p.clone());
-            }
-        }
-        covered.sort_by_key(|p| p.as_u64());
-        m["covered"] = Value::Array(covered);
-    }
-    merged
 }
 
 fn encode_row(out: &mut Vec<u8>, row: &Row) {
@@ -382,16 +348,5 @@ mod tests {
         assert_eq!(trained, [0, 0, 1], "the one row goes to the last block");
         assert_eq!(steps[0].1.as_ref().map(Vec::len), Some(2), "epoch 4's rows come back");
         assert!(steps[1].1.is_none());
-    }
-
-    #[test]
-    fn positions_of_several_processes_merge() {
-        let a =
-            serde_json::json!({"workers": 4, "processes": 2, "covered": [0], "sources": {"read": {"0": 1, "1": 2}}});
-        let b =
-            serde_json::json!({"workers": 4, "processes": 2, "covered": [1], "sources": {"read": {"2": 3, "3": 4}}});
-        let merged = merge_positions([a.clone(), b, a].into_iter()).unwrap();
-        assert_eq!(merged["sources"]["read"], serde_json::json!({"0": 1, "1": 2, "2": 3, "3": 4}));
-        assert_eq!(merged["covered"], serde_json::json!([0, 1]));
     }
 }

@@ -434,9 +434,6 @@ impl Trainer {
             replicas.all_reduce_sum(&mut buf).map_err(fail)?;
             buckets.unpack(b, &buf, &mut pending.grads, &|n| present.contains(n), &self.params)?;
         }
-        if pending.micro_batches == 0 {
-            pending.micro_batches = 1; // this replica had no rows; the step is still taken
-        }
         Ok(())
     }
 
