@@ -21,6 +21,9 @@ pub enum OpError {
     /// A batch did not have the expected columns.
     #[error(transparent)]
     Data(#[from] DataError),
+    /// The operator panicked; the engine caught it and ends the job.
+    #[error("panicked: {0}")]
+    Panicked(String),
     /// Anything else, as a message for the user.
     #[error("{0}")]
     Other(String),
@@ -82,6 +85,17 @@ pub enum EngineError {
     /// A worker thread panicked.
     #[error("worker failed: {0}")]
     Worker(String),
+    /// The job stopped but its in-flight work did not drain in time.
+    #[error(
+        "the job stopped ({reason}) but did not drain within {timeout_s} s (job.drain_timeout_s); \
+         exiting without it: outputs after the last checkpoint are incomplete"
+    )]
+    DrainTimeout {
+        /// Why it stopped.
+        reason: String,
+        /// The timeout.
+        timeout_s: f64,
+    },
     /// Writing the profile or trace failed.
     #[error("{}: {source}", path.display())]
     Io {

@@ -38,4 +38,4 @@ pub use operator::{
     Source, Stage, WorkerInfo,
 };
 pub use plan::{JobConfig, Placement, Plan, PlanErrors, TopologyBuilder};
-pub use runtime::{run, ClusterOptions, RunOptions, RunReport};
+pub use runtime::{run, ClusterOptions, RunOptions, RunReport, StopReason};

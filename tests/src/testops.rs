@@ -52,6 +52,28 @@ pub fn catalog() -> Catalog {
     Catalog::new(entries)
 }
 
+/// Where a test operator panics (`panic_in`): in `start`, mid-run (`process`: a source's second
+/// batch, a stage's or sink's second batch), in `end_epoch`, or at `finish` (a source: where its
+/// data ends).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PanicIn {
+    /// In `start`.
+    Start,
+    /// On the second batch.
+    Process,
+    /// In `end_epoch`.
+    EndEpoch,
+    /// In `finish` (a source: at the end of its data).
+    Finish,
+}
+
+fn panic_if(configured: Option<PanicIn>, here: PanicIn) {
+    if configured == Some(here) {
+        panic!("test operator panics in {here:?}");
+    }
+}
+
 /// `probe_source`: `bytes_source` that counts the rows it produces into its probe.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -62,6 +84,9 @@ pub struct ProbeSourceConfig {
     pub count: u64,
     /// Rows per epoch per worker.
     pub batch_size: usize,
+    /// Panic there.
+    #[serde(default)]
+    pub panic_in: Option<PanicIn>,
 }
 
 impl OperatorConfig for ProbeSourceConfig {
@@ -69,8 +94,12 @@ impl OperatorConfig for ProbeSourceConfig {
     const KIND: OperatorKind = OperatorKind::Source;
     const SUMMARY: &'static str = "test: demo rows, counted into a probe";
     const EXAMPLE: &'static str = "probe = \"p\"\ncount = 10\nbatch_size = 2";
-    const KEYS: &'static [(&'static str, &'static str)] =
-        &[("probe", "probe name"), ("count", "rows"), ("batch_size", "rows per epoch")];
+    const KEYS: &'static [(&'static str, &'static str)] = &[
+        ("probe", "probe name"),
+        ("count", "rows"),
+        ("batch_size", "rows per epoch"),
+        ("panic_in", "start, process or finish"),
+    ];
 }
 
 impl NodeSpec for ProbeSourceConfig {
@@ -81,18 +110,37 @@ impl NodeSpec for ProbeSourceConfig {
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
         let config = BytesSourceConfig { count: self.count, batch_size: Some(self.batch_size), payload_bytes: 8 };
         let inner = BytesSource::new(config, ctx.job.seed, ctx.worker.shard as u64, ctx.worker.shards as u64);
-        Ok(OperatorImpl::Source(Box::new(ProbeSource { inner, probe: probe(&self.probe) })))
+        Ok(OperatorImpl::Source(Box::new(ProbeSource {
+            inner,
+            probe: probe(&self.probe),
+            panic_in: self.panic_in,
+            batches: 0,
+        })))
     }
 }
 
 struct ProbeSource {
     inner: BytesSource,
     probe: Arc<Probe>,
+    panic_in: Option<PanicIn>,
+    batches: u64,
 }
 
 impl Source for ProbeSource {
+    fn start(&mut self, _ctx: &mut OpContext) -> Result<(), OpError> {
+        panic_if(self.panic_in, PanicIn::Start);
+        Ok(())
+    }
+
     fn next_batch(&mut self, ctx: &mut OpContext) -> Result<Option<Batch>, OpError> {
+        self.batches += 1;
+        if self.batches == 2 {
+            panic_if(self.panic_in, PanicIn::Process);
+        }
         let batch = self.inner.next_batch(ctx)?;
+        if batch.is_none() {
+            panic_if(self.panic_in, PanicIn::Finish);
+        }
         if let Some(b) = &batch {
             let now = self.probe.in_flight.fetch_add(b.rows() as i64, SeqCst) + b.rows() as i64;
             self.probe.max_in_flight.fetch_max(now, SeqCst);
@@ -118,6 +166,9 @@ pub struct ProbeSinkConfig {
     /// Milliseconds to sleep per batch.
     #[serde(default)]
     pub delay_ms: u64,
+    /// Panic there.
+    #[serde(default)]
+    pub panic_in: Option<PanicIn>,
 }
 
 impl OperatorConfig for ProbeSinkConfig {
@@ -125,7 +176,8 @@ impl OperatorConfig for ProbeSinkConfig {
     const KIND: OperatorKind = OperatorKind::Sink;
     const SUMMARY: &'static str = "test: records keys, epochs and flushes into a probe";
     const EXAMPLE: &'static str = "probe = \"p\"";
-    const KEYS: &'static [(&'static str, &'static str)] = &[("probe", "probe name"), ("delay_ms", "sleep per batch")];
+    const KEYS: &'static [(&'static str, &'static str)] =
+        &[("probe", "probe name"), ("delay_ms", "sleep per batch"), ("panic_in", "where to panic")];
 }
 
 impl NodeSpec for ProbeSinkConfig {
@@ -137,6 +189,8 @@ impl NodeSpec for ProbeSinkConfig {
         Ok(OperatorImpl::Sink(Box::new(ProbeSink {
             probe: probe(&self.probe),
             delay: Duration::from_millis(self.delay_ms),
+            panic_in: self.panic_in,
+            batches: 0,
         })))
     }
 }
@@ -144,10 +198,21 @@ impl NodeSpec for ProbeSinkConfig {
 struct ProbeSink {
     probe: Arc<Probe>,
     delay: Duration,
+    panic_in: Option<PanicIn>,
+    batches: u64,
 }
 
 impl Sink for ProbeSink {
+    fn start(&mut self, _ctx: &mut OpContext) -> Result<(), OpError> {
+        panic_if(self.panic_in, PanicIn::Start);
+        Ok(())
+    }
+
     fn write(&mut self, batch: Batch, ctx: &mut OpContext) -> Result<(), OpError> {
+        self.batches += 1;
+        if self.batches == 2 {
+            panic_if(self.panic_in, PanicIn::Process);
+        }
         std::thread::sleep(self.delay);
         let keys = batch.i64s("key")?;
         self.probe.keys.lock().expect("probe").entry(ctx.worker().index).or_default().extend_from_slice(keys);
@@ -157,11 +222,13 @@ impl Sink for ProbeSink {
     }
 
     fn end_epoch(&mut self, epoch: u64, ctx: &mut OpContext) -> Result<(), OpError> {
+        panic_if(self.panic_in, PanicIn::EndEpoch);
         self.probe.epochs_ended.lock().expect("probe").push((ctx.worker().index, epoch));
         Ok(())
     }
 
     fn finish(&mut self, _ctx: &mut OpContext) -> Result<(), OpError> {
+        panic_if(self.panic_in, PanicIn::Finish);
         self.probe.finishes.fetch_add(1, SeqCst);
         Ok(())
     }
@@ -176,6 +243,9 @@ pub struct EpochSumConfig {
     /// Ask the job to stop after this many rows (never by default).
     #[serde(default)]
     pub stop_after: Option<u64>,
+    /// Panic there.
+    #[serde(default)]
+    pub panic_in: Option<PanicIn>,
 }
 
 impl OperatorConfig for EpochSumConfig {
@@ -183,7 +253,8 @@ impl OperatorConfig for EpochSumConfig {
     const KIND: OperatorKind = OperatorKind::Stage;
     const SUMMARY: &'static str = "test: per-epoch sums of `key`, total at finish";
     const EXAMPLE: &'static str = "";
-    const KEYS: &'static [(&'static str, &'static str)] = &[("stop_after", "request a stop after this many rows")];
+    const KEYS: &'static [(&'static str, &'static str)] =
+        &[("stop_after", "request a stop after this many rows"), ("panic_in", "where to panic")];
 }
 
 impl NodeSpec for EpochSumConfig {
@@ -196,20 +267,32 @@ impl NodeSpec for EpochSumConfig {
     }
 
     fn instantiate(&self, _ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
-        Ok(OperatorImpl::Stage(Box::new(EpochSum { stop_after: self.stop_after, ..EpochSum::default() })))
+        let (stop_after, panic_in) = (self.stop_after, self.panic_in);
+        Ok(OperatorImpl::Stage(Box::new(EpochSum { stop_after, panic_in, ..EpochSum::default() })))
     }
 }
 
 #[derive(Default)]
 struct EpochSum {
     stop_after: Option<u64>,
+    panic_in: Option<PanicIn>,
+    batches: u64,
     rows: u64,
     epoch_sum: i64,
     total: i64,
 }
 
 impl Stage for EpochSum {
+    fn start(&mut self, _ctx: &mut OpContext) -> Result<(), OpError> {
+        panic_if(self.panic_in, PanicIn::Start);
+        Ok(())
+    }
+
     fn process(&mut self, batch: Batch, ctx: &mut OpContext) -> Result<Option<Batch>, OpError> {
+        self.batches += 1;
+        if self.batches == 2 {
+            panic_if(self.panic_in, PanicIn::Process);
+        }
         let keys = batch.i64s("key")?;
         self.epoch_sum += keys.iter().sum::<i64>();
         self.rows += keys.len() as u64;
@@ -220,12 +303,14 @@ impl Stage for EpochSum {
     }
 
     fn end_epoch(&mut self, _epoch: u64, _ctx: &mut OpContext) -> Result<Option<Batch>, OpError> {
+        panic_if(self.panic_in, PanicIn::EndEpoch);
         let sum = std::mem::take(&mut self.epoch_sum);
         self.total += sum;
         Ok(Some(Batch::new().with("key", Column::I64(vec![sum]))?))
     }
 
     fn finish(&mut self, _ctx: &mut OpContext) -> Result<Option<Batch>, OpError> {
+        panic_if(self.panic_in, PanicIn::Finish);
         // A negative key marks the total, so tests can tell it from the per-epoch sums.
         Ok(Some(Batch::new().with("key", Column::I64(vec![-self.total]))?))
     }
@@ -246,6 +331,9 @@ pub struct FailAtConfig {
     /// Milliseconds to sleep on each batch of an even epoch.
     #[serde(default)]
     pub delay_even_epochs_ms: u64,
+    /// Panic on `key` instead of returning an error.
+    #[serde(default)]
+    pub panic: bool,
 }
 
 impl OperatorConfig for FailAtConfig {
@@ -257,6 +345,7 @@ impl OperatorConfig for FailAtConfig {
         ("key", "fail on this key"),
         ("reject_odd", "reject odd keys"),
         ("delay_even_epochs_ms", "sleep on even epochs"),
+        ("panic", "panic on `key` instead of failing"),
     ];
 }
 
@@ -277,6 +366,9 @@ impl Map for FailAtConfig {
         }
         let keys = batch.i64s("key")?.to_vec();
         if let Some(k) = self.key.filter(|k| keys.contains(k)) {
+            if self.panic {
+                panic!("row {k} is poison");
+            }
             return Err(OpError::msg(format!("row {k} is poison")));
         }
         let keep: Vec<bool> = keys.iter().map(|k| !(self.reject_odd && k % 2 == 1)).collect();

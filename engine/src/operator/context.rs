@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use crate::collective::Collective;
 use crate::plan::JobConfig;
-use crate::runtime::{PositionLedger, StopSignal};
+use crate::runtime::{PositionLedger, StopReason, StopSignal};
 
 /// Where one instance of an operator runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -173,5 +173,17 @@ impl OpContext {
     /// True once the job was asked to stop.
     pub fn stop_requested(&self) -> bool {
         self.stop.as_ref().is_some_and(|s| s.is_stopped())
+    }
+
+    /// Why the job was first asked to stop; `None` while it runs (or ran) to the end of its data.
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.stop.as_ref().and_then(|s| s.reason())
+    }
+
+    /// True once an operator of the job failed (in any process): the rows of later epochs may
+    /// be incomplete, so stateful operators must not commit work on them (a trainer neither
+    /// steps nor checkpoints).
+    pub fn job_failed(&self) -> bool {
+        self.stop.as_ref().is_some_and(|s| s.is_failed())
     }
 }

@@ -40,6 +40,9 @@ pub struct JobConfig {
     pub connect_timeout_s: f64,
     /// How often a progress line is logged when stderr is not a terminal.
     pub log_interval_s: f64,
+    /// After a stop (Ctrl-C, SIGTERM, a failure), how long in-flight work may take to drain and
+    /// checkpoint before the process exits with an error anyway.
+    pub drain_timeout_s: f64,
 }
 
 impl Default for JobConfig {
@@ -54,6 +57,7 @@ impl Default for JobConfig {
             devices: vec!["cpu".into()],
             connect_timeout_s: 60.0,
             log_interval_s: 10.0,
+            drain_timeout_s: 60.0,
         }
     }
 }
@@ -88,17 +92,14 @@ impl JobConfig {
                 errors.push(KeyError::new("devices", message));
             }
         }
-        if !(self.connect_timeout_s > 0.0 && self.connect_timeout_s <= 86400.0) {
-            errors.push(KeyError::new(
-                "connect_timeout_s",
-                format!("must be between 0 and 86400 seconds, got {}", self.connect_timeout_s),
-            ));
-        }
-        if !(self.log_interval_s > 0.0 && self.log_interval_s <= 86400.0) {
-            errors.push(KeyError::new(
-                "log_interval_s",
-                format!("must be between 0 and 86400 seconds, got {}", self.log_interval_s),
-            ));
+        for (key, seconds) in [
+            ("connect_timeout_s", self.connect_timeout_s),
+            ("log_interval_s", self.log_interval_s),
+            ("drain_timeout_s", self.drain_timeout_s),
+        ] {
+            if !(seconds > 0.0 && seconds <= 86400.0) {
+                errors.push(KeyError::new(key, format!("must be between 0 and 86400 seconds, got {seconds}")));
+            }
         }
         errors
     }

@@ -176,7 +176,7 @@ fn worker_info(shared: &JobShared, index: usize, peers: usize, workers: &[usize]
 fn instantiate(node: &PlanNode, runtime: &NodeRuntime, batch_size: Option<usize>) -> Option<OperatorImpl> {
     let job = &runtime.shared.plan.job;
     let ctx = InstanceContext { node: &node.id, job, worker: runtime.worker.clone(), batch_size };
-    match node.spec.instantiate(&ctx) {
+    match super::panics::catch(|| node.spec.instantiate(&ctx)) {
         Ok(instance) if instance.kind() == node.kind => Some(instance),
         Ok(instance) => {
             runtime.fail(OpError::msg(format!(

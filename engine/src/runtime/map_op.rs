@@ -16,6 +16,7 @@ use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
+use super::panics;
 use super::shared::NodeRuntime;
 use crate::data::Batch;
 use crate::error::OpError;
@@ -116,7 +117,7 @@ fn run_chain(
         let mut ctx = node.context();
         ctx.set_epoch(epoch);
         let began = Instant::now();
-        let result = map.map(batch, &mut ctx);
+        let result = panics::catch(|| map.map(batch, &mut ctx));
         node.finish_call(&mut ctx, began, track);
         batch = result.map_err(|e| (i, e))?;
         if batch.is_empty() {

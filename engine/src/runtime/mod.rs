@@ -3,6 +3,7 @@
 mod cluster;
 mod dataflow;
 mod map_op;
+mod panics;
 mod positions;
 mod reject_log;
 mod shared;
@@ -133,8 +134,8 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<RunReport, EngineError> 
         .build()
         .map_err(|e| EngineError::Options(format!("cannot start the thread pool: {e}")))?;
     let start = Instant::now();
-    let reject_logs = reject_log::open_all(plan, process, processes)?;
     let resume = resume_positions(plan, threads, processes)?;
+    let reject_logs = reject_log::open_all(plan, process, processes, resume.is_resuming())?;
     let devices = plan.job.devices.len();
     let source_shards = plan
         .nodes
@@ -192,8 +193,11 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<RunReport, EngineError> 
         })
         .map_err(|e| EngineError::Options(format!("cannot start the engine thread: {e}")))?;
 
-    let deadline = Duration::from_secs_f64(plan.job.connect_timeout_s);
-    let outcome = wait(&event_rx, &peer_rx, deadline);
+    let timeouts = Timeouts {
+        connect: Duration::from_secs_f64(plan.job.connect_timeout_s),
+        drain: Duration::from_secs_f64(plan.job.drain_timeout_s),
+    };
+    let outcome = wait(&event_rx, &peer_rx, &shared.stop, timeouts);
     drop(progress);
     cluster::unwatch_peers();
     let results = match outcome {
@@ -208,6 +212,16 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<RunReport, EngineError> 
             });
         }
         Err(WaitError::PeerLost(message)) => return Err(EngineError::PeerLost(message)),
+        Err(WaitError::DrainTimeout) => {
+            for log in shared.reject_logs.values() {
+                log.flush();
+            }
+            let reason = match shared.failure.lock().expect("failure lock").take() {
+                Some(failure) => failure.to_string(),
+                None => format!("{:?}", shared.stop.reason().unwrap_or(StopReason::Requested)).to_lowercase(),
+            };
+            return Err(EngineError::DrainTimeout { reason, timeout_s: plan.job.drain_timeout_s });
+        }
         Err(WaitError::Start(message)) => {
             return Err(EngineError::Options(format!("cannot start the workers: {message}")))
         }
@@ -248,19 +262,31 @@ enum WaitError {
     Timeout,
     PeerLost(String),
     Start(String),
+    DrainTimeout,
 }
 
-/// Waits for the workers to start (within `connect_timeout`) and then to finish, watching for
-/// lost peers all along.
+#[derive(Clone, Copy)]
+struct Timeouts {
+    /// For every process to connect.
+    connect: Duration,
+    /// For in-flight work to drain once the job was asked to stop.
+    drain: Duration,
+}
+
+/// Waits for the workers to start (within the connect timeout) and then to finish, watching
+/// for lost peers all along, and for a drain that outlasts its timeout once `stop` is set.
 fn wait(
     events: &crossbeam_channel::Receiver<Event>,
     peers: &crossbeam_channel::Receiver<String>,
-    connect_timeout: Duration,
+    stop: &StopSignal,
+    timeouts: Timeouts,
 ) -> Result<Vec<Result<(), String>>, WaitError> {
-    let deadline = crossbeam_channel::after(connect_timeout);
+    let connect_deadline = crossbeam_channel::after(timeouts.connect);
+    let ticks = crossbeam_channel::tick(Duration::from_millis(100));
+    let mut drain_deadline: Option<Instant> = None;
     let mut started = false;
     loop {
-        let timeout = if started { crossbeam_channel::never() } else { deadline.clone() };
+        let timeout = if started { crossbeam_channel::never() } else { connect_deadline.clone() };
         select! {
             recv(events) -> event => match event {
                 Ok(Event::Started) => started = true,
@@ -272,6 +298,20 @@ fn wait(
                 return Err(WaitError::PeerLost(message.unwrap_or_default()));
             }
             recv(timeout) -> _ => return Err(WaitError::Timeout),
+            recv(ticks) -> _ => {
+                // A stop the job asked for itself (max_steps) is its normal end, however long the
+                // final writes take; the others must not outlast the timeout.
+                let bounded = matches!(
+                    stop.reason(),
+                    Some(StopReason::Interrupted | StopReason::Failed | StopReason::PeerFailed)
+                );
+                if bounded {
+                    let deadline = *drain_deadline.get_or_insert_with(|| Instant::now() + timeouts.drain);
+                    if Instant::now() >= deadline {
+                        return Err(WaitError::DrainTimeout);
+                    }
+                }
+            }
         }
     }
 }

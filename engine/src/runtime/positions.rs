@@ -187,6 +187,11 @@ impl ResumePositions {
 
     /// The position source `node` on `worker` continues from; `None` to start at the beginning
     /// (no resume, or a source that had emitted nothing when the checkpoint was taken).
+    /// True when some source resumes a saved position (the run continues an earlier one).
+    pub(crate) fn is_resuming(&self) -> bool {
+        !self.0.is_empty()
+    }
+
     pub(crate) fn get(&self, node: &str, worker: usize) -> Option<&Value> {
         self.0.get(&(node.to_string(), worker))
     }

@@ -9,7 +9,7 @@ use super::StopSignal;
 use crate::collective::Collective;
 use crate::error::{EngineError, OpError};
 use crate::metrics::{MetricsRegistry, OperatorMetrics, TraceRecorder};
-use crate::operator::{OpContext, WorkerInfo};
+use crate::operator::{OpContext, Rejection, WorkerInfo};
 use crate::plan::Plan;
 
 /// Live figures of a running job: epochs opened, the gate, and what is in flight.
@@ -143,15 +143,29 @@ impl NodeRuntime {
 
     /// Counts a finished call: busy time, rejections and a trace span.
     pub(crate) fn finish_call(&self, ctx: &mut OpContext, began: Instant, track: &str) {
+        let rejections = self.finish_call_deferring(ctx, began, track);
+        self.record_rejections(rejections);
+    }
+
+    /// Counts a finished call's busy time and trace span, and hands back its rejections for
+    /// [`record_rejections`](Self::record_rejections) once its output is emitted.
+    pub(crate) fn finish_call_deferring(&self, ctx: &mut OpContext, began: Instant, track: &str) -> Vec<Rejection> {
         self.metrics.add_busy(began.elapsed());
-        let rejections = ctx.take_rejections();
-        if let (Some(log), false) = (&self.reject_log, rejections.is_empty()) {
-            log.write(&self.id, &rejections);
-        }
-        self.metrics.record_rejections(&self.id, rejections);
         if let Some(trace) = &self.shared.trace {
             trace.span(&self.id, "operator", track, began, ctx.epoch());
         }
+        ctx.take_rejections()
+    }
+
+    /// Counts rejected rows and writes them to the node's reject log.
+    pub(crate) fn record_rejections(&self, rejections: Vec<Rejection>) {
+        if rejections.is_empty() {
+            return;
+        }
+        if let Some(log) = &self.reject_log {
+            log.write(&self.id, &rejections);
+        }
+        self.metrics.record_rejections(&self.id, rejections);
     }
 
     /// The name of this instance's thread (or pool) in traces and thread lists.

@@ -13,17 +13,25 @@ use timely::dataflow::{Scope, StreamVec};
 use timely::progress::Antichain;
 use timely::scheduling::SyncActivator;
 
+use super::panics;
 use super::shared::NodeRuntime;
 use super::StopReason;
 use crate::data::Batch;
 use crate::error::OpError;
-use crate::operator::Source;
+use crate::operator::{Rejection, Source};
 
 enum SourceEvent {
-    Batch(Batch, serde_json::Value),
+    /// A batch, the position after it, and the rows the source rejected while reading it: they
+    /// count (and reach the reject log) only once the batch is emitted, so a batch read ahead but
+    /// never emitted before a stop is read, and its rejections made, once more after a resume.
+    Batch(Batch, serde_json::Value, Vec<Rejection>),
     End,
     Failed(OpError),
 }
+
+/// Set in a stop message on the control stream when the stop is a failure, so that other
+/// processes treat the data after it as incomplete too (the low bits name the worker).
+const FAILED: u64 = 1 << 63;
 
 /// Builds the source operator. `source` is `None` on workers outside the node's placement.
 /// Returns the data stream and the control stream that carries stop requests to other workers.
@@ -64,10 +72,10 @@ pub(crate) fn build<'s>(
         move |frontiers| {
             gate_in.for_each(|_, data| data.clear());
             ctl_in.for_each(|_, data| {
-                if !data.is_empty() {
-                    shared.stop.request(StopReason::Peer);
+                for message in data.drain(..) {
+                    let reason = if message & FAILED != 0 { StopReason::PeerFailed } else { StopReason::Peer };
+                    shared.stop.request(reason);
                 }
-                data.clear();
             });
             let Some((data_cap, ctl_cap)) = caps.as_mut() else {
                 return;
@@ -82,7 +90,8 @@ pub(crate) fn build<'s>(
             }
             if shared.stop.is_stopped() {
                 // Tell every other worker (and process), then release the epoch.
-                ctl_out.activate().session(&*ctl_cap).give(node.worker.index as u64);
+                let failed = if shared.stop.is_failed() { FAILED } else { 0 };
+                ctl_out.activate().session(&*ctl_cap).give(node.worker.index as u64 | failed);
                 caps = None;
                 return;
             }
@@ -96,10 +105,11 @@ pub(crate) fn build<'s>(
                     return; // rescheduled when the gate frontier moves
                 }
                 match events.try_recv() {
-                    Ok(SourceEvent::Batch(batch, position)) => {
+                    Ok(SourceEvent::Batch(batch, position, rejections)) => {
                         if let Some(since) = blocked_since.take() {
                             node.metrics.add_wait(since.elapsed());
                         }
+                        node.record_rejections(rejections);
                         let finished_below = gate.iter().min().copied().unwrap_or(t);
                         shared.ledger.record(&node.id, node.worker.index, t, position, finished_below);
                         if batch.is_empty() {
@@ -114,13 +124,21 @@ pub(crate) fn build<'s>(
                         // progress traffic every epoch.
                         data_cap.downgrade(&(t + 1));
                     }
-                    Ok(SourceEvent::End) | Err(TryRecvError::Disconnected) => {
+                    Ok(SourceEvent::End) => {
+                        caps = None;
+                        return;
+                    }
+                    Err(TryRecvError::Disconnected) => {
+                        // Never the end of the data: that is `End`. Whatever ended the reader,
+                        // the job did not read all of it.
+                        node.fail(OpError::msg("the source's reader thread ended without finishing"));
+                        ctl_out.activate().session(&*ctl_cap).give(node.worker.index as u64 | FAILED);
                         caps = None;
                         return;
                     }
                     Ok(SourceEvent::Failed(error)) => {
                         node.fail(error);
-                        ctl_out.activate().session(&*ctl_cap).give(node.worker.index as u64);
+                        ctl_out.activate().session(&*ctl_cap).give(node.worker.index as u64 | FAILED);
                         caps = None;
                         return;
                     }
@@ -140,14 +158,17 @@ fn spawn_reader(mut source: Box<dyn Source>, node: NodeRuntime, activator: SyncA
         .name(format!("lf-src-{}-{}", node.id, node.worker.index))
         .spawn(move || {
             let mut ctx = node.context();
-            let started =
-                source.start(&mut ctx).and_then(|()| match node.shared.resume.get(&node.id, node.worker.index) {
+            let started = panics::catch(|| {
+                source.start(&mut ctx)?;
+                match node.shared.resume.get(&node.id, node.worker.index) {
                     Some(position) => {
                         tracing::info!(node = %node.id, worker = node.worker.index, %position, "source seeks");
                         source.seek(position)
                     }
                     None => Ok(()),
-                });
+                }
+            });
+            node.record_rejections(ctx.take_rejections());
             if let Err(e) = started {
                 let _ = tx.send(SourceEvent::Failed(e));
                 let _ = activator.activate();
@@ -157,10 +178,10 @@ fn spawn_reader(mut source: Box<dyn Source>, node: NodeRuntime, activator: SyncA
             while !node.shared.stop.is_stopped() {
                 ctx.set_epoch(epoch);
                 let began = Instant::now();
-                let result = source.next_batch(&mut ctx);
-                node.finish_call(&mut ctx, began, &track);
+                let result = panics::catch(|| Ok(source.next_batch(&mut ctx)?.map(|b| (b, source.position()))));
+                let rejections = node.finish_call_deferring(&mut ctx, began, &track);
                 let (event, last) = match result {
-                    Ok(Some(batch)) => (SourceEvent::Batch(batch, source.position()), false),
+                    Ok(Some((batch, position))) => (SourceEvent::Batch(batch, position, rejections), false),
                     Ok(None) => (SourceEvent::End, true),
                     Err(e) => (SourceEvent::Failed(e), true),
                 };

@@ -15,6 +15,7 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 use timely::scheduling::SyncActivator;
 
+use super::panics;
 use super::shared::NodeRuntime;
 use crate::data::Batch;
 use crate::error::OpError;
@@ -148,7 +149,14 @@ pub(crate) fn build<'s>(
                 }
             }
             let mut out = output.activate();
-            for event in rx.try_iter() {
+            let mut events: Vec<StageOut> = rx.try_iter().collect();
+            if held.is_some() && !failed && rx.is_empty() && events.is_empty() {
+                // Nothing more can come: the thread ended without finishing or failing.
+                if let Err(crossbeam_channel::TryRecvError::Disconnected) = rx.try_recv() {
+                    events.push(StageOut::Failed(OpError::msg("the operator's thread ended without finishing")));
+                }
+            }
+            for event in events {
                 match event {
                     StageOut::Output(time, batch) => {
                         let cap = epochs.get(&time).map(|e| &e.cap).or(held.as_ref());
@@ -202,7 +210,9 @@ fn spawn_thread(
                 ok
             };
             let mut ctx = node.context();
-            if let Err(e) = stage.start(&mut ctx) {
+            let started = panics::catch(|| stage.start(&mut ctx));
+            node.record_rejections(ctx.take_rejections());
+            if let Err(e) = started {
                 send(StageOut::Failed(e));
                 return;
             }
@@ -210,7 +220,7 @@ fn spawn_thread(
             while let Ok(message) = in_rx.recv() {
                 node.metrics.add_wait(waiting.elapsed());
                 let began = Instant::now();
-                let result: Result<Vec<StageOut>, OpError> = match message {
+                let result: Result<Vec<StageOut>, OpError> = panics::catch(|| match message {
                     StageIn::Batches(time, batches) => {
                         ctx.set_epoch(time);
                         let mut outs = Vec::new();
@@ -237,7 +247,7 @@ fn spawn_thread(
                         })
                     }
                     StageIn::Finish => stage.finish(&mut ctx).map(|out| vec![StageOut::Finished(out)]),
-                };
+                });
                 node.finish_call(&mut ctx, began, &track);
                 let finished = matches!(result.as_deref(), Ok([.., StageOut::Finished(_)]));
                 match result {

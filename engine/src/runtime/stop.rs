@@ -16,6 +16,8 @@ pub enum StopReason {
     Failed,
     /// Another process of the cluster stopped.
     Peer,
+    /// Another process of the cluster stopped because an operator there failed.
+    PeerFailed,
 }
 
 /// The job's stop flag. Setting it wakes every local source, which then broadcasts the stop to
@@ -25,6 +27,7 @@ pub struct StopSignal {
     stopped: AtomicBool,
     interrupted: AtomicBool,
     failed: AtomicBool,
+    first_reason: Mutex<Option<StopReason>>,
     wakers: Mutex<Vec<SyncActivator>>,
 }
 
@@ -34,9 +37,10 @@ impl StopSignal {
         if reason == StopReason::Interrupted {
             self.interrupted.store(true, Ordering::SeqCst);
         }
-        if reason == StopReason::Failed {
+        if matches!(reason, StopReason::Failed | StopReason::PeerFailed) {
             self.failed.store(true, Ordering::SeqCst);
         }
+        let _ = self.first_reason.lock().map(|mut first| *first.get_or_insert(reason));
         if !self.stopped.swap(true, Ordering::SeqCst) {
             tracing::info!(?reason, "stopping: sources stop, in-flight work drains");
         }
@@ -50,7 +54,13 @@ impl StopSignal {
         self.stopped.load(Ordering::SeqCst)
     }
 
-    /// True once an operator in this process failed: collectives waiting for peers give up.
+    /// Why the job was first asked to stop, if it was.
+    pub fn reason(&self) -> Option<StopReason> {
+        self.first_reason.lock().ok().and_then(|r| *r)
+    }
+
+    /// True once an operator of the job failed (here or in another process): collectives
+    /// waiting for peers give up, and the data after the failure is incomplete.
     pub fn is_failed(&self) -> bool {
         self.failed.load(Ordering::SeqCst)
     }

@@ -270,11 +270,19 @@ impl Sink for Train {
     }
 
     fn end_epoch(&mut self, epoch: u64, ctx: &mut OpContext) -> Result<(), OpError> {
+        if ctx.job_failed() {
+            return Ok(()); // this epoch may be missing rows: never train (or checkpoint) on it
+        }
         self.train_through(epoch, ctx)
     }
 
     fn finish(&mut self, ctx: &mut OpContext) -> Result<(), OpError> {
         if self.run.is_none() {
+            return Ok(());
+        }
+        if ctx.job_failed() {
+            let step = self.run.as_ref().map_or(0, |r| r.checkpointed_step);
+            tracing::warn!(step, "the job failed: no final model; the last checkpoint (step {step}) is kept");
             return Ok(());
         }
         // Steps some replicas still hold rows for; then every replica is finished.
@@ -288,6 +296,17 @@ impl Sink for Train {
             return Ok(());
         }
         let trainer = &run.trainer;
+        // Only a run that trained to its end (the data ran out, or max_steps) leaves a final model;
+        // one stopped early (Ctrl-C, SIGTERM, a peer) leaves its checkpoint to resume from.
+        if let (Some(reason), false) = (ctx.stop_reason(), self.done()) {
+            tracing::warn!(
+                step = trainer.step(),
+                ?reason,
+                "training stopped before the end of its data: no final model; resume from the checkpoint with \
+                 resume = \"latest\""
+            );
+            return Ok(());
+        }
         let tensors = match trainer.ema() {
             Some(ema) => ema.tensors().iter().map(|(n, t)| (n.clone(), t.clone())).collect(),
             None => trainer.params().iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect(),
