@@ -33,6 +33,22 @@ pub fn check_source(model: Option<&Path>, path: Option<&Path>, preset: Option<&s
     errors
 }
 
+/// Checks the `config.json` the keys lead to for `part` (`unet`, `vae`, `text_encoder`): every
+/// value the model code divides by or indexes with, each problem naming the file and field.
+pub fn check_config(model: Option<&Path>, path: Option<&Path>, preset: Option<&str>, part: &str) -> Vec<KeyError> {
+    let Some(ModelSource::Folder(dir)) = ModelSource::resolve(model, path, preset, part) else {
+        return Vec::new();
+    };
+    let key = if path.is_some() { "path" } else { "model" };
+    match crate::models::load::check_part_config(&dir, part) {
+        Ok(()) => Vec::new(),
+        Err(crate::models::ModelError::Config { origin, problems }) => {
+            problems.iter().map(|p| KeyError::new(key, format!("{}: {p}", origin.display()))).collect()
+        }
+        Err(other) => vec![KeyError::new(key, other.to_string())],
+    }
+}
+
 /// The model source the keys name for `part` (`vae`, `text_encoder`, `unet`).
 pub fn source(
     model: Option<&Path>,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::error::{ModelError, Result};
+use super::error::{ConfigProblem, ModelError, Result};
 
 /// A config field that is one number for every block or one per block.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -31,6 +31,13 @@ impl PerBlock {
         match self {
             PerBlock::One(_) => None,
             PerBlock::Each(v) => Some(v.len()),
+        }
+    }
+
+    fn values(&self) -> &[usize] {
+        match self {
+            PerBlock::One(v) => std::slice::from_ref(v),
+            PerBlock::Each(v) => v,
         }
     }
 }
@@ -167,12 +174,33 @@ fn per_block_eight() -> PerBlock {
     PerBlock::One(8)
 }
 
-fn unsupported(origin: &Path, field: &str, value: impl std::fmt::Display, supported: &str) -> ModelError {
-    ModelError::Unsupported {
-        origin: origin.to_path_buf(),
-        field: field.into(),
-        value: value.to_string(),
-        supported: supported.into(),
+/// Every problem of one config file, gathered so that all are reported at once.
+struct Problems<'a> {
+    origin: &'a Path,
+    found: Vec<ConfigProblem>,
+}
+
+impl<'a> Problems<'a> {
+    fn new(origin: &'a Path) -> Self {
+        Problems { origin, found: Vec::new() }
+    }
+
+    /// Records a problem with `field` unless `ok`.
+    fn unless(&mut self, ok: bool, field: &str, value: impl std::fmt::Display, supported: &str) {
+        if !ok {
+            self.found.push(ConfigProblem {
+                field: field.into(),
+                value: value.to_string(),
+                supported: supported.into(),
+            });
+        }
+    }
+
+    fn finish(self) -> Result<()> {
+        if self.found.is_empty() {
+            return Ok(());
+        }
+        Err(ModelError::Config { origin: self.origin.to_path_buf(), problems: self.found })
     }
 }
 
@@ -182,106 +210,111 @@ impl UNetConfig {
         self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim).get(i)
     }
 
-    /// Checks every value this implementation relies on.
+    /// Checks every value this implementation relies on (what it divides by, indexes with or
+    /// matches on), reporting every problem at once.
     pub fn check(&self, origin: &Path) -> Result<()> {
+        let mut p = Problems::new(origin);
         let n = self.block_out_channels.len();
-        if n == 0 {
-            return Err(unsupported(origin, "block_out_channels", "[]", "at least one level"));
-        }
-        if self.down_block_types.len() != n || self.up_block_types.len() != n {
-            return Err(unsupported(
-                origin,
-                "down_block_types",
-                format!("{:?}", self.down_block_types),
-                "one down and one up block per entry of block_out_channels",
-            ));
+        p.unless(n > 0, "block_out_channels", "[]", "at least one level");
+        p.unless(
+            self.block_out_channels.iter().all(|&c| c > 0),
+            "block_out_channels",
+            format!("{:?}", self.block_out_channels),
+            "positive channel counts",
+        );
+        for (field, types) in [("down_block_types", &self.down_block_types), ("up_block_types", &self.up_block_types)] {
+            p.unless(types.len() == n, field, format!("{types:?}"), "one block per entry of block_out_channels");
         }
         for t in &self.down_block_types {
-            if t != "CrossAttnDownBlock2D" && t != "DownBlock2D" {
-                return Err(unsupported(origin, "down_block_types", t, "CrossAttnDownBlock2D, DownBlock2D"));
-            }
+            p.unless(
+                t == "CrossAttnDownBlock2D" || t == "DownBlock2D",
+                "down_block_types",
+                t,
+                "CrossAttnDownBlock2D, DownBlock2D",
+            );
         }
         for t in &self.up_block_types {
-            if t != "CrossAttnUpBlock2D" && t != "UpBlock2D" {
-                return Err(unsupported(origin, "up_block_types", t, "CrossAttnUpBlock2D, UpBlock2D"));
-            }
+            p.unless(
+                t == "CrossAttnUpBlock2D" || t == "UpBlock2D",
+                "up_block_types",
+                t,
+                "CrossAttnUpBlock2D, UpBlock2D",
+            );
         }
-        if self.mid_block_type.as_deref() != Some("UNetMidBlock2DCrossAttn") {
-            return Err(unsupported(
-                origin,
-                "mid_block_type",
-                format!("{:?}", self.mid_block_type),
-                "UNetMidBlock2DCrossAttn",
-            ));
+        p.unless(
+            self.mid_block_type.as_deref() == Some("UNetMidBlock2DCrossAttn"),
+            "mid_block_type",
+            format!("{:?}", self.mid_block_type),
+            "UNetMidBlock2DCrossAttn",
+        );
+        p.unless(self.act_fn == "silu", "act_fn", &self.act_fn, "silu");
+        p.unless(
+            matches!(self.only_cross_attention, serde_json::Value::Null | serde_json::Value::Bool(false)),
+            "only_cross_attention",
+            &self.only_cross_attention,
+            "false",
+        );
+        p.unless(!self.dual_cross_attention, "dual_cross_attention", "true", "false");
+        p.unless(self.class_embed_type.is_none(), "class_embed_type", format!("{:?}", self.class_embed_type), "null");
+        p.unless(
+            self.addition_embed_type.is_none(),
+            "addition_embed_type",
+            format!("{:?}", self.addition_embed_type),
+            "null",
+        );
+        p.unless(self.encoder_hid_dim.is_none(), "encoder_hid_dim", format!("{:?}", self.encoder_hid_dim), "null");
+        p.unless(
+            self.resnet_time_scale_shift == "default",
+            "resnet_time_scale_shift",
+            &self.resnet_time_scale_shift,
+            "default",
+        );
+        p.unless(
+            self.time_embedding_type == "positional",
+            "time_embedding_type",
+            &self.time_embedding_type,
+            "positional",
+        );
+        p.unless(self.conv_in_kernel == 3, "conv_in_kernel", self.conv_in_kernel, "3");
+        p.unless(self.conv_out_kernel == 3, "conv_out_kernel", self.conv_out_kernel, "3");
+        for (field, value) in [
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("layers_per_block", self.layers_per_block),
+            ("cross_attention_dim", self.cross_attention_dim),
+            ("norm_num_groups", self.norm_num_groups),
+        ] {
+            p.unless(value > 0, field, value, "a positive number");
         }
-        let checks: [(&str, bool, String, &str); 9] = [
-            ("act_fn", self.act_fn == "silu", self.act_fn.clone(), "silu"),
-            (
-                "only_cross_attention",
-                matches!(self.only_cross_attention, serde_json::Value::Null | serde_json::Value::Bool(false)),
-                self.only_cross_attention.to_string(),
-                "false",
-            ),
-            ("dual_cross_attention", !self.dual_cross_attention, "true".into(), "false"),
-            ("class_embed_type", self.class_embed_type.is_none(), format!("{:?}", self.class_embed_type), "null"),
-            (
-                "addition_embed_type",
-                self.addition_embed_type.is_none(),
-                format!("{:?}", self.addition_embed_type),
-                "null",
-            ),
-            ("encoder_hid_dim", self.encoder_hid_dim.is_none(), format!("{:?}", self.encoder_hid_dim), "null"),
-            (
-                "resnet_time_scale_shift",
-                self.resnet_time_scale_shift == "default",
-                self.resnet_time_scale_shift.clone(),
-                "default",
-            ),
-            (
-                "time_embedding_type",
-                self.time_embedding_type == "positional",
-                self.time_embedding_type.clone(),
-                "positional",
-            ),
-            (
-                "conv_in_kernel",
-                self.conv_in_kernel == 3 && self.conv_out_kernel == 3,
-                format!("{}/{}", self.conv_in_kernel, self.conv_out_kernel),
-                "3",
-            ),
-        ];
-        for (field, ok, value, supported) in checks {
-            if !ok {
-                return Err(unsupported(origin, field, value, supported));
-            }
-        }
+        p.unless(self.norm_eps > 0.0, "norm_eps", self.norm_eps, "a positive number");
+        let mut per_block_ok = true;
         for (field, value) in [
             ("attention_head_dim", Some(&self.attention_head_dim)),
             ("num_attention_heads", self.num_attention_heads.as_ref()),
             ("transformer_layers_per_block", Some(&self.transformer_layers_per_block)),
         ] {
-            if let Some(len) = value.and_then(PerBlock::len) {
-                if len != n {
-                    return Err(unsupported(
-                        origin,
-                        field,
-                        format!("{value:?}"),
-                        "one value, or one per entry of block_out_channels",
-                    ));
-                }
+            let Some(value) = value else { continue };
+            let ok = value.len().is_none_or(|len| len == n) && value.values().iter().all(|&v| v > 0);
+            per_block_ok &= ok;
+            p.unless(ok, field, format!("{value:?}"), "one positive value, or one per entry of block_out_channels");
+        }
+        if per_block_ok && self.norm_num_groups > 0 {
+            for (i, &c) in self.block_out_channels.iter().enumerate() {
+                p.unless(
+                    c % self.norm_num_groups == 0,
+                    "norm_num_groups",
+                    self.norm_num_groups,
+                    &format!("a divisor of every entry of block_out_channels ({c} at level {i})"),
+                );
+                p.unless(
+                    c % self.heads(i) == 0,
+                    if self.num_attention_heads.is_some() { "num_attention_heads" } else { "attention_head_dim" },
+                    self.heads(i),
+                    &format!("heads that divide the level's channels ({c} at level {i})"),
+                );
             }
         }
-        for (i, &c) in self.block_out_channels.iter().enumerate() {
-            if c % self.norm_num_groups != 0 || self.heads(i) == 0 || c % self.heads(i) != 0 {
-                return Err(unsupported(
-                    origin,
-                    "block_out_channels",
-                    c,
-                    "multiples of norm_num_groups and of the heads",
-                ));
-            }
-        }
-        Ok(())
+        p.finish()
     }
 
     /// The built-in sizes: `tiny` (like the test fixtures), `sd2-base` and `sd1`.
@@ -389,6 +422,12 @@ pub struct VaeConfig {
     /// Whether the mid blocks have attention.
     #[serde(default = "yes")]
     pub mid_block_add_attention: bool,
+    /// Encoder blocks: `DownEncoderBlock2D` (checked when given).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub down_block_types: Vec<String>,
+    /// Decoder blocks: `UpDecoderBlock2D` (checked when given).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub up_block_types: Vec<String>,
 }
 
 fn sd_scaling() -> f64 {
@@ -398,18 +437,55 @@ fn sd_scaling() -> f64 {
 impl VaeConfig {
     /// Checks every value this implementation relies on.
     pub fn check(&self, origin: &Path) -> Result<()> {
-        if self.act_fn != "silu" {
-            return Err(unsupported(origin, "act_fn", &self.act_fn, "silu"));
+        let mut p = Problems::new(origin);
+        p.unless(self.act_fn == "silu", "act_fn", &self.act_fn, "silu");
+        let channels = &self.block_out_channels;
+        p.unless(
+            !channels.is_empty() && channels.iter().all(|&c| c > 0),
+            "block_out_channels",
+            format!("{channels:?}"),
+            "at least one level, positive channel counts",
+        );
+        for (field, value) in [
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("layers_per_block", self.layers_per_block),
+            ("latent_channels", self.latent_channels),
+            ("norm_num_groups", self.norm_num_groups),
+        ] {
+            p.unless(value > 0, field, value, "a positive number");
         }
-        if self.block_out_channels.is_empty() || self.block_out_channels.iter().any(|c| c % self.norm_num_groups != 0) {
-            return Err(unsupported(
-                origin,
-                "block_out_channels",
-                format!("{:?}", self.block_out_channels),
-                "non-empty, multiples of norm_num_groups",
-            ));
+        for (field, types, supported) in [
+            ("down_block_types", &self.down_block_types, "DownEncoderBlock2D"),
+            ("up_block_types", &self.up_block_types, "UpDecoderBlock2D"),
+        ] {
+            p.unless(
+                types.is_empty() || types.len() == channels.len(),
+                field,
+                format!("{types:?}"),
+                "one block per entry of block_out_channels",
+            );
+            for t in types {
+                p.unless(t == supported, field, t, supported);
+            }
         }
-        Ok(())
+        p.unless(
+            self.scaling_factor.is_finite() && self.scaling_factor > 0.0,
+            "scaling_factor",
+            self.scaling_factor,
+            "a positive number",
+        );
+        if self.norm_num_groups > 0 {
+            for (i, &c) in channels.iter().enumerate() {
+                p.unless(
+                    c % self.norm_num_groups == 0,
+                    "norm_num_groups",
+                    self.norm_num_groups,
+                    &format!("a divisor of every entry of block_out_channels ({c} at level {i})"),
+                );
+            }
+        }
+        p.finish()
     }
 
     /// The built-in sizes: `tiny` (like the test fixtures) and `sd2-base` / `sd1` (the SD VAE).
@@ -431,6 +507,8 @@ impl VaeConfig {
             use_quant_conv: true,
             use_post_quant_conv: true,
             mid_block_add_attention: true,
+            down_block_types: Vec::new(),
+            up_block_types: Vec::new(),
         })
     }
 }
@@ -469,18 +547,37 @@ fn quick_gelu_name() -> String {
 impl ClipTextConfig {
     /// Checks every value this implementation relies on.
     pub fn check(&self, origin: &Path) -> Result<()> {
-        if self.hidden_act != "gelu" && self.hidden_act != "quick_gelu" {
-            return Err(unsupported(origin, "hidden_act", &self.hidden_act, "gelu, quick_gelu"));
+        let mut p = Problems::new(origin);
+        p.unless(
+            self.hidden_act == "gelu" || self.hidden_act == "quick_gelu",
+            "hidden_act",
+            &self.hidden_act,
+            "gelu, quick_gelu",
+        );
+        for (field, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+        ] {
+            p.unless(value > 0, field, value, "a positive number");
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
-            return Err(unsupported(
-                origin,
-                "num_attention_heads",
-                self.num_attention_heads,
-                "a divisor of hidden_size",
-            ));
-        }
-        Ok(())
+        // Token ids index the vocabulary and positions the position table: 77 tokens a caption.
+        p.unless(
+            self.max_position_embeddings >= 77,
+            "max_position_embeddings",
+            self.max_position_embeddings,
+            "at least 77",
+        );
+        p.unless(
+            self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads == 0,
+            "num_attention_heads",
+            self.num_attention_heads,
+            &format!("a divisor of hidden_size ({})", self.hidden_size),
+        );
+        p.unless(self.layer_norm_eps > 0.0, "layer_norm_eps", self.layer_norm_eps, "a positive number");
+        p.finish()
     }
 
     /// The built-in sizes: `tiny` (like the test fixtures), `sd2-base` (OpenCLIP ViT-H/14 text

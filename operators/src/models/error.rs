@@ -47,6 +47,14 @@ pub enum ModelError {
         /// What is supported.
         supported: String,
     },
+    /// A config file with values this implementation cannot run: every problem, one per line.
+    #[error("{}", ConfigProblem::lines(origin, problems))]
+    Config {
+        /// The config file.
+        origin: PathBuf,
+        /// Each bad field.
+        problems: Vec<ConfigProblem>,
+    },
     /// Bad input to a model or to training (shapes, options, a non-finite loss).
     #[error("{0}")]
     Input(String),
@@ -60,3 +68,27 @@ pub enum ModelError {
 
 /// Results of model code.
 pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// One bad field of a model config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// The field.
+    pub field: String,
+    /// Its value.
+    pub value: String,
+    /// What is supported.
+    pub supported: String,
+}
+
+impl std::fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "`{}` = {} is not supported ({})", self.field, self.value, self.supported)
+    }
+}
+
+impl ConfigProblem {
+    fn lines(origin: &std::path::Path, problems: &[ConfigProblem]) -> String {
+        let lines: Vec<String> = problems.iter().map(|p| format!("{}: {p}", origin.display())).collect();
+        lines.join("\n")
+    }
+}

@@ -71,6 +71,21 @@ fn config_and_weights<C: DeserializeOwned>(
     }
 }
 
+/// Checks the `config.json` of a part folder (`unet`, `vae` or `text_encoder`) as loading would,
+/// without reading any weights: for `validate`. A folder with no `config.json` yet passes (a
+/// later phase may train from what an earlier one will write).
+pub fn check_part_config(dir: &Path, part: &str) -> Result<()> {
+    if !dir.join("config.json").is_file() {
+        return Ok(());
+    }
+    match part {
+        "unet" => read_config::<UNetConfig>(dir).and_then(|(c, path)| c.check(&path)),
+        "vae" => read_config::<VaeConfig>(dir).and_then(|(c, path)| c.check(&path)),
+        "text_encoder" => read_config::<ClipTextConfig>(dir).and_then(|(c, path)| c.check(&path)),
+        other => Err(ModelError::Input(format!("no model part `{other}`"))),
+    }
+}
+
 /// The UNet and its parameters.
 pub fn load_unet(source: &ModelSource, device: &Device, trainable: bool, seed: u64) -> Result<(UNet, Weights)> {
     let (config, weights) = config_and_weights(source, device, trainable, seed, UNetConfig::preset, UNetConfig::check)?;

@@ -142,7 +142,14 @@ impl TrainConfig {
 
 impl NodeSpec for TrainConfig {
     fn validate(&self) -> Vec<KeyError> {
-        let mut errors = model_keys::check_source(self.model.as_deref(), self.path.as_deref(), self.preset.as_deref());
+        let (model, path, preset) = (self.model.as_deref(), self.path.as_deref(), self.preset.as_deref());
+        let mut errors = model_keys::check_source(model, path, preset);
+        // As `Train::new` resolves them: a preset trains from scratch, `model` still gives the
+        // frozen parts the previews use.
+        errors.extend(model_keys::check_config(if preset.is_some() { None } else { model }, path, preset, "unet"));
+        for part in ["vae", "text_encoder"] {
+            errors.extend(model_keys::check_config(model, None, None, part));
+        }
         errors.extend(KeyError::check_range("global_batch_size", self.global_batch_size, 1, 1 << 24));
         if let Some(max) = self.max_steps {
             errors.extend(KeyError::check_range("max_steps", max, 1, u64::MAX));

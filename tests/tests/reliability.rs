@@ -1,0 +1,189 @@
+//! Reliability as a user meets it through the binary: bad model configs caught at `validate`,
+//! SIGTERM that drains, checkpoints and leaves no final model, and a resume after it that
+//! trains every good row once and logs every bad row once.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow_array::{ArrayRef, BinaryArray, Float64Array, Int64Array, RecordBatch, StringArray};
+use latentflow_operators::demo::{demo_image, img2dataset_schema};
+use latentflow_operators::tables::AtomicParquetWriter;
+use latentflow_tests::{fixture, latentflow, text, topology};
+
+const BIN: &str = env!("CARGO_BIN_EXE_lf");
+
+#[test]
+fn validate_lists_every_bad_model_config_value_naming_file_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let vae = dir.path().join("vae");
+    std::fs::create_dir(&vae).unwrap();
+    let config = std::fs::read_to_string(fixture("tiny-sd/vae/config.json")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    config["norm_num_groups"] = 0.into();
+    config["act_fn"] = "gelu".into();
+    config["up_block_types"][1] = "AttnUpDecoderBlock2D".into();
+    std::fs::write(vae.join("config.json"), config.to_string()).unwrap();
+    let set = format!("nodes.vae.path=\"{}\"", vae.display());
+    let preprocess = topology("preprocess.toml");
+    let out = latentflow(BIN, dir.path(), &["validate", preprocess.to_str().unwrap(), "--set", &set]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let file = vae.join("config.json").display().to_string();
+    for field in ["`norm_num_groups` = 0", "`act_fn` = gelu", "`up_block_types` = AttnUpDecoderBlock2D"] {
+        assert!(stderr.lines().any(|l| l.contains(&file) && l.contains(field)), "{field} not named:\n{stderr}");
+    }
+    assert!(stderr.contains("has 3 problems"), "{stderr}");
+    // `run` refuses the same before loading anything: no panic, no hang.
+    let out = latentflow(BIN, dir.path(), &["run", preprocess.to_str().unwrap(), "--set", &set]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}
+
+/// img2dataset-style rows: keys `0..rows`; `k % 10 == 3` has no image (the source rejects it),
+/// `k % 10 == 7` holds an HTML error page (the transform rejects it); the rest are demo JPEGs.
+fn rows_with_bad_ones(path: &Path, rows: i64) {
+    let schema = img2dataset_schema();
+    let mut writer = AtomicParquetWriter::create(path, Arc::clone(&schema), &[]).unwrap();
+    for start in (0..rows).step_by(16) {
+        let keys: Vec<i64> = (start..(start + 16).min(rows)).collect();
+        let images: Vec<Option<Vec<u8>>> = keys
+            .iter()
+            .map(|&k| match k % 10 {
+                3 => None,
+                7 => Some(b"<html><body>404 Not Found</body></html>".to_vec()),
+                _ => Some(demo_image(0, k as u64, 90).jpeg),
+            })
+            .collect();
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from(keys.clone())),
+            Arc::new(StringArray::from_iter_values(keys.iter().map(|k| format!("caption {k}")))),
+            Arc::new(Float64Array::from_iter_values(keys.iter().map(|_| 256.0))),
+            Arc::new(Float64Array::from_iter_values(keys.iter().map(|_| 256.0))),
+            Arc::new(BinaryArray::from_iter(images.iter().map(|i| i.as_deref()))),
+        ];
+        writer.write(&RecordBatch::try_new(Arc::clone(&schema), columns).unwrap()).unwrap();
+        writer.end_row_group().unwrap();
+    }
+    writer.finish().unwrap();
+}
+
+const TRAIN_ON_PARQUET: &str = r#"
+[job]
+name = "sigterm"
+max_epochs_in_flight = 2
+
+[nodes.read]
+type = "parquet_source"
+path = "rows.parquet"
+reject_log = "rejects.jsonl"
+
+[nodes.transform]
+type = "image_transform"
+inputs = ["read"]
+resolution = 32
+reject_log = "rejects.jsonl"
+
+[nodes.tokenize]
+type = "tokenize"
+inputs = ["transform"]
+
+[nodes.vae]
+type = "vae_encode"
+inputs = ["tokenize"]
+preset = "tiny"
+
+[nodes.text]
+type = "text_encode"
+inputs = ["vae"]
+preset = "tiny"
+
+[nodes.train]
+type = "train"
+inputs = ["text"]
+preset = "tiny"
+global_batch_size = 8
+checkpoint_every = 4
+resume = "latest"
+log_keys = true
+"#;
+
+/// Keys trained per step over every line of `metrics.jsonl`.
+fn trained_keys(dir: &Path) -> BTreeMap<i64, usize> {
+    let metrics = std::fs::read_to_string(dir.join("runs/sigterm/metrics.jsonl")).unwrap();
+    let mut seen = BTreeMap::new();
+    for line in metrics.lines() {
+        let line: serde_json::Value = serde_json::from_str(line).unwrap();
+        for key in line["keys"].as_array().expect("log_keys") {
+            *seen.entry(key.as_i64().unwrap()).or_default() += 1;
+        }
+    }
+    seen
+}
+
+#[test]
+fn sigterm_drains_without_a_final_model_and_the_resume_trains_good_rows_once_and_logs_bad_rows_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = 240;
+    rows_with_bad_ones(&dir.path().join("rows.parquet"), rows);
+    std::fs::write(dir.path().join("job.toml"), TRAIN_ON_PARQUET).unwrap();
+    let metrics = dir.path().join("runs/sigterm/metrics.jsonl");
+
+    let mut first = Command::new(BIN)
+        .args(["run", "job.toml"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let began = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
+        assert!(began.elapsed() < Duration::from_secs(120), "no training steps within 2 minutes");
+        assert!(first.try_wait().unwrap().is_none(), "the first run ended before it was stopped");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = Command::new("kill").args(["-TERM", &first.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let out = first.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out));
+    let run_dir = dir.path().join("runs/sigterm");
+    assert!(!run_dir.join("final").exists(), "a drained run leaves no final model");
+    assert!(!run_dir.join("loss.png").exists(), "nor a loss plot");
+    let steps_before = trained_keys(dir.path()).values().sum::<usize>() / 8;
+    assert!(steps_before < 24, "the first run stopped early ({steps_before} steps)");
+    let checkpoints: Vec<_> = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    assert!(!checkpoints.is_empty(), "the drain checkpoints");
+
+    let out = latentflow(BIN, dir.path(), &["run", "job.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(run_dir.join("final/unet/config.json").is_file(), "{}", text(&out));
+    assert!(run_dir.join("loss.png").is_file());
+
+    let good: Vec<i64> = (0..rows).filter(|k| k % 10 != 3 && k % 10 != 7).collect();
+    let trained = trained_keys(dir.path());
+    assert_eq!(trained.keys().copied().collect::<Vec<_>>(), good, "every good row trained");
+    let twice: Vec<_> = trained.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "rows trained more than once over the two runs: {twice:?}");
+
+    let log = std::fs::read_to_string(dir.path().join("rejects.jsonl")).unwrap();
+    let mut logged: BTreeMap<i64, Vec<(String, String)>> = BTreeMap::new();
+    for line in log.lines() {
+        let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+        let key: i64 = entry["key"].as_str().unwrap().parse().unwrap();
+        let what = (entry["node"].as_str().unwrap().to_string(), entry["reason"].as_str().unwrap().to_string());
+        logged.entry(key).or_default().push(what);
+    }
+    let bad: Vec<i64> = (0..rows).filter(|k| k % 10 == 3 || k % 10 == 7).collect();
+    assert_eq!(logged.keys().copied().collect::<Vec<_>>(), bad, "every bad row logged:\n{log}");
+    for (key, entries) in &logged {
+        let node = if key % 10 == 3 { "read" } else { "transform" };
+        assert_eq!(entries.len(), 1, "row {key} logged once: {entries:?}");
+        assert_eq!(entries[0].0, node, "row {key}: {entries:?}");
+    }
+}
