@@ -44,7 +44,8 @@ fn data_path(c: &mut Criterion) {
     let mut group = c.benchmark_group("data_path");
     group.sample_size(10).measurement_time(Duration::from_secs(6));
     group.throughput(Throughput::Elements(IMAGES));
-    let full = DecodeOptions { exif_transpose: true, max_pixels: 100_000_000, dct_target: None };
+    let full =
+        DecodeOptions { exif_transpose: true, max_pixels: 100_000_000, max_aspect_ratio: 20.0, dct_target: None };
     group.bench_function("decode", |b| {
         b.iter(|| data.jpegs.iter().map(|j| decode(j, &full).unwrap().width).sum::<u32>())
     });

@@ -53,6 +53,9 @@ pub struct ImageTransformConfig {
     pub exif_transpose: bool,
     /// Reject images with more pixels than this (checked in the header, before decoding).
     pub max_pixels: u64,
+    /// Reject images whose long side is more than this many times the short one (checked in
+    /// the header, before decoding).
+    pub max_aspect_ratio: f64,
     /// Decode JPEGs at least twice the resolution at 1/2, 1/4 or 1/8 scale (default false:
     /// with the Rust decoders available it is slower than a full-size decode, see
     /// `bench/results/`).
@@ -68,6 +71,7 @@ impl Default for ImageTransformConfig {
             hflip_prob: 0.0,
             exif_transpose: true,
             max_pixels: 100_000_000,
+            max_aspect_ratio: 20.0,
             dct_scaling: false,
         }
     }
@@ -85,6 +89,7 @@ impl OperatorConfig for ImageTransformConfig {
         ("hflip_prob", "probability of a horizontal flip per row (default 0)"),
         ("exif_transpose", "apply the EXIF orientation (default true)"),
         ("max_pixels", "reject images with more pixels, read from the header (default 100000000)"),
+        ("max_aspect_ratio", "reject images whose long side is more than this many times the short one, read from the header (default 20)"),
         ("dct_scaling", "decode large JPEGs at 1/2, 1/4 or 1/8 scale, then resize (default false: slower with the available decoders)"),
     ];
 }
@@ -98,6 +103,12 @@ impl NodeSpec for ImageTransformConfig {
         .into_iter()
         .flatten()
         .collect();
+        if !(self.max_aspect_ratio >= 1.0 && self.max_aspect_ratio <= 1000.0) {
+            errors.push(KeyError::new(
+                "max_aspect_ratio",
+                format!("must be between 1 and 1000, got {}", self.max_aspect_ratio),
+            ));
+        }
         if !(0.0..=1.0).contains(&self.hflip_prob) {
             errors.push(KeyError::new("hflip_prob", format!("must be between 0 and 1, got {}", self.hflip_prob)));
         }
@@ -152,6 +163,7 @@ impl ImageTransform {
         let options = DecodeOptions {
             exif_transpose: c.exif_transpose,
             max_pixels: c.max_pixels,
+            max_aspect_ratio: c.max_aspect_ratio,
             dct_target: c.dct_scaling.then_some(res),
         };
         let image = decode(bytes, &options)?;

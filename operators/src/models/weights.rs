@@ -74,6 +74,19 @@ impl Weights {
         })
     }
 
+    /// Frozen parameters from tensors in memory (a trainer's weights, detached): a model built
+    /// from them records no autograd graph, for inference next to training.
+    pub fn frozen(tensors: HashMap<String, Tensor>, device: &Device) -> Weights {
+        Weights {
+            source: Source::Loaded { tensors, origin: PathBuf::from("the trainer's weights") },
+            device: device.clone(),
+            dtype: DType::F32,
+            trainable: false,
+            aliases: Vec::new(),
+            created: Mutex::new(BTreeMap::new()),
+        }
+    }
+
     /// Parameters initialised from `seed`: each one from its name, so the result does not
     /// depend on the order the model asks for them.
     pub fn random(seed: u64, device: &Device, trainable: bool) -> Weights {

@@ -29,6 +29,10 @@ pub struct DecodeOptions {
     pub exif_transpose: bool,
     /// Reject images with more pixels than this, read from the header before decoding.
     pub max_pixels: u64,
+    /// Reject images whose long side is more than this many times the short one, read from the
+    /// header before decoding (a 1 x 16,777,216 strip is under any pixel limit, yet costs seconds
+    /// to decode and resize into a crop of almost nothing).
+    pub max_aspect_ratio: f64,
     /// For JPEGs whose short side is at least twice this, decode at a reduced DCT scale that
     /// keeps the short side at or above it. `None` decodes at full size.
     pub dct_target: Option<u32>,
@@ -64,6 +68,13 @@ pub fn decode(bytes: &[u8], options: &DecodeOptions) -> Result<Rgb, Rejected> {
     }
     if u64::from(w) * u64::from(h) > options.max_pixels {
         return Err(Rejected::new("too_many_pixels", format!("{w}x{h} is over {} pixels", options.max_pixels)));
+    }
+    let aspect = f64::from(w.max(h)) / f64::from(w.min(h));
+    if aspect > options.max_aspect_ratio {
+        return Err(Rejected::new(
+            "extreme_aspect_ratio",
+            format!("{w}x{h} has an aspect ratio of {aspect:.1}, over {}", options.max_aspect_ratio),
+        ));
     }
     let orientation = if options.exif_transpose { decoder.orientation().ok() } else { None };
     let swaps = orientation.is_some_and(swaps_axes);
@@ -158,7 +169,7 @@ mod tests {
     use super::*;
 
     fn options() -> DecodeOptions {
-        DecodeOptions { exif_transpose: true, max_pixels: 100_000_000, dct_target: None }
+        DecodeOptions { exif_transpose: true, max_pixels: 100_000_000, max_aspect_ratio: 20.0, dct_target: None }
     }
 
     fn png(image: DynamicImage) -> Vec<u8> {
@@ -182,6 +193,23 @@ mod tests {
         let small = DecodeOptions { max_pixels: 9_999, ..options() };
         let err = decode(&bytes, &small).unwrap_err();
         assert_eq!((err.reason, err.detail.as_str()), ("too_many_pixels", "100x100 is over 9999 pixels"));
+    }
+
+    #[test]
+    fn extreme_aspect_ratios_are_rejected_before_decoding() {
+        // 16.8 MP, under the pixel limit: rejected from the header alone.
+        let strip = png(DynamicImage::new_luma8(1, 16_777_216));
+        let began = std::time::Instant::now();
+        let err = decode(&strip, &options()).unwrap_err();
+        assert_eq!(err.reason, "extreme_aspect_ratio");
+        assert_eq!(err.detail, "1x16777216 has an aspect ratio of 16777216.0, over 20");
+        assert!(began.elapsed() < std::time::Duration::from_secs(2), "the header alone decides");
+        let wide = png(DynamicImage::new_rgb8(200, 10));
+        assert!(decode(&wide, &options()).is_ok(), "20:1 is within the default");
+        assert_eq!(
+            decode(&wide, &DecodeOptions { max_aspect_ratio: 19.9, ..options() }).unwrap_err().reason,
+            "extreme_aspect_ratio"
+        );
     }
 
     #[test]

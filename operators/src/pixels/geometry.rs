@@ -7,9 +7,13 @@
 /// use latentflow_operators::pixels::geometry::resized_size;
 /// assert_eq!(resized_size(96, 72, 64), (85, 64));
 /// assert_eq!(resized_size(50, 81, 64), (64, 103));
+/// assert_eq!(resized_size(1, u32::MAX, 8192), (8192, u32::MAX), "saturates, never wraps");
 /// ```
 pub fn resized_size(width: u32, height: u32, resolution: u32) -> (u32, u32) {
-    let long = |l: u32, s: u32| ((u64::from(resolution) * u64::from(l)) / u64::from(s)) as u32;
+    let long = |l: u32, s: u32| {
+        let exact = (u64::from(resolution) * u64::from(l)) / u64::from(s.max(1));
+        u32::try_from(exact).unwrap_or(u32::MAX)
+    };
     if width <= height {
         (resolution, long(height, width))
     } else {

@@ -22,6 +22,7 @@ pub use config::TrainConfig;
 
 use crate::model_keys::{self, op_error};
 use crate::models::load::{load_unet, ModelSource};
+use crate::training::sampling::frozen_unet;
 use crate::training::{checkpoint, loss_plot, Shard, Trainer};
 use conditions::Previews;
 use metrics::MetricsLog;
@@ -128,7 +129,8 @@ impl Train {
         };
         let [c, h, w] = latent_shape[..] else { return Ok(()) };
         let path = self.output_dir.join("samples").join(format!("step-{step}.png"));
-        previews.write(&path, run.trainer.unet(), uncond, self.config.guidance_scale, (c, h, w), self.seed)
+        let unet = frozen_unet(run.trainer.unet().config(), run.trainer.params(), &run.device).map_err(op_error)?;
+        previews.write(&path, &unet, uncond, self.config.guidance_scale, (c, h, w), self.seed)
     }
 
     fn done(&self) -> bool {

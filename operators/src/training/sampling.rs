@@ -4,12 +4,24 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::schedule::{NoiseSchedule, Prediction};
+use crate::models::config::UNetConfig;
 use crate::models::error::{ModelError, Result};
+use crate::models::weights::Weights;
 use crate::models::{AutoencoderKl, UNet};
 use crate::rng::Rng;
+
+/// A UNet over the trainer's current weights, detached: sampling with it builds no autograd
+/// graph (a UNet over the trainable variables would keep every step's activations alive).
+/// The tensors are shared, not copied.
+pub fn frozen_unet(config: &UNetConfig, params: &BTreeMap<String, Var>, device: &Device) -> Result<UNet> {
+    let tensors = params.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
+    UNet::new(config, &Weights::frozen(tensors, device))
+}
 
 /// A DDIM sampler over a training noise schedule.
 ///
@@ -78,7 +90,8 @@ impl Ddim {
                     (x0, eps)
                 }
             };
-            x = ((x0 * a_prev.sqrt())? + (eps * (1.0 - a_prev).sqrt())?)?;
+            // Inference only: whatever `unet` is, no step's graph outlives the step.
+            x = ((x0 * a_prev.sqrt())? + (eps * (1.0 - a_prev).sqrt())?)?.detach();
         }
         Ok(x)
     }
