@@ -139,6 +139,14 @@ fn le_bytes(values: &[f32]) -> Vec<u8> {
 }
 
 impl Sink for LatentsSink {
+    fn start(&mut self, _ctx: &mut OpContext) -> Result<(), OpError> {
+        // This worker's files a killed run left unfinished (other workers sweep their own).
+        let own = format!(".part-{:05}-", self.worker);
+        crate::durable::remove_stale(&self.dir, |n| n.starts_with(&own) && n.ends_with(".parquet.tmp"))
+            .map_err(|e| OpError::io(&self.dir, e))?;
+        Ok(())
+    }
+
     fn write(&mut self, batch: Batch, _ctx: &mut OpContext) -> Result<(), OpError> {
         let keys = batch.i64s("key")?;
         let captions = batch.strs("caption")?;

@@ -11,6 +11,7 @@ pub mod clip;
 pub mod cuda;
 pub mod demo;
 pub mod demo_source;
+pub mod durable;
 pub mod folder_source;
 pub mod image_sink;
 pub mod image_transform;

@@ -187,3 +187,51 @@ fn sigterm_drains_without_a_final_model_and_the_resume_trains_good_rows_once_and
         assert_eq!(entries[0].0, node, "row {key}: {entries:?}");
     }
 }
+
+#[test]
+fn a_kill_at_any_moment_of_a_checkpoint_write_never_leaves_a_half_checkpoint() {
+    use latentflow_operators::training::checkpoint;
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let mut newest_seen = 0;
+    let mut random = 0x2545_f491_4f6c_dd1du64;
+    for kill in 0..16 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_checkpoint_loop"))
+            .arg(&run_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // A pseudo-random moment: 0.2 to 1.4 s in, through model loading, steps and writes.
+        random ^= random << 13;
+        random ^= random >> 7;
+        random ^= random << 17;
+        std::thread::sleep(Duration::from_millis(200 + random % 1200));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let Some(latest) = checkpoint::latest(&run_dir).unwrap() else { continue };
+        let state = checkpoint::read_state(&latest).unwrap_or_else(|e| panic!("kill {kill}: {e}"));
+        assert_eq!(latest.file_name().unwrap().to_string_lossy(), format!("checkpoint-{}", state.step));
+        assert_eq!(state.data_position["step"], state.step, "kill {kill}");
+        let schedule = latentflow_operators::training::NoiseSchedule::new(
+            &latentflow_operators::training::SchedulerConfig::default(),
+            "default".as_ref(),
+        )
+        .unwrap();
+        let options = latentflow_operators::training::TrainingOptions { ema_decay: Some(0.99), ..Default::default() };
+        let (trainer, _) = checkpoint::resume(&latest, schedule, options, &candle_core::Device::Cpu)
+            .unwrap_or_else(|e| panic!("kill {kill}: the latest checkpoint does not resume: {e}"));
+        assert_eq!(trainer.step(), state.step);
+        assert!(state.step >= newest_seen, "kill {kill}: went back from {newest_seen} to {}", state.step);
+        newest_seen = state.step;
+    }
+    assert!(newest_seen >= 3, "the loop got to checkpoint only {newest_seen} steps: kills too early to test");
+    // What the kills left half-written goes at the next start.
+    checkpoint::remove_stale(&run_dir).unwrap();
+    let left: Vec<String> = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -1,5 +1,6 @@
-//! Writing parquet files atomically: rows go to a hidden temporary file that is renamed into
-//! place once complete, so a crash never leaves a half file under the final name.
+//! Writing parquet files atomically: rows go to a hidden temporary file (`.NAME.tmp`) that is
+//! fsynced and renamed into place once complete, so a crash never leaves a half file under the
+//! final name.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -44,10 +45,11 @@ impl AtomicParquetWriter {
         self.writer.flush().map_err(|e| format!("{}: {e}", self.temp.display()))
     }
 
-    /// Finishes the file and moves it to its final name.
+    /// Finishes the file, flushes it to disk and moves it to its final name.
     pub fn finish(self) -> Result<PathBuf, String> {
-        self.writer.close().map_err(|e| format!("{}: {e}", self.temp.display()))?;
-        std::fs::rename(&self.temp, &self.path).map_err(|e| format!("{}: {e}", self.path.display()))?;
+        let file = self.writer.into_inner().map_err(|e| format!("{}: {e}", self.temp.display()))?;
+        file.sync_all().map_err(|e| format!("{}: {e}", self.temp.display()))?;
+        crate::durable::rename(&self.temp, &self.path).map_err(|e| format!("{}: {e}", self.path.display()))?;
         Ok(self.path)
     }
 }

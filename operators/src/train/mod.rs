@@ -101,6 +101,7 @@ impl Train {
         };
         if first {
             std::fs::create_dir_all(&self.output_dir).map_err(|e| OpError::io(&self.output_dir, e))?;
+            checkpoint::remove_stale(&self.output_dir).map_err(op_error)?;
         }
         let metrics = MetricsLog::open(&self.output_dir.join("metrics.jsonl"), step, first)?;
         Ok(Run {
@@ -313,8 +314,8 @@ impl Sink for Train {
             Some(ema) => ema.tensors().iter().map(|(n, t)| (n.clone(), t.clone())).collect(),
             None => trainer.params().iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect(),
         };
-        let final_dir = self.output_dir.join("final").join("unet");
-        checkpoint::write_unet(&final_dir, trainer.unet().config(), &tensors).map_err(op_error)?;
+        let final_dir =
+            checkpoint::write_final_unet(&self.output_dir, trainer.unet().config(), &tensors).map_err(op_error)?;
         let plot = self.output_dir.join("loss.png");
         if !run.metrics.losses.is_empty() {
             loss_plot::draw(&plot, &run.metrics.losses).map_err(OpError::msg)?;

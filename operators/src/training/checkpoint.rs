@@ -1,8 +1,10 @@
 //! Checkpoints in the diffusers layout: `checkpoint-STEP/unet/{config.json,
 //! diffusion_pytorch_model.safetensors}` (loadable by `UNet2DConditionModel.from_pretrained`),
 //! `unet_ema/` when EMA is on, `optimizer.safetensors` and `state.json` (step, random stream,
-//! data position). Each is written into a temporary folder that is renamed into place, so a
-//! crash never leaves a half-written checkpoint behind; only the newest `keep_last` are kept.
+//! data position). Each is written into a temporary folder (`.checkpoint-STEP.partial-PID`),
+//! fsynced file by file and renamed into place, so a kill or a power cut at any moment never
+//! leaves a half-written `checkpoint-STEP`; only the newest `keep_last` are kept (an old one is
+//! renamed away before it is deleted), and [`remove_stale`] sweeps what killed runs left.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use super::ema::Ema;
 use super::options::TrainingOptions;
 use super::schedule::NoiseSchedule;
 use super::trainer::{Trainer, TrainerState};
+use crate::durable;
 use crate::models::config::UNetConfig;
 use crate::models::error::{ModelError, Result};
 use crate::models::load::{load_unet, ModelSource};
@@ -129,17 +132,56 @@ pub fn save(
     let path = temp.join(STATE);
     let text = serde_json::to_string_pretty(&state).map_err(|e| ModelError::Input(e.to_string()))?;
     std::fs::write(&path, text + "\n").map_err(io(&path))?;
+    durable::sync_tree(&temp).map_err(io(&temp))?;
     if target.exists() {
-        std::fs::remove_dir_all(&target).map_err(io(&target))?;
+        discard(run_dir, &target)?;
     }
-    std::fs::rename(&temp, &target).map_err(io(&target))?;
+    durable::rename(&temp, &target).map_err(io(&target))?;
     if keep_last > 0 {
         let all = list(run_dir)?;
         for old in &all[..all.len().saturating_sub(keep_last)] {
-            std::fs::remove_dir_all(old).map_err(io(old))?;
+            discard(run_dir, old)?;
         }
     }
     Ok(target)
+}
+
+/// Deletes a checkpoint (or final) folder, first renaming it out of [`list`]'s sight: a kill in the middle
+/// of the deletion never leaves a `checkpoint-STEP` with some of its files gone.
+fn discard(run_dir: &Path, checkpoint: &Path) -> Result<()> {
+    let name = checkpoint.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let doomed = run_dir.join(format!(".{name}.deleting-{}", std::process::id()));
+    durable::rename(checkpoint, &doomed).map_err(io(checkpoint))?;
+    std::fs::remove_dir_all(&doomed).map_err(io(&doomed))
+}
+
+/// True for what a killed checkpoint (or final model) write or deletion leaves behind.
+fn is_stale(name: &str) -> bool {
+    (name.starts_with(".checkpoint-") || name.starts_with(".final."))
+        && (name.contains(".partial-") || name.contains(".deleting-"))
+}
+
+/// Writes the final UNet as `run_dir/final/unet/` the same way as a checkpoint: complete or
+/// not at all, replacing an earlier run's.
+pub fn write_final_unet(run_dir: &Path, config: &UNetConfig, tensors: &HashMap<String, Tensor>) -> Result<PathBuf> {
+    let temp = run_dir.join(format!(".final.partial-{}", std::process::id()));
+    if temp.exists() {
+        std::fs::remove_dir_all(&temp).map_err(io(&temp))?;
+    }
+    write_unet(&temp.join("unet"), config, tensors)?;
+    durable::sync_tree(&temp).map_err(io(&temp))?;
+    let target = run_dir.join("final");
+    if target.exists() {
+        discard(run_dir, &target)?;
+    }
+    durable::rename(&temp, &target).map_err(io(&target))?;
+    Ok(target.join("unet"))
+}
+
+/// Removes the half-written and half-deleted checkpoint folders killed runs left in `run_dir`;
+/// returns how many. Run it before the run writes checkpoints of its own.
+pub fn remove_stale(run_dir: &Path) -> Result<usize> {
+    durable::remove_stale(run_dir, is_stale).map_err(io(run_dir))
 }
 
 /// Reads a checkpoint's `state.json`.
