@@ -61,13 +61,13 @@ nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >"$out
 smi=$!
 
 cd "$root"
-step kernels 90 "$bin/gpu_vs_cpu" --test-threads=1 --nocapture
+step kernels 90 "$bin/gpu_vs_cpu" --include-ignored --test-threads=1 --nocapture
 step nvrtc 60 "$bin/nvrtc_compile" --nocapture
 step parity_models 60 "$bin/model_parity" --test-threads=1 --nocapture
 step parity_training 60 "$bin/training_parity" one_training_step_end_to_end --nocapture
 if [[ -x $bin/nccl ]]; then
-  step nccl 60 "$bin/nccl" --nocapture
-  step nccl_training_step 60 "$bin/nccl_step" --nocapture
+  step nccl 60 "$bin/nccl" --include-ignored --nocapture
+  step nccl_training_step 60 "$bin/nccl_step" --include-ignored --nocapture
 fi
 step latentflow_step 180 "$bin/gpu_train_step" --batches 8,32,64 --steps 6 --warmup 2 --config-out "$out/unet_config.json"
 if [[ -s $out/unet_config.json ]]; then

@@ -23,13 +23,7 @@ pub fn four_operator_plan(
         .compile(&latentflow_operators::registry())
 }
 
-/// Peak resident memory of this process (`VmHWM`), in bytes.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
+pub use latentflow_engine::metrics::peak_rss_bytes;
 
 /// CPU seconds (user + system) used by this process so far, from `/proc/self/stat`.
 pub fn cpu_seconds() -> Option<f64> {

@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::path::PathBuf;
 
+use bytesize::ByteSize;
 use latentflow_engine::{
     Batch, InstanceContext, KeyError, NodeSpec, OpContext, OpError, OperatorConfig, OperatorImpl, OperatorKind, Ports,
     Source,
@@ -65,6 +66,14 @@ pub struct ParquetSourceConfig {
     /// Shuffle windows of this many rows with the job seed (0: file order).
     #[serde(default)]
     pub shuffle_buffer: usize,
+    /// A window also ends once its images hold this many bytes (the window is held in memory,
+    /// outside the job's byte budget). Default 256 MiB.
+    #[serde(default = "default_shuffle_buffer_bytes")]
+    pub shuffle_buffer_bytes: ByteSize,
+}
+
+fn default_shuffle_buffer_bytes() -> ByteSize {
+    ByteSize::mib(256)
 }
 
 fn default_image_column() -> String {
@@ -88,6 +97,7 @@ impl OperatorConfig for ParquetSourceConfig {
         ("min_height", "keep rows whose `height` column is at least this"),
         ("filter", "[[nodes.ID.filter]] tables: column, min, max (e.g. punsafe, AESTHETIC_SCORE)"),
         ("shuffle_buffer", "shuffle windows of this many rows with the job seed (default 0: file order)"),
+        ("shuffle_buffer_bytes", "a window also ends once its images hold this many bytes (default \"256 MiB\")"),
     ];
 }
 
@@ -139,6 +149,12 @@ impl NodeSpec for ParquetSourceConfig {
         let mut errors: Vec<KeyError> =
             self.batch_size.and_then(|b| KeyError::check_range("batch_size", b, 1, 1_000_000)).into_iter().collect();
         errors.extend(KeyError::check_range("shuffle_buffer", self.shuffle_buffer, 0, 10_000_000));
+        errors.extend(KeyError::check_range(
+            "shuffle_buffer_bytes",
+            self.shuffle_buffer_bytes.as_u64(),
+            1 << 10,
+            1 << 36,
+        ));
         for f in &self.filter {
             if let (Some(lo), Some(hi)) = (f.min, f.max) {
                 if lo > hi {
@@ -375,16 +391,24 @@ impl ParquetSource {
         })))
     }
 
-    /// Fills the next shuffle window: reads `shuffle_buffer` stream rows and permutes the kept
+    /// Fills the next shuffle window: reads `shuffle_buffer` stream rows (fewer once the kept
+    /// images hold `shuffle_buffer_bytes`; the same rows on every run) and permutes the kept
     /// ones with a generator seeded by (job seed, worker shard, window start).
     fn fill_window(&mut self, ctx: &mut OpContext) -> Result<(), OpError> {
         let start = self.consumed;
         let mut rows = Vec::new();
+        let (max_bytes, mut bytes) = (self.config.shuffle_buffer_bytes.as_u64(), 0u64);
         for _ in 0..self.config.shuffle_buffer {
             match self.next_filtered(ctx)? {
                 None => break,
-                Some(Some(row)) => rows.push(row),
+                Some(Some(row)) => {
+                    bytes += row.image.len() as u64;
+                    rows.push(row);
+                }
                 Some(None) => {}
+            }
+            if bytes >= max_bytes {
+                break;
             }
         }
         let mut rng = Rng::new(self.seed ^ 0x5EED_5A0F_u64, ((self.shard as u64) << 48) ^ start);

@@ -235,3 +235,30 @@ fn a_kill_at_any_moment_of_a_checkpoint_write_never_leaves_a_half_checkpoint() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// The peak resident memory of `lf run` over `rows` demo rows (demo_source -> image_transform
+/// -> null_sink on 2 workers), from its profile.
+fn peak_rss_of_demo_rows(dir: &Path, rows: u64) -> u64 {
+    let topology = "[job]\nname = \"rss\"\n\n[nodes.read]\ntype = \"demo_source\"\ncount = 1000\nbatch_size = 32\n\n\
+                    [nodes.transform]\ntype = \"image_transform\"\ninputs = [\"read\"]\nresolution = 64\n\n\
+                    [nodes.sink]\ntype = \"null_sink\"\ninputs = [\"transform\"]\n";
+    std::fs::write(dir.join("rss.toml"), topology).unwrap();
+    let profile = format!("rss-{rows}.json");
+    let count = format!("nodes.read.count={rows}");
+    let args = ["run", "rss.toml", "--workers", "2", "--set", &count, "--profile", &profile];
+    let out = latentflow(BIN, dir, &args);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let profile: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join(&profile)).unwrap()).unwrap();
+    assert_eq!(profile["operators"][2]["items_in"], rows);
+    profile["peak_rss_bytes"].as_u64().expect("peak_rss_bytes in the profile")
+}
+
+#[test]
+fn resident_memory_does_not_grow_with_the_rows_of_a_demo_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = peak_rss_of_demo_rows(dir.path(), 1_000);
+    let large = peak_rss_of_demo_rows(dir.path(), 10_000);
+    let ratio = large as f64 / small as f64;
+    println!("peak RSS: {small} B at 1,000 rows, {large} B at 10,000 rows: {ratio:.3}x");
+    assert!(ratio <= 1.15, "{small} B at 1,000 rows, {large} B at 10,000 rows: {ratio:.3}x");
+}

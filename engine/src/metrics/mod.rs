@@ -8,7 +8,7 @@ mod trace;
 
 pub(crate) use counters::IdleClock;
 pub use counters::{MetricsRegistry, MetricsSnapshot, OperatorMetrics};
-pub use profile::{OperatorProfile, Profile};
+pub use profile::{peak_rss_bytes, OperatorProfile, Profile};
 pub use progress::ProgressMode;
 pub(crate) use progress::ProgressReporter;
 pub use trace::TraceRecorder;

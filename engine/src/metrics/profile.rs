@@ -15,6 +15,18 @@ pub struct Profile {
     pub wall_seconds: f64,
     /// One entry per node, in dependency order.
     pub operators: Vec<OperatorProfile>,
+    /// The process's peak resident memory by the end of the run (Linux's `VmHWM`), if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Peak resident memory of this process so far (`VmHWM` in `/proc/self/status`), in bytes;
+/// `None` where the system does not say.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// One node's counters, summed over the workers it ran on.
@@ -104,7 +116,11 @@ impl Profile {
                 let _ = writeln!(out, "  {} rejected {n} rows: {reason}", o.id);
             }
         }
-        let _ = writeln!(out, "wall time {:.2} s", self.wall_seconds);
+        let _ = write!(out, "wall time {:.2} s", self.wall_seconds);
+        if let Some(rss) = self.peak_rss_bytes {
+            let _ = write!(out, ", peak resident memory {:.1} MB", rss as f64 / 1e6);
+        }
+        let _ = writeln!(out);
         out
     }
 }
@@ -124,8 +140,10 @@ mod tests {
                 rejected: BTreeMap::from([("decode_failed".to_string(), 3)]),
                 ..OperatorProfile::default()
             }],
+            peak_rss_bytes: Some(25_000_000),
         };
         let table = profile.table();
+        assert!(table.ends_with("wall time 2.00 s, peak resident memory 25.0 MB\n"), "{table}");
         assert!(table.lines().nth(1).unwrap().starts_with("read  demo_source"), "{table}");
         assert!(table.contains("50"), "rate over wall time: {table}");
         assert!(table.contains("read rejected 3 rows: decode_failed"));

@@ -22,17 +22,33 @@ struct Event {
     args: serde_json::Value,
 }
 
-/// Collects spans of operator activity.
+/// The most spans a trace keeps (about 200 bytes each): a week-long job traced by mistake must
+/// not grow without bound. Later spans are counted, not kept.
+pub const MAX_SPANS: usize = 1_000_000;
+
+/// Collects spans of operator activity: the first [`MAX_SPANS`] of them.
 #[derive(Debug)]
 pub struct TraceRecorder {
     start: Instant,
     process: usize,
+    limit: usize,
     inner: Mutex<(Vec<Event>, HashMap<String, usize>)>,
+    dropped: std::sync::atomic::AtomicU64,
 }
 
 impl TraceRecorder {
     pub(crate) fn new(start: Instant, process: usize) -> Self {
-        TraceRecorder { start, process, inner: Mutex::new((Vec::new(), HashMap::new())) }
+        Self::with_limit(start, process, MAX_SPANS)
+    }
+
+    fn with_limit(start: Instant, process: usize, limit: usize) -> Self {
+        let inner = Mutex::new((Vec::new(), HashMap::new()));
+        TraceRecorder { start, process, limit, inner, dropped: Default::default() }
+    }
+
+    /// Spans not kept because the trace was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Records that `name` (a node id) ran on `track` (a thread) from `begin` to now.
@@ -40,6 +56,10 @@ impl TraceRecorder {
         let ts = begin.duration_since(self.start).as_secs_f64() * 1e6;
         let dur = begin.elapsed().as_secs_f64() * 1e6;
         let mut inner = self.inner.lock().expect("trace lock");
+        if inner.0.len() >= self.limit {
+            self.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
         let next = inner.1.len() + 1;
         let tid = *inner.1.entry(track.to_string()).or_insert(next);
         inner.0.push(Event {
@@ -71,6 +91,7 @@ impl TraceRecorder {
         let names: Vec<Event> = names.collect();
         let doc = serde_json::json!({
             "displayTimeUnit": "ms",
+            "otherData": { "spans_dropped_after_the_first": self.limit, "spans_dropped": self.dropped() },
             "traceEvents": names.iter().chain(events).collect::<Vec<_>>(),
         });
         std::fs::write(path, doc.to_string()).map_err(|source| EngineError::Io { path: path.to_path_buf(), source })
@@ -84,5 +105,25 @@ impl TraceRecorder {
     /// True when nothing was recorded.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_trace_counts_what_it_drops() {
+        let trace = TraceRecorder::with_limit(Instant::now(), 0, 3);
+        for epoch in 0..5 {
+            trace.span("read", "operator", "w0 read (source)", Instant::now(), epoch);
+        }
+        assert_eq!((trace.len(), trace.dropped()), (3, 2));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.json");
+        trace.write(&path).unwrap();
+        let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(doc["otherData"]["spans_dropped"], 2);
+        assert_eq!(doc["traceEvents"].as_array().unwrap().len(), 4, "one thread name and three spans");
     }
 }

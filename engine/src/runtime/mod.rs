@@ -350,7 +350,11 @@ fn report(shared: &JobShared) -> RunReport {
         .map(|(i, worker, metrics)| InstanceReport { node: plan.nodes[i].id.clone(), worker, metrics })
         .collect();
     RunReport {
-        profile: Profile { wall_seconds: shared.start.elapsed().as_secs_f64(), operators },
+        profile: Profile {
+            wall_seconds: shared.start.elapsed().as_secs_f64(),
+            operators,
+            peak_rss_bytes: crate::metrics::peak_rss_bytes(),
+        },
         instances,
         interrupted: shared.stop.was_interrupted(),
         stopped: shared.stop.is_stopped(),

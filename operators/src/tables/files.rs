@@ -50,8 +50,24 @@ fn walk(dir: &Path, extensions: &[&str], out: &mut Vec<PathBuf>) -> std::io::Res
 /// every row group read from the file.
 pub fn open_metadata(path: &Path) -> Result<ArrowReaderMetadata, String> {
     let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
-        .map_err(|e| format!("{}: not a readable parquet file: {e}", path.display()))
+    unless_corrupt(path, || {
+        ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
+            .map_err(|e| format!("{}: not a readable parquet file: {e}", path.display()))
+    })
+}
+
+/// Runs a parquet or arrow call on `path`, turning a panic into an error naming the file: those
+/// crates panic on some corrupt files (found by `tests/tests/fuzz.rs`: an arrow schema in the
+/// footer with a zero-width integer) instead of returning an error.
+pub fn unless_corrupt<T>(path: &Path, read: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)).unwrap_or_else(|payload| {
+        let message = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        Err(format!("{}: not a readable parquet file (corrupt: {message})", path.display()))
+    })
 }
 
 /// True when `path`'s extension is one of `extensions` (case-insensitive).

@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 usage or topology error, 130 interrupted.
 
+mod allocator;
 mod args;
 mod demo_data;
 mod operators;
@@ -37,6 +38,7 @@ pub fn main_with<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I) 
         }
     };
     init_logging(cli.quiet);
+    allocator::keep_large_blocks_on_mmap();
     match cli.command {
         Command::Run(args) => run::run(&args),
         Command::Validate(args) => run::validate(&args),

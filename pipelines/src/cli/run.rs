@@ -107,6 +107,13 @@ fn execute(plan: &Plan, args: &RunArgs) -> anyhow::Result<i32> {
             path.display(),
             trace.len()
         );
+        if trace.dropped() > 0 {
+            tracing::warn!(
+                "the trace is full: it kept the first {} spans and dropped {}",
+                trace.len(),
+                trace.dropped()
+            );
+        }
     }
     if report.interrupted {
         eprintln!("interrupted: in-flight work was drained and every operator flushed");
