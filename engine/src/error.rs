@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use crate::collective::CollectiveError;
 use crate::data::DataError;
 use crate::plan::PlanErrors;
 
@@ -24,6 +25,13 @@ pub enum OpError {
     /// The operator panicked; the engine caught it and ends the job.
     #[error("panicked: {0}")]
     Panicked(String),
+    /// A collective over the node's workers failed.
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
+    /// An error of the operator's own type (a model error, say), kept whole: downcast
+    /// [`source`](std::error::Error::source) to branch on it.
+    #[error(transparent)]
+    Operator(Box<dyn std::error::Error + Send + Sync + 'static>),
     /// Anything else, as a message for the user.
     #[error("{0}")]
     Other(String),
@@ -38,6 +46,23 @@ impl OpError {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         OpError::Io { path: path.into(), source }
+    }
+
+    /// An operator's own error, kept typed.
+    ///
+    /// ```
+    /// use latentflow_engine::OpError;
+    /// let e = OpError::wrap(std::fmt::Error);
+    /// assert!(matches!(&e, OpError::Operator(inner) if inner.is::<std::fmt::Error>()));
+    /// ```
+    pub fn wrap(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        OpError::Operator(Box::new(error))
+    }
+
+    /// True for a failure that only follows from another one (a collective aborted or cut off
+    /// because some other part of the job failed): the job reports the other one first.
+    pub fn is_consequence(&self) -> bool {
+        matches!(self, OpError::Collective(CollectiveError::Aborted { .. } | CollectiveError::Disconnected { .. }))
     }
 }
 

@@ -114,10 +114,12 @@ struct Unit {
     stream_start: u64,
 }
 
-/// A decoded row group, rows in file order; `order[i]` is the stream's `i`-th row.
+/// The rows of a row group this worker takes (every `shards`-th of the stream), decoded:
+/// `by_stream[i]` is where the group's `i`-th stream row sits, for the rows that are this
+/// worker's. Only those are held, so a row group costs each worker its share of it.
 struct Decoded {
     unit: usize,
-    order: Vec<usize>,
+    by_stream: Vec<usize>,
     keys: Vec<i64>,
     captions: Vec<String>,
     latents: Vec<Vec<u8>>,
@@ -230,22 +232,43 @@ impl LatentsSource {
             .with_row_groups(vec![unit.row_group])
             .build()
             .map_err(|e| at(&e))?;
-        let mut d =
-            Decoded { unit: index, order: vec![], keys: vec![], captions: vec![], latents: vec![], embeddings: vec![] };
-        for batch in reader {
-            let batch = batch.map_err(|e| at(&e))?;
-            read_columns(&batch, &mut d).map_err(|e| at(&e))?;
-        }
-        d.order = (0..d.keys.len()).collect();
+        let mut order: Vec<usize> = (0..unit.rows as usize).collect();
         if self.config.shuffle {
             let key = ((unit.file as u64) << 32) | unit.row_group as u64;
-            Rng::new(self.seed ^ SHUFFLE_STREAM, key).shuffle(&mut d.order);
+            Rng::new(self.seed ^ SHUFFLE_STREAM, key).shuffle(&mut order);
+        }
+        // File row -> slot, for the stream rows this worker takes.
+        let (mut slot_of_row, mut by_stream, mut mine) = (vec![NOT_MINE; order.len()], vec![NOT_MINE; order.len()], 0);
+        for (i, &row) in order.iter().enumerate() {
+            if (unit.stream_start + i as u64) % self.shards == self.shard {
+                (slot_of_row[row], by_stream[i]) = (mine, mine);
+                mine += 1;
+            }
+        }
+        let mut d = Decoded {
+            unit: index,
+            by_stream,
+            keys: vec![0; mine],
+            captions: vec![String::new(); mine],
+            latents: vec![Vec::new(); mine],
+            embeddings: vec![Vec::new(); mine],
+        };
+        let mut first_row = 0;
+        for batch in reader {
+            let batch = batch.map_err(|e| at(&e))?;
+            let rows = slot_of_row.get(first_row..first_row + batch.num_rows()).unwrap_or_default();
+            read_columns(&batch, rows, &mut d).map_err(|e| at(&e))?;
+            first_row += batch.num_rows();
         }
         Ok(d)
     }
 }
 
-fn read_columns(batch: &RecordBatch, d: &mut Decoded) -> Result<(), String> {
+/// Marks a row another worker takes.
+const NOT_MINE: usize = usize::MAX;
+
+/// Copies the rows of `batch` that `slots` gives a place (this worker's) into `d`.
+fn read_columns(batch: &RecordBatch, slots: &[usize], d: &mut Decoded) -> Result<(), String> {
     let schema = batch.schema();
     let column = |name: &str, to: &DataType| -> Result<std::sync::Arc<dyn Array>, String> {
         let array = batch.column_by_name(name).ok_or_else(|| format!("no column `{name}`"))?;
@@ -266,11 +289,11 @@ fn read_columns(batch: &RecordBatch, d: &mut Decoded) -> Result<(), String> {
     let captions = captions.as_any().downcast_ref::<StringArray>().expect("cast to utf8");
     let latents = latents.as_any().downcast_ref::<BinaryArray>().expect("cast to binary");
     let embeddings = embeddings.as_any().downcast_ref::<BinaryArray>().expect("cast to binary");
-    for row in 0..batch.num_rows() {
-        d.keys.push(keys.value(row));
-        d.captions.push(if captions.is_null(row) { String::new() } else { captions.value(row).to_string() });
-        d.latents.push(if latents.is_null(row) { Vec::new() } else { latents.value(row).to_vec() });
-        d.embeddings.push(if embeddings.is_null(row) { Vec::new() } else { embeddings.value(row).to_vec() });
+    for (row, &slot) in slots.iter().enumerate().filter(|(_, s)| **s != NOT_MINE) {
+        d.keys[slot] = keys.value(row);
+        d.captions[slot] = if captions.is_null(row) { String::new() } else { captions.value(row).to_string() };
+        d.latents[slot] = if latents.is_null(row) { Vec::new() } else { latents.value(row).to_vec() };
+        d.embeddings[slot] = if embeddings.is_null(row) { Vec::new() } else { embeddings.value(row).to_vec() };
     }
     Ok(())
 }
@@ -301,7 +324,7 @@ impl Source for LatentsSource {
                 self.current = Some(self.decode(unit)?);
             }
             let d = self.current.as_mut().expect("decoded");
-            let row = d.order[(s - self.units[unit].stream_start) as usize];
+            let row = d.by_stream[(s - self.units[unit].stream_start) as usize];
             if d.latents[row].len() != l || d.embeddings[row].len() != c {
                 ctx.reject(d.keys[row].to_string(), "bad_latents");
                 continue;

@@ -104,9 +104,9 @@ pub fn device_problem(name: &str) -> Option<String> {
     }
 }
 
-/// Any model error as an operator error.
-pub fn op_error(e: impl std::fmt::Display) -> OpError {
-    OpError::msg(e.to_string())
+/// A model (or tensor) error as an operator error, kept typed: callers can downcast it.
+pub fn op_error(e: impl Into<crate::models::ModelError>) -> OpError {
+    OpError::wrap(e.into())
 }
 
 /// A tensor column as a `[rows, ...shape]` tensor on `device` (u8 and i64 keep their type).

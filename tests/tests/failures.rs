@@ -102,3 +102,38 @@ fn a_panicking_sink_fails_the_job_wherever_it_panics() {
         }
     }
 }
+
+#[test]
+fn a_drain_that_outlasts_drain_timeout_s_ends_the_job_anyway() {
+    // The map fails on row 5; the sink sleeps 100 s on every batch, so the drain cannot finish.
+    let text = r#"
+[job]
+drain_timeout_s = 1
+
+[nodes.read]
+type = "probe_source"
+probe = "failures-drain"
+count = 40
+batch_size = 4
+
+[nodes.check]
+type = "fail_at"
+inputs = ["read"]
+key = 5
+
+[nodes.sink]
+type = "probe_sink"
+inputs = ["check"]
+probe = "failures-drain-sink"
+delay_ms = 100000
+"#;
+    let plan = Plan::from_toml("drain.toml", text, &[], &catalog()).unwrap_or_else(|e| panic!("{e}"));
+    let began = Instant::now();
+    let err = run(&plan, &RunOptions::default()).expect_err("the drain cannot finish");
+    let elapsed = began.elapsed();
+    assert!(matches!(err, EngineError::DrainTimeout { .. }), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("node `check` (worker 0): row 5 is poison"), "{message}");
+    assert!(message.contains("did not drain within 1 s"), "{message}");
+    assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
+}

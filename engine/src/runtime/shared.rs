@@ -102,12 +102,22 @@ pub(crate) struct JobShared {
 }
 
 impl JobShared {
-    /// Records the first failure and stops the job.
+    /// Records the first failure and stops the job. The first is what `run` returns (and the
+    /// CLI prints, once); later ones, often its consequences, are logged.
     pub(crate) fn fail(&self, node: &str, worker: usize, source: OpError) {
-        tracing::error!(node, worker, "{source}");
         let mut failure = self.failure.lock().expect("failure lock");
-        if failure.is_none() {
-            *failure = Some(EngineError::Operator { node: node.to_string(), worker, source });
+        let first_was_consequence =
+            matches!(&*failure, Some(EngineError::Operator { source, .. }) if source.is_consequence());
+        match &*failure {
+            // A collective cut off by this failure may have reported first: this is the cause.
+            None => *failure = Some(EngineError::Operator { node: node.to_string(), worker, source }),
+            Some(_) if first_was_consequence && !source.is_consequence() => {
+                let earlier = failure.replace(EngineError::Operator { node: node.to_string(), worker, source });
+                if let Some(earlier) = earlier {
+                    tracing::warn!("also failed: {earlier}");
+                }
+            }
+            Some(_) => tracing::warn!(node, worker, "also failed: {source}"),
         }
         drop(failure);
         self.stop.request(super::StopReason::Failed);

@@ -54,10 +54,6 @@ pub(super) struct Replicas {
     nccl: Option<latentflow_gpu_kernels::nccl::NcclGroup>,
 }
 
-fn collective_error(e: latentflow_engine::CollectiveError) -> OpError {
-    OpError::msg(e.to_string())
-}
-
 impl Replicas {
     pub fn new(collective: Option<Collective>) -> Self {
         Replicas {
@@ -75,10 +71,9 @@ impl Replicas {
         use latentflow_gpu_kernels::nccl::NcclGroup;
         let ordinal = device.and_then(|d| d.strip_prefix("cuda:")).and_then(|n| n.parse::<usize>().ok());
         let (Some(ordinal), Some(collective)) = (ordinal, self.collective.as_mut()) else { return Ok(()) };
-        let nccl = |e: latentflow_gpu_kernels::KernelError| OpError::msg(e.to_string());
-        let id = if collective.rank() == 0 { NcclGroup::unique_id().map_err(nccl)? } else { Vec::new() };
-        let id = collective.broadcast(id, 0).map_err(collective_error)?;
-        self.nccl = Some(NcclGroup::join(ordinal, collective.rank(), collective.size(), &id).map_err(nccl)?);
+        let id = if collective.rank() == 0 { NcclGroup::unique_id().map_err(OpError::wrap)? } else { Vec::new() };
+        let id = collective.broadcast(id, 0)?;
+        self.nccl = Some(NcclGroup::join(ordinal, collective.rank(), collective.size(), &id).map_err(OpError::wrap)?);
         tracing::info!(rank = collective.rank(), device = ordinal, "gradients summed by NCCL");
         Ok(())
     }
@@ -113,7 +108,7 @@ impl Replicas {
     pub fn check_identical(&mut self, trainer: &Trainer) -> Result<(), OpError> {
         let Some(collective) = self.collective.as_mut() else { return Ok(()) };
         let sum = trainer.checksum().map_err(crate::model_keys::op_error)?;
-        let all = collective.all_gather(&sum.to_le_bytes()).map_err(collective_error)?;
+        let all = collective.all_gather(&sum.to_le_bytes())?;
         let sums: Vec<u64> = all.iter().map(|b| u64::from_le_bytes(b[..8].try_into().unwrap_or_default())).collect();
         if sums.iter().any(|&s| s != sums[0]) {
             return Err(OpError::msg(format!(
@@ -146,8 +141,7 @@ impl Replicas {
         let mine = Announcement { epoch, keys: rows.iter().map(|r| r.key).collect(), shapes: shapes.cloned() };
         let text = serde_json::to_vec(&mine).map_err(|e| OpError::msg(e.to_string()))?;
         let all: Vec<Announcement> = collective
-            .all_gather(&text)
-            .map_err(collective_error)?
+            .all_gather(&text)?
             .iter()
             .map(|b| serde_json::from_slice(b))
             .collect::<Result<_, _>>()
@@ -213,7 +207,7 @@ impl Replicas {
                 encode_row(&mut outgoing[to], &row);
             }
         }
-        let incoming = collective.exchange(outgoing).map_err(collective_error)?;
+        let incoming = collective.exchange(outgoing)?;
         let mut block: Vec<(usize, Row)> = kept;
         let (latent_len, caption_len) = match &step.shapes {
             Some((l, c)) => (l.iter().product::<usize>(), c.iter().product::<usize>()),
@@ -240,7 +234,7 @@ impl Replicas {
     pub fn job_position(&mut self, local: Option<Value>) -> Result<Option<Value>, OpError> {
         let Some(collective) = self.collective.as_mut() else { return Ok(local) };
         let text = serde_json::to_vec(&local).map_err(|e| OpError::msg(e.to_string()))?;
-        let all = collective.all_gather(&text).map_err(collective_error)?;
+        let all = collective.all_gather(&text)?;
         let positions: Vec<Option<Value>> = all.iter().map(|b| serde_json::from_slice(b).unwrap_or(None)).collect();
         Ok(PositionLedger::merge(positions.into_iter().flatten()))
     }
