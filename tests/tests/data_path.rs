@@ -96,7 +96,7 @@ mod bad_input {
                 8,
                 Some("very wide".into()),
                 encode(image::DynamicImage::new_rgb8(3000, 3), image::ImageFormat::Png),
-                "ok",
+                "extreme_aspect_ratio", // 1000:1, over the default max_aspect_ratio of 20
             ),
             (9, None, jpeg.clone(), "empty_caption"),
             (10, Some("word ".repeat(300)), jpeg.clone(), "ok"),

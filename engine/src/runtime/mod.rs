@@ -200,6 +200,10 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<RunReport, EngineError> 
     let outcome = wait(&event_rx, &peer_rx, &shared.stop, timeouts);
     drop(progress);
     cluster::unwatch_peers();
+    // Whatever the outcome, the rejections so far reach the disk.
+    for log in shared.reject_logs.values() {
+        log.flush();
+    }
     let results = match outcome {
         Ok(results) => results,
         Err(WaitError::Timeout) => {
@@ -213,9 +217,6 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<RunReport, EngineError> 
         }
         Err(WaitError::PeerLost(message)) => return Err(EngineError::PeerLost(message)),
         Err(WaitError::DrainTimeout) => {
-            for log in shared.reject_logs.values() {
-                log.flush();
-            }
             let reason = match shared.failure.lock().expect("failure lock").take() {
                 Some(failure) => failure.to_string(),
                 None => format!("{:?}", shared.stop.reason().unwrap_or(StopReason::Requested)).to_lowercase(),
@@ -318,9 +319,6 @@ fn wait(
 
 fn report(shared: &JobShared) -> RunReport {
     let plan = &shared.plan;
-    for log in shared.reject_logs.values() {
-        log.flush();
-    }
     let per_node = shared.metrics.per_node(plan.nodes.len());
     let operators = plan
         .nodes

@@ -51,6 +51,11 @@ impl RejectLog {
                 return;
             }
         }
+        // Handed to the OS with every call: a kill must not lose rejections of rows before the
+        // checkpoint, which a resumed run never reads again.
+        if let Err(e) = out.flush() {
+            tracing::warn!("cannot write to {}: {e}", self.path.display());
+        }
     }
 
     pub(crate) fn flush(&self) {

@@ -150,10 +150,15 @@ pub(crate) fn build<'s>(
             }
             let mut out = output.activate();
             let mut events: Vec<StageOut> = rx.try_iter().collect();
-            if held.is_some() && !failed && rx.is_empty() && events.is_empty() {
-                // Nothing more can come: the thread ended without finishing or failing.
-                if let Err(crossbeam_channel::TryRecvError::Disconnected) = rx.try_recv() {
-                    events.push(StageOut::Failed(OpError::msg("the operator's thread ended without finishing")));
+            if held.is_some() && !failed && events.is_empty() {
+                match rx.try_recv() {
+                    // Sent since `try_iter` looked: keep it.
+                    Ok(event) => events.push(event),
+                    // Nothing more can come: the thread ended without finishing or failing.
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                        events.push(StageOut::Failed(OpError::msg("the operator's thread ended without finishing")))
+                    }
+                    Err(crossbeam_channel::TryRecvError::Empty) => {}
                 }
             }
             for event in events {
