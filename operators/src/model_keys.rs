@@ -35,11 +35,17 @@ pub fn check_source(model: Option<&Path>, path: Option<&Path>, preset: Option<&s
 
 /// Checks the `config.json` the keys lead to for `part` (`unet`, `vae`, `text_encoder`): every
 /// value the model code divides by or indexes with, each problem naming the file and field.
-pub fn check_config(model: Option<&Path>, path: Option<&Path>, preset: Option<&str>, part: &str) -> Vec<KeyError> {
+/// `path` is the part's own folder, set with the key `path_key`.
+pub fn check_config(
+    model: Option<&Path>,
+    (path_key, path): (&str, Option<&Path>),
+    preset: Option<&str>,
+    part: &str,
+) -> Vec<KeyError> {
     let Some(ModelSource::Folder(dir)) = ModelSource::resolve(model, path, preset, part) else {
         return Vec::new();
     };
-    let key = if path.is_some() { "path" } else { "model" };
+    let key = if path.is_some() { path_key } else { "model" };
     match crate::models::load::check_part_config(&dir, part) {
         Ok(()) => Vec::new(),
         Err(crate::models::ModelError::Config { origin, problems }) => {
@@ -153,6 +159,27 @@ pub fn tensor_column(tensor: &Tensor) -> Result<Column, OpError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bad_config_values_are_all_named_with_their_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let unet = dir.path().join("unet");
+        std::fs::create_dir(&unet).unwrap();
+        let mut config = serde_json::to_value(crate::models::config::UNetConfig::preset("tiny").unwrap()).unwrap();
+        config["norm_num_groups"] = 0.into();
+        config["attention_head_dim"] = serde_json::json!([]);
+        config["down_block_types"][0] = "AttnDownBlock2D".into();
+        std::fs::write(unet.join("config.json"), config.to_string()).unwrap();
+        let errors = check_config(Some(dir.path()), ("path", None), None, "unet");
+        let text: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.key, e.message)).collect();
+        assert_eq!(errors.len(), 3, "{text:#?}");
+        assert!(text.iter().all(|t| t.starts_with("model: ") && t.contains("unet/config.json")), "{text:#?}");
+        for field in ["`norm_num_groups` = 0", "`attention_head_dim`", "`down_block_types` = AttnDownBlock2D"] {
+            assert!(text.iter().any(|t| t.contains(field)), "{field}: {text:#?}");
+        }
+        // A part folder not written yet (a later phase's input) passes until it exists.
+        assert!(check_config(None, ("path", Some(&dir.path().join("later"))), None, "unet").is_empty());
+    }
 
     #[test]
     fn tensor_columns_round_trip() {

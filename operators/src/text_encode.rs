@@ -57,7 +57,7 @@ impl NodeSpec for TextEncodeConfig {
     fn validate(&self) -> Vec<KeyError> {
         let (model, path, preset) = (self.model.as_deref(), self.path.as_deref(), self.preset.as_deref());
         let mut errors = model_keys::check_source(model, path, preset);
-        errors.extend(model_keys::check_config(model, path, preset, "text_encoder"));
+        errors.extend(model_keys::check_config(model, ("path", path), preset, "text_encoder"));
         errors.extend(KeyError::check_range("batch_size", self.batch_size, 1, 65536));
         errors
     }

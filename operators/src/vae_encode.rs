@@ -82,7 +82,7 @@ impl NodeSpec for VaeEncodeConfig {
     fn validate(&self) -> Vec<KeyError> {
         let (model, path, preset) = (self.model.as_deref(), self.path.as_deref(), self.preset.as_deref());
         let mut errors = model_keys::check_source(model, path, preset);
-        errors.extend(model_keys::check_config(model, path, preset, "vae"));
+        errors.extend(model_keys::check_config(model, ("path", path), preset, "vae"));
         errors.extend(KeyError::check_range("batch_size", self.batch_size, 1, 65536));
         if let Some(s) = self.scaling_factor.filter(|s| !(s.is_finite() && *s > 0.0)) {
             errors.push(KeyError::new("scaling_factor", format!("must be > 0, got {s}")));

@@ -146,10 +146,19 @@ impl NodeSpec for TrainConfig {
         let mut errors = model_keys::check_source(model, path, preset);
         // As `Train::new` resolves them: a preset trains from scratch, `model` still gives the
         // frozen parts the previews use.
-        errors.extend(model_keys::check_config(if preset.is_some() { None } else { model }, path, preset, "unet"));
-        for part in ["vae", "text_encoder"] {
-            errors.extend(model_keys::check_config(model, None, None, part));
-        }
+        errors.extend(model_keys::check_config(
+            if preset.is_some() { None } else { model },
+            ("path", path),
+            preset,
+            "unet",
+        ));
+        errors.extend(model_keys::check_config(model, ("vae", self.vae.as_deref()), preset, "vae"));
+        errors.extend(model_keys::check_config(
+            model,
+            ("text_encoder", self.text_encoder.as_deref()),
+            preset,
+            "text_encoder",
+        ));
         errors.extend(KeyError::check_range("global_batch_size", self.global_batch_size, 1, 1 << 24));
         if let Some(max) = self.max_steps {
             errors.extend(KeyError::check_range("max_steps", max, 1, u64::MAX));
