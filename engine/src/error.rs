@@ -107,6 +107,12 @@ pub enum EngineError {
         "lost the connection to a peer process ({0}); the job stops here and can be resumed from its last checkpoint"
     )]
     PeerLost(String),
+    /// Another process of the cluster failed; this one stopped with it.
+    #[error(
+        "another process of the job failed (its own error names the node and worker); this one stopped too \
+         and the job can be resumed from its last checkpoint"
+    )]
+    PeerFailed,
     /// A worker thread panicked.
     #[error("worker failed: {0}")]
     Worker(String),

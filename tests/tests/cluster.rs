@@ -119,3 +119,26 @@ fn a_peer_that_dies_ends_the_job_with_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("error: lost the connection to a peer process"), "{stderr}");
 }
+
+#[test]
+fn a_failure_in_one_process_fails_the_other_too() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    // Process 1's sink (worker 2) cannot create its file: a folder is in the way.
+    std::fs::create_dir_all(dir.path().join("out/rows/.part-00002.jsonl.tmp")).unwrap();
+    let p0 = process(dir.path(), 0, &[]);
+    let p1 = process(dir.path(), 1, &[]);
+    let out1 = p1.wait_with_output().unwrap();
+    assert_eq!(out1.status.code(), Some(1), "{}", text(&out1));
+    let stderr1 = String::from_utf8_lossy(&out1.stderr);
+    assert!(stderr1.contains("error: node `rows` (worker 2)"), "{}", text(&out1));
+    assert_eq!(stderr1.matches("Is a directory").count(), 1, "the cause is said once: {stderr1}");
+    // Process 0 drained what it had, but the job failed: never exit 0 on part of the data.
+    let out0 = p0.wait_with_output().unwrap();
+    assert_eq!(out0.status.code(), Some(1), "{}", text(&out0));
+    let stderr = String::from_utf8_lossy(&out0.stderr);
+    assert!(
+        stderr.contains("another process of the job failed") || stderr.contains("lost the connection to a peer"),
+        "{stderr}"
+    );
+}

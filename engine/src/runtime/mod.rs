@@ -233,6 +233,10 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<RunReport, EngineError> 
     if let Some(Err(panic)) = results.into_iter().find(|r| r.is_err()) {
         return Err(EngineError::Worker(panic));
     }
+    if shared.stop.is_failed() {
+        // Failed elsewhere: what this process drained is part of a failed job, not a success.
+        return Err(EngineError::PeerFailed);
+    }
     Ok(report(&shared))
 }
 

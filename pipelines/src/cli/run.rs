@@ -67,7 +67,7 @@ pub fn run(args: &RunArgs) -> i32 {
     match execute(&plan, args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             let usage = e.downcast_ref::<EngineError>().is_some_and(|e| matches!(e, EngineError::Options(_)));
             if usage {
                 EXIT_USAGE
@@ -122,6 +122,19 @@ fn execute(plan: &Plan, args: &RunArgs) -> anyhow::Result<i32> {
     Ok(EXIT_OK)
 }
 
+/// The error and its causes, each cause once: most of our errors already name their cause in
+/// their own text, and printing the chain as well said everything two or three times.
+fn describe(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+    }
+    text
+}
+
 /// In cluster mode each process writes its own file: `profile.json` becomes `profile.p1.json`.
 fn per_process(path: &Path, process: Option<(usize, usize)>) -> PathBuf {
     match process {
@@ -140,6 +153,16 @@ fn per_process(path: &Path, process: Option<(usize, usize)>) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn causes_are_printed_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::IsADirectory, "Is a directory");
+        let error = latentflow_engine::EngineError::Io { path: "out/p.json".into(), source: io };
+        assert_eq!(describe(&anyhow::Error::new(error)), "out/p.json: Is a directory");
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
+        let wrapped = anyhow::Error::new(io).context("writing the trace");
+        assert_eq!(describe(&wrapped), "writing the trace: gone");
+    }
 
     #[test]
     fn cluster_outputs_are_named_per_process() {
