@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::latents_sink::{latents_fields, CAPTION_LATENTS_SHAPE_KEY, DTYPE, DTYPE_KEY, LATENTS_SHAPE_KEY};
 use crate::rng::Rng;
 use crate::source_rows;
-use crate::tables::files::{expand, open_metadata};
+use crate::tables::files::{expand, open_metadata, unless_corrupt};
 
 /// Config of `latents_source`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -253,13 +253,18 @@ impl LatentsSource {
             latents: vec![Vec::new(); mine],
             embeddings: vec![Vec::new(); mine],
         };
-        let mut first_row = 0;
-        for batch in reader {
-            let batch = batch.map_err(|e| at(&e))?;
-            let rows = slot_of_row.get(first_row..first_row + batch.num_rows()).unwrap_or_default();
-            read_columns(&batch, rows, &mut d).map_err(|e| at(&e))?;
-            first_row += batch.num_rows();
-        }
+        // The parquet crate panics on some corrupt pages (found by tests/tests/fuzz.rs).
+        unless_corrupt(path, || {
+            let mut first_row = 0;
+            for batch in reader {
+                let batch = batch.map_err(|e| format!("{}: {e}", path.display()))?;
+                let rows = slot_of_row.get(first_row..first_row + batch.num_rows()).unwrap_or_default();
+                read_columns(&batch, rows, &mut d).map_err(|e| format!("{}: {e}", path.display()))?;
+                first_row += batch.num_rows();
+            }
+            Ok(())
+        })
+        .map_err(|e| OpError::msg(format!("{e} (row group {})", unit.row_group)))?;
         Ok(d)
     }
 }

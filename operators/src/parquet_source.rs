@@ -19,7 +19,7 @@ use serde_bytes::ByteBuf;
 
 use crate::rng::Rng;
 use crate::source_rows;
-use crate::tables::files::{expand, open_metadata};
+use crate::tables::files::{expand, open_metadata, unless_corrupt};
 use crate::tables::{extract, resolve, ColumnNames, Resolved};
 
 /// One `[[nodes.ID.filter]]` entry: keep rows whose `column` is within `[min, max]`.
@@ -305,13 +305,16 @@ impl ParquetSource {
         let mask = ProjectionMask::roots(meta.parquet_schema(), resolved.roots());
         let file = File::open(path).map_err(|e| OpError::io(path, e))?;
         let offset = at - unit.stream_start;
-        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, meta)
-            .with_projection(mask)
-            .with_row_groups(vec![unit.row_group])
-            .with_batch_size(batch_size)
-            .with_offset(offset as usize)
-            .build()
-            .map_err(|e| OpError::msg(format!("{}: row group {}: {e}", path.display(), unit.row_group)))?;
+        let reader = unless_corrupt(path, || {
+            ParquetRecordBatchReaderBuilder::new_with_metadata(file, meta)
+                .with_projection(mask)
+                .with_row_groups(vec![unit.row_group])
+                .with_batch_size(batch_size)
+                .with_offset(offset as usize)
+                .build()
+                .map_err(|e| format!("{}: row group {}: {e}", path.display(), unit.row_group))
+        })
+        .map_err(OpError::msg)?;
         Ok(Some(OpenUnit { unit: u, reader, resolved, offset }))
     }
 
@@ -330,7 +333,10 @@ impl ParquetSource {
             }
             let open = self.open.as_mut().expect("opened");
             let unit = self.units.as_ref().expect("listed")[open.unit].clone();
-            match open.reader.next() {
+            // The parquet crate panics on some corrupt pages (found by tests/tests/fuzz.rs).
+            let next = unless_corrupt(&self.files[unit.file], || Ok(open.reader.next()))
+                .map_err(|e| OpError::msg(format!("{e} (row group {})", unit.row_group)))?;
+            match next {
                 None => self.open = None,
                 Some(Err(e)) => {
                     let path = self.files[unit.file].display();

@@ -264,12 +264,15 @@ fn no_corrupted_parquet_file_crashes_the_reader_or_the_decoder() {
         }
         std::fs::write(&path, &bytes).unwrap();
         if let Some(message) = crashes(|| read_and_decode(&path)) {
-            let kept = dir.path().join(format!("crash-{run}.parquet"));
+            // Kept where the test's own folder does not take them away, to replay.
+            let kept = std::env::temp_dir().join("latentflow-fuzz-crashes");
+            std::fs::create_dir_all(&kept).unwrap();
+            let kept = kept.join(format!("parquet-{run}.parquet"));
             std::fs::write(&kept, &bytes).unwrap();
-            crashed.push((run, what, message));
+            crashed.push((run, what, message, kept));
         }
         run += 1;
     }
     println!("parquet: {run} corrupted files in {:.1} s, {} crashes", began.elapsed().as_secs_f64(), crashed.len());
-    assert!(crashed.is_empty(), "crashes (case, kind, panic): {crashed:#?}");
+    assert!(crashed.is_empty(), "crashes (case, kind, panic, file): {crashed:#?}");
 }

@@ -60,6 +60,8 @@ pub fn open_metadata(path: &Path) -> Result<ArrowReaderMetadata, String> {
 /// crates panic on some corrupt files (found by `tests/tests/fuzz.rs`: an arrow schema in the
 /// footer with a zero-width integer) instead of returning an error.
 pub fn unless_corrupt<T>(path: &Path, read: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    quiet_panics::install();
+    let _quiet = quiet_panics::Quiet::new();
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)).unwrap_or_else(|payload| {
         let message = payload
             .downcast_ref::<String>()
@@ -68,6 +70,44 @@ pub fn unless_corrupt<T>(path: &Path, read: impl FnOnce() -> Result<T, String>) 
             .unwrap_or_default();
         Err(format!("{}: not a readable parquet file (corrupt: {message})", path.display()))
     })
+}
+
+/// Keeps the panics [`unless_corrupt`] turns into errors off stderr: the error says it all.
+mod quiet_panics {
+    use std::cell::Cell;
+    use std::sync::Once;
+
+    thread_local! {
+        static QUIET: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// Wraps the panic hook once: panics on a thread inside a [`Quiet`] scope print nothing.
+    pub fn install() {
+        static INSTALL: Once = Once::new();
+        INSTALL.call_once(|| {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                if !QUIET.with(Cell::get) {
+                    previous(info);
+                }
+            }));
+        });
+    }
+
+    /// Silences this thread's panics while it lives.
+    pub struct Quiet(bool);
+
+    impl Quiet {
+        pub fn new() -> Self {
+            Quiet(QUIET.with(|q| q.replace(true)))
+        }
+    }
+
+    impl Drop for Quiet {
+        fn drop(&mut self) {
+            QUIET.with(|q| q.set(self.0));
+        }
+    }
 }
 
 /// True when `path`'s extension is one of `extensions` (case-insensitive).
