@@ -133,12 +133,7 @@ fn mutate(rng: &mut Fuzz, text: &str) -> String {
 
 /// Replays `case`, returning the panic message if it panicked.
 fn crashes(case: impl FnOnce()) -> Option<String> {
-    catch_unwind(AssertUnwindSafe(case)).err().map(|p| {
-        p.downcast_ref::<String>()
-            .cloned()
-            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_default()
-    })
+    catch_unwind(AssertUnwindSafe(case)).err().map(|p| latentflow_engine::runtime::panic_message(p.as_ref()))
 }
 
 #[test]

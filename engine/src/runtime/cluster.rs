@@ -82,12 +82,7 @@ pub(crate) fn watch_peers(events: Sender<String>) {
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            let message = info
-                .payload()
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
+            let message = super::panics::message(info.payload());
             let sender = PEER_LOST.lock().ok().and_then(|s| s.clone());
             let is_network =
                 message.starts_with("timely communication error") || message.contains("MergeQueue poisoned");

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, unbounded};
 
 pub use cluster::ClusterOptions;
+pub use panics::message as panic_message;
 pub use positions::PositionLedger;
 pub use shared::JobStatus;
 pub use stop::{StopReason, StopSignal};
@@ -305,12 +306,8 @@ fn wait(
             recv(timeout) -> _ => return Err(WaitError::Timeout),
             recv(ticks) -> _ => {
                 // A stop the job asked for itself (max_steps) is its normal end, however long the
-                // final writes take; the others must not outlast the timeout.
-                let bounded = matches!(
-                    stop.reason(),
-                    Some(StopReason::Interrupted | StopReason::Failed | StopReason::PeerFailed)
-                );
-                if bounded {
+                // final writes take; after Ctrl-C, SIGTERM or a failure the drain is bounded.
+                if stop.was_interrupted() || stop.is_failed() {
                     let deadline = *drain_deadline.get_or_insert_with(|| Instant::now() + timeouts.drain);
                     if Instant::now() >= deadline {
                         return Err(WaitError::DrainTimeout);

@@ -14,7 +14,12 @@ pub(crate) fn catch<T>(call: impl FnOnce() -> Result<T, OpError>) -> Result<T, O
 }
 
 /// The text of a panic payload (`panic!("...")` gives a `&str` or a `String`).
-pub(crate) fn message(payload: &(dyn std::any::Any + Send)) -> String {
+///
+/// ```
+/// let payload = std::panic::catch_unwind(|| panic!("row {}", 7)).unwrap_err();
+/// assert_eq!(latentflow_engine::runtime::panic_message(payload.as_ref()), "row 7");
+/// ```
+pub fn message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())

@@ -82,18 +82,27 @@ pub(crate) fn open_all(
         if let Some(dir) = actual.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| EngineError::Io { path: dir.to_path_buf(), source })?;
         }
-        let io = |source| EngineError::Io { path: actual.clone(), source };
-        let writer = if resuming {
-            // Every process's file of the earlier runs: their process count may have differed.
-            let logged = logged_rows(&path).map_err(io)?;
-            let file = OpenOptions::new().create(true).append(true).open(&actual).map_err(io)?;
-            Writer { file: BufWriter::new(file), logged: Some(logged) }
-        } else {
-            Writer { file: BufWriter::new(File::create(&actual).map_err(io)?), logged: None }
-        };
-        logs.insert(path, Arc::new(RejectLog { path: actual, out: Mutex::new(writer) }));
+        let log = RejectLog::open(&path, actual.clone(), resuming)
+            .map_err(|source| EngineError::Io { path: actual, source })?;
+        logs.insert(path, Arc::new(log));
     }
     Ok(logs)
+}
+
+impl RejectLog {
+    /// Opens this process's file `actual` of the log the plan names `path`: anew, or to append
+    /// after the rows every process's file of the earlier runs lists (their process count may
+    /// have differed).
+    fn open(path: &Path, actual: PathBuf, resuming: bool) -> std::io::Result<RejectLog> {
+        let writer = if resuming {
+            let logged = logged_rows(path)?;
+            let file = OpenOptions::new().create(true).append(true).open(&actual)?;
+            Writer { file: BufWriter::new(file), logged: Some(logged) }
+        } else {
+            Writer { file: BufWriter::new(File::create(&actual)?), logged: None }
+        };
+        Ok(RejectLog { path: actual, out: Mutex::new(writer) })
+    }
 }
 
 /// The rows logged in `path` and its per-process siblings (`stem.pN.ext`). A line a kill cut
@@ -170,9 +179,7 @@ mod tests {
     }
 
     fn log(path: &Path, resuming: bool) -> RejectLog {
-        let logged = resuming.then(|| logged_rows(path).unwrap());
-        let file = OpenOptions::new().create(true).append(resuming).write(true).truncate(!resuming).open(path).unwrap();
-        RejectLog { path: path.into(), out: Mutex::new(Writer { file: BufWriter::new(file), logged }) }
+        RejectLog::open(path, path.to_path_buf(), resuming).unwrap()
     }
 
     #[test]

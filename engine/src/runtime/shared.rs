@@ -106,18 +106,16 @@ impl JobShared {
     /// CLI prints, once); later ones, often its consequences, are logged.
     pub(crate) fn fail(&self, node: &str, worker: usize, source: OpError) {
         let mut failure = self.failure.lock().expect("failure lock");
-        let first_was_consequence =
-            matches!(&*failure, Some(EngineError::Operator { source, .. }) if source.is_consequence());
-        match &*failure {
-            // A collective cut off by this failure may have reported first: this is the cause.
-            None => *failure = Some(EngineError::Operator { node: node.to_string(), worker, source }),
-            Some(_) if first_was_consequence && !source.is_consequence() => {
-                let earlier = failure.replace(EngineError::Operator { node: node.to_string(), worker, source });
-                if let Some(earlier) = earlier {
-                    tracing::warn!("also failed: {earlier}");
-                }
-            }
-            Some(_) => tracing::warn!(node, worker, "also failed: {source}"),
+        // A collective cut off by this failure may have reported first: this is the cause.
+        let replaces = match &*failure {
+            None => true,
+            Some(EngineError::Operator { source: first, .. }) => first.is_consequence() && !source.is_consequence(),
+            Some(_) => false,
+        };
+        let failed = EngineError::Operator { node: node.to_string(), worker, source };
+        let logged = if replaces { failure.replace(failed) } else { Some(failed) };
+        if let Some(other) = logged {
+            tracing::warn!("also failed: {other}");
         }
         drop(failure);
         self.stop.request(super::StopReason::Failed);

@@ -88,14 +88,14 @@ pub(crate) fn build<'s>(
             if let Some(&f) = gate.iter().min() {
                 shared.status.advance_gate(f);
             }
-            if shared.stop.is_stopped() {
-                // Tell every other worker (and process), then release the epoch.
-                let failed = if shared.stop.is_failed() { FAILED } else { 0 };
-                ctl_out.activate().session(&*ctl_cap).give(node.worker.index as u64 | failed);
-                caps = None;
-                return;
-            }
             loop {
+                if shared.stop.is_stopped() {
+                    // Tell every other worker (and process), then release the epoch.
+                    let failed = if shared.stop.is_failed() { FAILED } else { 0 };
+                    ctl_out.activate().session(&*ctl_cap).give(node.worker.index as u64 | failed);
+                    caps = None;
+                    return;
+                }
                 let t = *data_cap.time();
                 let gate_open = gate.iter().all(|f| t < f + k);
                 let budget_open =
@@ -128,20 +128,13 @@ pub(crate) fn build<'s>(
                         caps = None;
                         return;
                     }
+                    // Both stop the job; the next turn of the loop announces it as a failure.
                     Err(TryRecvError::Disconnected) => {
                         // Never the end of the data: that is `End`. Whatever ended the reader,
                         // the job did not read all of it.
                         node.fail(OpError::msg("the source's reader thread ended without finishing"));
-                        ctl_out.activate().session(&*ctl_cap).give(node.worker.index as u64 | FAILED);
-                        caps = None;
-                        return;
                     }
-                    Ok(SourceEvent::Failed(error)) => {
-                        node.fail(error);
-                        ctl_out.activate().session(&*ctl_cap).give(node.worker.index as u64 | FAILED);
-                        caps = None;
-                        return;
-                    }
+                    Ok(SourceEvent::Failed(error)) => node.fail(error),
                     Err(TryRecvError::Empty) => return, // the reader activates us
                 }
             }

@@ -196,6 +196,13 @@ impl<'a> Problems<'a> {
         }
     }
 
+    /// Records each of `fields` that is zero.
+    fn positive(&mut self, fields: &[(&str, usize)]) {
+        for &(field, value) in fields {
+            self.unless(value > 0, field, value, "a positive number");
+        }
+    }
+
     fn finish(self) -> Result<()> {
         if self.found.is_empty() {
             return Ok(());
@@ -277,15 +284,13 @@ impl UNetConfig {
         );
         p.unless(self.conv_in_kernel == 3, "conv_in_kernel", self.conv_in_kernel, "3");
         p.unless(self.conv_out_kernel == 3, "conv_out_kernel", self.conv_out_kernel, "3");
-        for (field, value) in [
+        p.positive(&[
             ("in_channels", self.in_channels),
             ("out_channels", self.out_channels),
             ("layers_per_block", self.layers_per_block),
             ("cross_attention_dim", self.cross_attention_dim),
             ("norm_num_groups", self.norm_num_groups),
-        ] {
-            p.unless(value > 0, field, value, "a positive number");
-        }
+        ]);
         p.unless(self.norm_eps > 0.0, "norm_eps", self.norm_eps, "a positive number");
         let mut per_block_ok = true;
         for (field, value) in [
@@ -446,15 +451,13 @@ impl VaeConfig {
             format!("{channels:?}"),
             "at least one level, positive channel counts",
         );
-        for (field, value) in [
+        p.positive(&[
             ("in_channels", self.in_channels),
             ("out_channels", self.out_channels),
             ("layers_per_block", self.layers_per_block),
             ("latent_channels", self.latent_channels),
             ("norm_num_groups", self.norm_num_groups),
-        ] {
-            p.unless(value > 0, field, value, "a positive number");
-        }
+        ]);
         for (field, types, supported) in [
             ("down_block_types", &self.down_block_types, "DownEncoderBlock2D"),
             ("up_block_types", &self.up_block_types, "UpDecoderBlock2D"),
@@ -554,15 +557,13 @@ impl ClipTextConfig {
             &self.hidden_act,
             "gelu, quick_gelu",
         );
-        for (field, value) in [
+        p.positive(&[
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
             ("intermediate_size", self.intermediate_size),
             ("num_hidden_layers", self.num_hidden_layers),
             ("num_attention_heads", self.num_attention_heads),
-        ] {
-            p.unless(value > 0, field, value, "a positive number");
-        }
+        ]);
         // Token ids index the vocabulary and positions the position table: 77 tokens a caption.
         p.unless(
             self.max_position_embeddings >= 77,

@@ -63,11 +63,7 @@ pub fn unless_corrupt<T>(path: &Path, read: impl FnOnce() -> Result<T, String>) 
     quiet_panics::install();
     let _quiet = quiet_panics::Quiet::new();
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)).unwrap_or_else(|payload| {
-        let message = payload
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_default();
+        let message = latentflow_engine::runtime::panic_message(payload.as_ref());
         Err(format!("{}: not a readable parquet file (corrupt: {message})", path.display()))
     })
 }

@@ -312,7 +312,7 @@ impl Sink for Train {
         }
         let tensors = match trainer.ema() {
             Some(ema) => ema.tensors().iter().map(|(n, t)| (n.clone(), t.clone())).collect(),
-            None => trainer.params().iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect(),
+            None => trainer.detached_weights(),
         };
         let final_dir =
             checkpoint::write_final_unet(&self.output_dir, trainer.unet().config(), &tensors).map_err(op_error)?;

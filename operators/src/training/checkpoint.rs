@@ -112,31 +112,20 @@ pub fn save(
         return Err(ModelError::Input("a checkpoint must be taken between optimizer steps".into()));
     }
     let step = trainer.step();
-    let target = run_dir.join(format!("checkpoint-{step}"));
-    let temp = run_dir.join(format!(".checkpoint-{step}.partial-{}", std::process::id()));
-    if temp.exists() {
-        std::fs::remove_dir_all(&temp).map_err(io(&temp))?;
-    }
-    std::fs::create_dir_all(&temp).map_err(io(&temp))?;
-    let config = trainer.unet().config();
-    let weights: HashMap<String, Tensor> =
-        trainer.params().iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
-    write_unet(&temp.join("unet"), config, &weights)?;
-    if let Some(ema) = trainer.ema() {
-        let averaged = ema.tensors().iter().map(|(n, t)| (n.clone(), t.clone())).collect();
-        write_unet(&temp.join("unet_ema"), config, &averaged)?;
-    }
-    save_tensors(&temp.join(OPTIMIZER), &trainer.optimizer().state_tensors())?;
-    let state =
-        CheckpointState { step, rng: trainer.rng_state(), data_position, options: trainer.options().clone(), loss };
-    let path = temp.join(STATE);
-    let text = serde_json::to_string_pretty(&state).map_err(|e| ModelError::Input(e.to_string()))?;
-    std::fs::write(&path, text + "\n").map_err(io(&path))?;
-    durable::sync_tree(&temp).map_err(io(&temp))?;
-    if target.exists() {
-        discard(run_dir, &target)?;
-    }
-    durable::rename(&temp, &target).map_err(io(&target))?;
+    let target = write_folder(run_dir, &format!("checkpoint-{step}"), |temp| {
+        let config = trainer.unet().config();
+        write_unet(&temp.join("unet"), config, &trainer.detached_weights())?;
+        if let Some(ema) = trainer.ema() {
+            let averaged = ema.tensors().iter().map(|(n, t)| (n.clone(), t.clone())).collect();
+            write_unet(&temp.join("unet_ema"), config, &averaged)?;
+        }
+        save_tensors(&temp.join(OPTIMIZER), &trainer.optimizer().state_tensors())?;
+        let options = trainer.options().clone();
+        let state = CheckpointState { step, rng: trainer.rng_state(), data_position, options, loss };
+        let path = temp.join(STATE);
+        let text = serde_json::to_string_pretty(&state).map_err(|e| ModelError::Input(e.to_string()))?;
+        std::fs::write(&path, text + "\n").map_err(io(&path))
+    })?;
     if keep_last > 0 {
         let all = list(run_dir)?;
         for old in &all[..all.len().saturating_sub(keep_last)] {
@@ -164,18 +153,26 @@ fn is_stale(name: &str) -> bool {
 /// Writes the final UNet as `run_dir/final/unet/` the same way as a checkpoint: complete or
 /// not at all, replacing an earlier run's.
 pub fn write_final_unet(run_dir: &Path, config: &UNetConfig, tensors: &HashMap<String, Tensor>) -> Result<PathBuf> {
-    let temp = run_dir.join(format!(".final.partial-{}", std::process::id()));
+    let target = write_folder(run_dir, "final", |temp| write_unet(&temp.join("unet"), config, tensors))?;
+    Ok(target.join("unet"))
+}
+
+/// Writes `run_dir/name` whole or not at all: `fill` writes into a fresh `.name.partial-PID`,
+/// which is fsynced and renamed over any earlier `name`.
+fn write_folder(run_dir: &Path, name: &str, fill: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    let temp = run_dir.join(format!(".{name}.partial-{}", std::process::id()));
     if temp.exists() {
         std::fs::remove_dir_all(&temp).map_err(io(&temp))?;
     }
-    write_unet(&temp.join("unet"), config, tensors)?;
+    std::fs::create_dir_all(&temp).map_err(io(&temp))?;
+    fill(&temp)?;
     durable::sync_tree(&temp).map_err(io(&temp))?;
-    let target = run_dir.join("final");
+    let target = run_dir.join(name);
     if target.exists() {
         discard(run_dir, &target)?;
     }
     durable::rename(&temp, &target).map_err(io(&target))?;
-    Ok(target.join("unet"))
+    Ok(target)
 }
 
 /// Removes the half-written and half-deleted checkpoint folders killed runs left in `run_dir`;

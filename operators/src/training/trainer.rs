@@ -2,7 +2,7 @@
 //! per-sample timesteps and noise, noise the latents, predict, MSE against the target
 //! (optionally min-SNR weighted), backward, sum micro-batches, clip, AdamW, EMA.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -172,6 +172,11 @@ impl Trainer {
     /// The trained parameters by name.
     pub fn params(&self) -> &BTreeMap<String, Var> {
         &self.params
+    }
+
+    /// The current weights as plain tensors (shared, not copied), for saving.
+    pub fn detached_weights(&self) -> HashMap<String, Tensor> {
+        self.params.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect()
     }
 
     /// The options.
