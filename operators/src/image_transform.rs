@@ -8,6 +8,7 @@ use latentflow_engine::{
     Batch, Column, ColumnType, Field, InstanceContext, KeyError, Map, NodeSpec, OpContext, OpError, OperatorConfig,
     OperatorImpl, OperatorKind, Ports,
 };
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::pixels::geometry::{center_offset, resized_size, unit_random};
@@ -217,11 +218,14 @@ impl Map for ImageTransform {
             Err(_) => (0..images.len() as i64).collect(),
         };
         let side = self.config.resolution as usize;
+        // The rows of one batch decode in parallel on the pool this map runs on, so decoding
+        // uses every pool thread however few batches are in flight.
+        let results: Vec<_> = images.par_iter().zip(&keys).map(|(bytes, &key)| self.apply(bytes, key)).collect();
         let mut keep = vec![true; images.len()];
         let (mut pixels, mut sizes, mut offsets) =
             (Vec::with_capacity(images.len() * 3 * side * side), Vec::new(), Vec::new());
-        for (row, bytes) in images.iter().enumerate() {
-            match self.apply(bytes, keys[row]) {
+        for (row, result) in results.into_iter().enumerate() {
+            match result {
                 Ok(t) => {
                     pixels.extend_from_slice(&t.pixels);
                     sizes.extend_from_slice(&t.original_size);

@@ -17,6 +17,7 @@ use parquet::arrow::ProjectionMask;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
+use crate::keys::KeyHasher;
 use crate::rng::Rng;
 use crate::source_rows;
 use crate::tables::files::{expand, open_metadata, unless_corrupt};
@@ -48,7 +49,8 @@ pub struct ParquetSourceConfig {
     /// Caption column (default `caption`).
     #[serde(default = "default_caption_column")]
     pub caption_column: String,
-    /// Integer key column; by default `hash` when the file has it, else rows are numbered.
+    /// Key column: integer, or string (all-digit strings are their number, others a stable
+    /// 63-bit hash); by default `hash` when the file has it, else rows are numbered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_column: Option<String>,
     /// Rows per epoch on each worker.
@@ -91,7 +93,7 @@ impl OperatorConfig for ParquetSourceConfig {
         ("path", "a parquet file, a folder of them (recursive) or a glob"),
         ("image_column", "image bytes column: binary or a struct {bytes, path} (default \"jpg\")"),
         ("caption_column", "caption column (default \"caption\")"),
-        ("key_column", "integer key column (default: \"hash\" if present, else rows are numbered per file)"),
+        ("key_column", "key column: integer, or string (\"000123\" is 123, other strings a stable 63-bit hash; default: \"hash\" if present, else rows are numbered per file)"),
         ("batch_size", "rows per epoch on each worker (default 32; left out in a training job: the trainer's global_batch_size split over the source's workers)"),
         ("min_width", "keep rows whose `width` column is at least this"),
         ("min_height", "keep rows whose `height` column is at least this"),
@@ -249,6 +251,7 @@ pub struct ParquetSource {
     /// The shuffle window being emitted: its first stream row, rows emitted from it, and the
     /// rows still to emit (in emission order, reversed).
     window: Option<(u64, u64, Vec<Row>)>,
+    keys: KeyHasher,
 }
 
 impl ParquetSource {
@@ -266,6 +269,7 @@ impl ParquetSource {
             raw: VecDeque::new(),
             consumed: 0,
             window: None,
+            keys: KeyHasher::default(),
         }
     }
 
@@ -343,7 +347,7 @@ impl ParquetSource {
                     return Err(OpError::msg(format!("{path}: row group {}: {e}", unit.row_group)));
                 }
                 Some(Ok(batch)) => {
-                    let rows = extract(&batch, &open.resolved)
+                    let rows = extract(&batch, &open.resolved, &mut self.keys)
                         .map_err(|e| OpError::msg(format!("{}: {e}", self.files[unit.file].display())))?;
                     let n = rows.images.len();
                     let synthetic =
@@ -450,6 +454,7 @@ impl Source for ParquetSource {
                 }
             }
         }
+        ctx.count("key_hash_collisions", self.keys.take_collisions());
         if rows.is_empty() {
             return Ok(None);
         }

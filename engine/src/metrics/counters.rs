@@ -21,6 +21,7 @@ pub struct OperatorMetrics {
     busy_ns: AtomicU64,
     wait_ns: AtomicU64,
     rejected: Mutex<BTreeMap<String, u64>>,
+    counted: Mutex<BTreeMap<String, u64>>,
 }
 
 /// A copy of an instance's counters at one moment.
@@ -43,6 +44,8 @@ pub struct MetricsSnapshot {
     pub wait_seconds: f64,
     /// Rows dropped, by reason.
     pub rejected: BTreeMap<String, u64>,
+    /// What the operator counted itself ([`OpContext::count`](crate::OpContext::count)), by name.
+    pub counted: BTreeMap<String, u64>,
 }
 
 impl OperatorMetrics {
@@ -76,6 +79,16 @@ impl OperatorMetrics {
         }
     }
 
+    pub(crate) fn record_counts(&self, counts: Vec<(String, u64)>) {
+        if counts.is_empty() {
+            return;
+        }
+        let mut counted = self.counted.lock().expect("metrics lock");
+        for (name, n) in counts {
+            *counted.entry(name).or_default() += n;
+        }
+    }
+
     /// The current values.
     pub fn snapshot(&self) -> MetricsSnapshot {
         MetricsSnapshot {
@@ -87,6 +100,7 @@ impl OperatorMetrics {
             busy_seconds: self.busy_ns.load(Relaxed) as f64 * 1e-9,
             wait_seconds: self.wait_ns.load(Relaxed) as f64 * 1e-9,
             rejected: self.rejected.lock().expect("metrics lock").clone(),
+            counted: self.counted.lock().expect("metrics lock").clone(),
         }
     }
 }
@@ -103,6 +117,9 @@ impl MetricsSnapshot {
         self.wait_seconds += other.wait_seconds;
         for (reason, n) in &other.rejected {
             *self.rejected.entry(reason.clone()).or_default() += n;
+        }
+        for (name, n) in &other.counted {
+            *self.counted.entry(name.clone()).or_default() += n;
         }
     }
 }

@@ -49,6 +49,9 @@ pub struct OperatorProfile {
     pub items_out: u64,
     /// Rows dropped, by reason.
     pub rejected: BTreeMap<String, u64>,
+    /// What the operator counted itself, by name (`key_hash_collisions`, `http_retries`, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub counted: BTreeMap<String, u64>,
     /// Bytes emitted.
     pub bytes_out: u64,
     /// Seconds in the operator's own code (summed over threads, so it can exceed wall time).
@@ -114,6 +117,9 @@ impl Profile {
         for o in &self.operators {
             for (reason, n) in &o.rejected {
                 let _ = writeln!(out, "  {} rejected {n} rows: {reason}", o.id);
+            }
+            for (name, n) in &o.counted {
+                let _ = writeln!(out, "  {} counted {n} {name}", o.id);
             }
         }
         let _ = write!(out, "wall time {:.2} s", self.wall_seconds);

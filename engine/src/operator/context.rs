@@ -81,6 +81,7 @@ pub struct OpContext {
     worker: WorkerInfo,
     epoch: u64,
     rejections: Vec<Rejection>,
+    counts: Vec<(String, u64)>,
     stop: Option<Arc<StopSignal>>,
     positions: Option<Arc<PositionLedger>>,
     collective: Option<Collective>,
@@ -99,6 +100,7 @@ impl OpContext {
             worker,
             epoch: 0,
             rejections: Vec::new(),
+            counts: Vec::new(),
             stop: Some(stop),
             positions: Some(positions),
             collective,
@@ -112,6 +114,7 @@ impl OpContext {
             worker: WorkerInfo::single(),
             epoch: 0,
             rejections: Vec::new(),
+            counts: Vec::new(),
             stop: None,
             positions: None,
             collective: None,
@@ -145,6 +148,27 @@ impl OpContext {
     /// The rejections recorded since the last call.
     pub fn take_rejections(&mut self) -> Vec<Rejection> {
         std::mem::take(&mut self.rejections)
+    }
+
+    /// Adds `n` to the operator's own counter `name`, which the profile shows beside the
+    /// engine's counters (summed over workers): events that are not rejections, such as
+    /// retried requests or key hash collisions.
+    ///
+    /// ```
+    /// use latentflow_engine::OpContext;
+    /// let mut ctx = OpContext::detached("fetch");
+    /// ctx.count("http_retries", 2);
+    /// assert_eq!(ctx.take_counts(), vec![("http_retries".to_string(), 2)]);
+    /// ```
+    pub fn count(&mut self, name: impl Into<String>, n: u64) {
+        if n > 0 {
+            self.counts.push((name.into(), n));
+        }
+    }
+
+    /// The counts recorded since the last call.
+    pub fn take_counts(&mut self) -> Vec<(String, u64)> {
+        std::mem::take(&mut self.counts)
     }
 
     /// Asks the job to stop reading new data: sources stop everywhere, in-flight work drains and

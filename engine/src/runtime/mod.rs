@@ -336,6 +336,7 @@ fn report(shared: &JobShared) -> RunReport {
                 batches_out: m.batches_out,
                 items_out: m.items_out,
                 rejected: m.rejected,
+                counted: m.counted,
                 bytes_out: m.bytes_out,
                 busy_seconds: m.busy_seconds,
                 wait_seconds: m.wait_seconds,

@@ -159,6 +159,7 @@ impl NodeRuntime {
     /// [`record_rejections`](Self::record_rejections) once its output is emitted.
     pub(crate) fn finish_call_deferring(&self, ctx: &mut OpContext, began: Instant, track: &str) -> Vec<Rejection> {
         self.metrics.add_busy(began.elapsed());
+        self.metrics.record_counts(ctx.take_counts());
         if let Some(trace) = &self.shared.trace {
             trace.span(&self.id, "operator", track, began, ctx.epoch());
         }

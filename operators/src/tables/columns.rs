@@ -9,6 +9,8 @@ use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Schema};
 
+use crate::keys::KeyHasher;
+
 /// Column names to read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ColumnNames {
@@ -16,7 +18,9 @@ pub struct ColumnNames {
     pub image: String,
     /// Caption text.
     pub caption: String,
-    /// Integer row key; `None` means "use `hash` if the file has it, else number the rows".
+    /// Row key: an integer column, or a string column read through [`crate::keys`] (`"000123"`
+    /// is 123, other strings a stable hash). `None` means "use `hash` if the file has it, else
+    /// number the rows".
     pub key: Option<String>,
     /// Numeric columns the filters read.
     pub numeric: Vec<String>,
@@ -90,7 +94,7 @@ fn resolve_inner(schema: &Schema, names: &ColumnNames) -> Result<Resolved, Strin
         }
     };
     let caption = index(&names.caption).ok_or_else(|| missing("caption", &names.caption))?;
-    if !matches!(schema.field(caption).data_type(), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) {
+    if !is_string(schema.field(caption).data_type()) {
         return Err(format!(
             "caption column `{}` is {}, expected a string; the file has: {}",
             names.caption,
@@ -101,7 +105,7 @@ fn resolve_inner(schema: &Schema, names: &ColumnNames) -> Result<Resolved, Strin
     let key = match &names.key {
         Some(name) => {
             let at = index(name).ok_or_else(|| missing("key", name))?;
-            check_integer(schema, at, name, &found)?;
+            check_key(schema, at, name, &found)?;
             Some(at)
         }
         None => index("hash").filter(|&at| schema.field(at).data_type().is_integer()),
@@ -124,16 +128,21 @@ fn resolve_inner(schema: &Schema, names: &ColumnNames) -> Result<Resolved, Strin
     Ok(Resolved { image, caption, key, numeric })
 }
 
+fn is_string(t: &DataType) -> bool {
+    matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+}
+
 fn is_binary(t: &DataType) -> bool {
     matches!(t, DataType::Binary | DataType::LargeBinary | DataType::BinaryView)
 }
 
-fn check_integer(schema: &Schema, at: usize, name: &str, found: &dyn Fn() -> String) -> Result<(), String> {
-    if schema.field(at).data_type().is_integer() {
+fn check_key(schema: &Schema, at: usize, name: &str, found: &dyn Fn() -> String) -> Result<(), String> {
+    let t = schema.field(at).data_type();
+    if t.is_integer() || is_string(t) {
         Ok(())
     } else {
         Err(format!(
-            "key column `{name}` is {}, expected an integer; the file has: {}",
+            "key column `{name}` is {}, expected an integer or a string; the file has: {}",
             schema.field(at).data_type(),
             found()
         ))
@@ -153,8 +162,9 @@ pub struct Rows {
 }
 
 /// Extracts the wanted columns from a record batch read with the projection of `resolved`
-/// (so its columns are the projected roots, in file order).
-pub fn extract(batch: &RecordBatch, resolved: &Resolved) -> Result<Rows, String> {
+/// (so its columns are the projected roots, in file order). String keys go through `keys`,
+/// which counts hash collisions.
+pub fn extract(batch: &RecordBatch, resolved: &Resolved, keys: &mut KeyHasher) -> Result<Rows, String> {
     let roots = resolved.roots();
     let column = |root: usize| -> &ArrayRef { batch.column(roots.iter().position(|&r| r == root).expect("projected")) };
     let image_column = match resolved.image.1 {
@@ -173,7 +183,7 @@ pub fn extract(batch: &RecordBatch, resolved: &Resolved) -> Result<Rows, String>
     };
     let images = binary_values(&image_column)?;
     let captions = string_values(column(resolved.caption))?;
-    let keys = resolved.key.map(|k| numeric_i64(column(k))).transpose()?;
+    let keys = resolved.key.map(|k| key_values(column(k), keys)).transpose()?;
     let numeric = resolved.numeric.iter().map(|&n| numeric_f64(column(n))).collect::<Result<_, _>>()?;
     Ok(Rows { images, captions, keys, numeric })
 }
@@ -199,6 +209,14 @@ fn string_values(array: &ArrayRef) -> Result<Vec<Option<String>>, String> {
 fn numeric_f64(array: &ArrayRef) -> Result<Vec<Option<f64>>, String> {
     let cast = arrow_cast::cast(array, &DataType::Float64).map_err(|e| e.to_string())?;
     Ok(cast.as_primitive::<arrow_array::types::Float64Type>().iter().collect())
+}
+
+/// An integer key column as i64, or a string one through [`KeyHasher::key`].
+pub fn key_values(array: &ArrayRef, keys: &mut KeyHasher) -> Result<Vec<Option<i64>>, String> {
+    if is_string(array.data_type()) {
+        return Ok(string_values(array)?.into_iter().map(|v| v.map(|text| keys.key(&text))).collect());
+    }
+    numeric_i64(array)
 }
 
 fn numeric_i64(array: &ArrayRef) -> Result<Vec<Option<i64>>, String> {
