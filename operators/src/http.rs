@@ -7,6 +7,18 @@ use std::time::Duration;
 pub const USER_AGENT: &str =
     concat!("latentflow/", env!("CARGO_PKG_VERSION"), " (+https://example.invalid/latentflow; image-dataset loader)");
 
+/// The client of `url_source`: `timeout` bounds each whole request, body included.
+pub fn client(timeout: Duration, max_redirects: usize, concurrency: usize) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .user_agent(USER_AGENT)
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .pool_max_idle_per_host(concurrency)
+        .redirect(reqwest::redirect::Policy::limited(max_redirects))
+        .build()
+        .map_err(|e| format!("cannot make an HTTP client: {e}"))
+}
+
 /// A blocking client for streamed downloads (webdataset shards): `timeout` bounds connecting
 /// and each read of the body (reqwest's blocking client applies it per operation), not the
 /// whole body, so a large shard can take as long as it needs.
@@ -53,7 +65,7 @@ pub fn error_reason(error: &reqwest::Error) -> &'static str {
     } else if let Some(status) = error.status() {
         status_reason(status.as_u16())
     } else if error.is_body() || error.is_decode() {
-        "body"
+        "truncated_body"
     } else {
         "http_error"
     }

@@ -33,6 +33,7 @@ pub mod text_encode;
 pub mod tokenize;
 pub mod train;
 pub mod training;
+pub mod url_source;
 pub mod vae_encode;
 pub mod webdataset;
 
@@ -52,6 +53,7 @@ pub use parquet_source::ParquetSourceConfig;
 pub use text_encode::TextEncodeConfig;
 pub use tokenize::TokenizeConfig;
 pub use train::TrainConfig;
+pub use url_source::UrlSourceConfig;
 pub use vae_encode::VaeEncodeConfig;
 pub use webdataset::WebdatasetSourceConfig;
 
@@ -68,6 +70,7 @@ pub fn registry() -> Catalog {
         OperatorEntry::of::<ParquetSourceConfig>(),
         OperatorEntry::of::<FolderSourceConfig>(),
         OperatorEntry::of::<WebdatasetSourceConfig>(),
+        OperatorEntry::of::<UrlSourceConfig>(),
         OperatorEntry::of::<ChecksumConfig>(),
         OperatorEntry::of::<NullSinkConfig>(),
         OperatorEntry::of::<JsonlSinkConfig>(),

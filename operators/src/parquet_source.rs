@@ -115,6 +115,7 @@ impl ParquetSourceConfig {
         numeric.extend(self.filter.iter().map(|f| f.column.clone()));
         ColumnNames {
             image: self.image_column.clone(),
+            image_is_url: false,
             caption: self.caption_column.clone(),
             key: self.key_column.clone(),
             numeric,
@@ -146,8 +147,13 @@ impl ParquetSourceConfig {
     }
 }
 
-impl NodeSpec for ParquetSourceConfig {
-    fn validate(&self) -> Vec<KeyError> {
+impl ParquetSourceConfig {
+    /// What [`NodeSpec::validate`] checks, for a metadata reader whose image column holds URLs.
+    pub(crate) fn validate_urls(&self) -> Vec<KeyError> {
+        self.validate_with(ColumnNames { image_is_url: true, ..self.names() })
+    }
+
+    fn validate_with(&self, names: ColumnNames) -> Vec<KeyError> {
         let mut errors: Vec<KeyError> =
             self.batch_size.and_then(|b| KeyError::check_range("batch_size", b, 1, 1_000_000)).into_iter().collect();
         errors.extend(KeyError::check_range("shuffle_buffer", self.shuffle_buffer, 0, 10_000_000));
@@ -170,13 +176,19 @@ impl NodeSpec for ParquetSourceConfig {
             Ok(files) => match open_metadata(&files[0]) {
                 Err(message) => errors.push(KeyError::new("path", message)),
                 Ok(meta) => {
-                    if let Err((key, message)) = resolve(meta.schema(), &self.names()) {
+                    if let Err((key, message)) = resolve(meta.schema(), &names) {
                         errors.push(KeyError::new(key, format!("{}: {message}", files[0].display())));
                     }
                 }
             },
         }
         errors
+    }
+}
+
+impl NodeSpec for ParquetSourceConfig {
+    fn validate(&self) -> Vec<KeyError> {
+        self.validate_with(self.names())
     }
 
     fn ports(&self) -> Ports {
@@ -219,6 +231,14 @@ struct RawRow {
     numeric: Vec<Option<f64>>,
 }
 
+/// A row as [`ParquetSource::next_row`] hands it out.
+pub(crate) struct SourceRow {
+    pub key: i64,
+    pub caption: String,
+    /// Image bytes, or the URL's bytes for a source of URLs.
+    pub image: Vec<u8>,
+}
+
 /// A row that passed the filters.
 struct Row {
     key: i64,
@@ -256,8 +276,32 @@ pub struct ParquetSource {
 
 impl ParquetSource {
     fn new(config: ParquetSourceConfig, files: Vec<PathBuf>, seed: u64, shard: usize, shards: usize) -> Self {
+        let names = config.names();
+        Self::with_names(config, names, files, seed, shard, shards)
+    }
+
+    /// A source of metadata rows whose `image_column` holds URLs (for `url_source`).
+    pub(crate) fn of_urls(
+        config: ParquetSourceConfig,
+        files: Vec<PathBuf>,
+        seed: u64,
+        shard: usize,
+        shards: usize,
+    ) -> Self {
+        let names = ColumnNames { image_is_url: true, ..config.names() };
+        Self::with_names(config, names, files, seed, shard, shards)
+    }
+
+    fn with_names(
+        config: ParquetSourceConfig,
+        names: ColumnNames,
+        files: Vec<PathBuf>,
+        seed: u64,
+        shard: usize,
+        shards: usize,
+    ) -> Self {
         ParquetSource {
-            names: config.names(),
+            names,
             checks: config.checks(),
             config,
             files,
@@ -383,7 +427,7 @@ impl ParquetSource {
         let reason = if raw.key.is_none() {
             Some("null_key".to_string())
         } else if raw.image.as_ref().is_none_or(|b| b.is_empty()) {
-            Some("empty_image".to_string())
+            Some(if self.names.image_is_url { "empty_url" } else { "empty_image" }.to_string())
         } else {
             self.checks
                 .iter()
@@ -399,6 +443,23 @@ impl ParquetSource {
             caption: raw.caption.unwrap_or_default(),
             image: raw.image.expect("checked"),
         })))
+    }
+
+    /// The next row in stream order (no shuffle): its index in this worker's stream and the row
+    /// (`None` when the filters rejected it, on `ctx`); `None` at the end of the stream.
+    pub(crate) fn next_row(&mut self, ctx: &mut OpContext) -> Result<Option<(u64, Option<SourceRow>)>, OpError> {
+        let index = self.consumed;
+        Ok(self
+            .next_filtered(ctx)?
+            .map(|row| (index, row.map(|r| SourceRow { key: r.key, caption: r.caption, image: r.image }))))
+    }
+
+    /// Continues at row `row` of this worker's stream (no shuffle).
+    pub(crate) fn seek_row(&mut self, row: u64) {
+        self.open = None;
+        self.raw.clear();
+        self.window = None;
+        self.consumed = row;
     }
 
     /// Fills the next shuffle window: reads `shuffle_buffer` stream rows (fewer once the kept

@@ -1,6 +1,7 @@
 //! Helpers for latentflow's end-to-end tests: paths, running the binary, and test-only
 //! operators ([`testops`]) that record what the engine did to them.
 
+pub mod http_server;
 pub mod testops;
 
 use std::path::{Path, PathBuf};

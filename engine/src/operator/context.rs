@@ -85,6 +85,53 @@ pub struct OpContext {
     stop: Option<Arc<StopSignal>>,
     positions: Option<Arc<PositionLedger>>,
     collective: Option<Collective>,
+    budget: ByteBudget,
+}
+
+/// The job's byte budget (`job.max_bytes_in_flight`) as an operator that holds data outside
+/// batches sees it: bytes it [`hold`](Self::hold)s count as in flight (sources wait while the
+/// job is over budget) until it [`release`](Self::release)s them. Cheap to clone and to share
+/// with download tasks.
+///
+/// ```
+/// use latentflow_engine::OpContext;
+/// let budget = OpContext::detached("fetch").byte_budget();
+/// budget.hold(1 << 20);
+/// assert!(!budget.is_exhausted(), "a detached context has no budget");
+/// budget.release(1 << 20);
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct ByteBudget {
+    status: Option<Arc<crate::runtime::JobStatus>>,
+    limit: Option<u64>,
+}
+
+impl ByteBudget {
+    pub(crate) fn new(status: Arc<crate::runtime::JobStatus>, limit: Option<u64>) -> Self {
+        ByteBudget { status: Some(status), limit }
+    }
+
+    /// Counts `bytes` as in flight.
+    pub fn hold(&self, bytes: u64) {
+        if let Some(status) = &self.status {
+            status.hold(bytes);
+        }
+    }
+
+    /// Stops counting `bytes` held before.
+    pub fn release(&self, bytes: u64) {
+        if let Some(status) = &self.status {
+            status.release(bytes);
+        }
+    }
+
+    /// True while the job has at least its budget in flight (never without a budget).
+    pub fn is_exhausted(&self) -> bool {
+        match (&self.status, self.limit) {
+            (Some(status), Some(limit)) => status.bytes_in_flight() >= limit,
+            _ => false,
+        }
+    }
 }
 
 impl OpContext {
@@ -94,6 +141,7 @@ impl OpContext {
         stop: Arc<StopSignal>,
         positions: Arc<PositionLedger>,
         collective: Option<Collective>,
+        budget: ByteBudget,
     ) -> Self {
         OpContext {
             node,
@@ -104,6 +152,7 @@ impl OpContext {
             stop: Some(stop),
             positions: Some(positions),
             collective,
+            budget,
         }
     }
 
@@ -118,6 +167,7 @@ impl OpContext {
             stop: None,
             positions: None,
             collective: None,
+            budget: ByteBudget::default(),
         }
     }
 
@@ -192,6 +242,11 @@ impl OpContext {
     /// keep one context for their whole life: take it in `start` and keep it.
     pub fn take_collective(&mut self) -> Option<Collective> {
         self.collective.take()
+    }
+
+    /// The job's byte budget, for data held outside batches.
+    pub fn byte_budget(&self) -> ByteBudget {
+        self.budget.clone()
     }
 
     /// True once the job was asked to stop.

@@ -9,7 +9,7 @@ use std::fmt;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-pub use context::{InstanceContext, OpContext, Rejection, WorkerInfo};
+pub use context::{ByteBudget, InstanceContext, OpContext, Rejection, WorkerInfo};
 pub use traits::{Map, OperatorImpl, Sink, Source, Stage};
 
 use crate::data::Ports;

@@ -20,6 +20,8 @@ pub struct JobStatus {
     ledger: Mutex<BTreeMap<u64, (u64, u64)>>,
     max_items: AtomicU64,
     max_bytes: AtomicU64,
+    /// Bytes operators hold outside batches ([`ByteBudget::hold`](crate::operator::ByteBudget::hold)).
+    held: AtomicU64,
 }
 
 impl JobStatus {
@@ -61,9 +63,21 @@ impl JobStatus {
         self.max_bytes.fetch_max(total, Ordering::Relaxed);
     }
 
-    /// Bytes emitted in epochs that have not completed.
+    /// Bytes emitted in epochs that have not completed, and bytes operators hold outside batches
+    /// (downloads in flight).
     pub(crate) fn bytes_in_flight(&self) -> u64 {
-        self.ledger.lock().expect("ledger lock").values().map(|v| v.1).sum()
+        let emitted: u64 = self.ledger.lock().expect("ledger lock").values().map(|v| v.1).sum();
+        emitted + self.held.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn hold(&self, bytes: u64) {
+        let held = self.held.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let emitted: u64 = self.ledger.lock().expect("ledger lock").values().map(|v| v.1).sum();
+        self.max_bytes.fetch_max(emitted + held, Ordering::Relaxed);
+    }
+
+    pub(crate) fn release(&self, bytes: u64) {
+        let _ = self.held.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| Some(h.saturating_sub(bytes)));
     }
 
     /// The most source rows ever in flight at once in this process.
@@ -142,6 +156,10 @@ impl NodeRuntime {
             Arc::clone(&self.shared.stop),
             Arc::clone(&self.shared.ledger),
             self.collective.lock().expect("collective lock").take(),
+            crate::operator::ByteBudget::new(
+                Arc::clone(&self.shared.status),
+                self.shared.plan.job.max_bytes_in_flight.map(|b| b.as_u64()),
+            ),
         )
     }
 

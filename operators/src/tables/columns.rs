@@ -14,8 +14,11 @@ use crate::keys::KeyHasher;
 /// Column names to read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ColumnNames {
-    /// Encoded image bytes (binary, or a struct with a `bytes` field).
+    /// Encoded image bytes (binary, or a struct with a `bytes` field); with `image_is_url`, a
+    /// string column of image addresses instead.
     pub image: String,
+    /// The `image` column holds URLs (strings), not bytes.
+    pub image_is_url: bool,
     /// Caption text.
     pub caption: String,
     /// Row key: an integer column, or a string column read through [`crate::keys`] (`"000123"`
@@ -74,6 +77,16 @@ fn resolve_inner(schema: &Schema, names: &ColumnNames) -> Result<Resolved, Strin
     let missing = |what: &str, name: &str| format!("no {what} column `{name}`; the file has: {}", found());
     let image_at = index(&names.image).ok_or_else(|| missing("image", &names.image))?;
     let image = match schema.field(image_at).data_type() {
+        t if names.image_is_url => {
+            if !is_string(t) {
+                return Err(format!(
+                    "image column `{}` is {t}, expected a string of URLs; the file has: {}",
+                    names.image,
+                    found()
+                ));
+            }
+            (image_at, None)
+        }
         DataType::Binary | DataType::LargeBinary | DataType::BinaryView => (image_at, None),
         DataType::Struct(fields) => match fields.iter().position(|f| f.name() == "bytes" && is_binary(f.data_type())) {
             Some(child) => (image_at, Some(child)),
@@ -181,7 +194,11 @@ pub fn extract(batch: &RecordBatch, resolved: &Resolved, keys: &mut KeyHasher) -
             }
         }
     };
-    let images = binary_values(&image_column)?;
+    let images = if is_string(image_column.data_type()) {
+        string_values(&image_column)?.into_iter().map(|v| v.map(String::into_bytes)).collect()
+    } else {
+        binary_values(&image_column)?
+    };
     let captions = string_values(column(resolved.caption))?;
     let keys = resolved.key.map(|k| key_values(column(k), keys)).transpose()?;
     let numeric = resolved.numeric.iter().map(|&n| numeric_f64(column(n))).collect::<Result<_, _>>()?;
