@@ -34,8 +34,8 @@ pub use data::{Batch, Column, ColumnType, DataError, Field, Ports, Schema};
 pub use error::{EngineError, OpError};
 pub use metrics::{OperatorProfile, Profile, ProgressMode};
 pub use operator::{
-    ByteBudget, InstanceContext, KeyError, Map, NodeSpec, OpContext, OperatorConfig, OperatorImpl, OperatorKind,
-    Rejection, Sink, Source, Stage, WorkerInfo,
+    ByteBudget, ContentKey, ContentKeys, InstanceContext, KeyError, Map, NodeSpec, OpContext, OperatorConfig,
+    OperatorImpl, OperatorKind, Rejection, Sink, Source, Stage, WorkerInfo,
 };
 pub use plan::{JobConfig, Placement, Plan, PlanErrors, TopologyBuilder};
 pub use runtime::{run, ClusterOptions, RunOptions, RunReport, StopReason};

@@ -9,6 +9,7 @@ pub mod checksum;
 pub mod clip;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod dedup;
 pub mod demo;
 pub mod demo_source;
 pub mod durable;
@@ -41,6 +42,7 @@ use latentflow_engine::{Catalog, OperatorEntry};
 
 pub use bytes_source::BytesSourceConfig;
 pub use checksum::ChecksumConfig;
+pub use dedup::DedupConfig;
 pub use demo_source::DemoSourceConfig;
 pub use folder_source::FolderSourceConfig;
 pub use image_sink::ImageSinkConfig;
@@ -72,6 +74,7 @@ pub fn registry() -> Catalog {
         OperatorEntry::of::<WebdatasetSourceConfig>(),
         OperatorEntry::of::<UrlSourceConfig>(),
         OperatorEntry::of::<ChecksumConfig>(),
+        OperatorEntry::of::<DedupConfig>(),
         OperatorEntry::of::<NullSinkConfig>(),
         OperatorEntry::of::<JsonlSinkConfig>(),
         OperatorEntry::of::<TokenizeConfig>(),

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 pub use context::{ByteBudget, InstanceContext, OpContext, Rejection, WorkerInfo};
-pub use traits::{Map, OperatorImpl, Sink, Source, Stage};
+pub use traits::{ContentKey, ContentKeys, Map, OperatorImpl, Sink, Source, Stage};
 
 use crate::data::Ports;
 use crate::error::OpError;
@@ -26,6 +26,9 @@ pub enum OperatorKind {
     Stage,
     /// Consumes batches; its progress drives the backpressure gate.
     Sink,
+    /// Keeps the first row of every content key across all workers and processes (the engine
+    /// runs differential-dataflow's `distinct` on the keys); drops the others as `duplicate`.
+    Distinct,
 }
 
 impl fmt::Display for OperatorKind {
@@ -35,6 +38,7 @@ impl fmt::Display for OperatorKind {
             OperatorKind::Map => "map",
             OperatorKind::Stage => "stage",
             OperatorKind::Sink => "sink",
+            OperatorKind::Distinct => "distinct",
         })
     }
 }

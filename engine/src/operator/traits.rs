@@ -79,6 +79,18 @@ pub trait Sink: Send {
     }
 }
 
+/// A content key of 32 bytes (a SHA-256, say): rows with equal keys are duplicates.
+pub type ContentKey = [u8; 32];
+
+/// The per-row keys of a [`OperatorKind::Distinct`](super::OperatorKind::Distinct) node; the
+/// engine keeps, over all workers and processes, the first row of each key (the lowest worker,
+/// then batch, then row within the first epoch the key appears in) and rejects the others as
+/// `duplicate`. Runs on the worker thread: keep it to hashing.
+pub trait ContentKeys: Send + Sync {
+    /// One key per row of `batch`, in row order.
+    fn keys(&self, batch: &Batch, ctx: &mut OpContext) -> Result<Vec<ContentKey>, OpError>;
+}
+
 /// One instance of an operator, as [`NodeSpec::instantiate`](super::NodeSpec::instantiate)
 /// returns it.
 pub enum OperatorImpl {
@@ -90,6 +102,8 @@ pub enum OperatorImpl {
     Stage(Box<dyn Stage>),
     /// A sink.
     Sink(Box<dyn Sink>),
+    /// The keys of a distinct node.
+    Distinct(Arc<dyn ContentKeys>),
 }
 
 impl OperatorImpl {
@@ -100,6 +114,7 @@ impl OperatorImpl {
             OperatorImpl::Map(_) => super::OperatorKind::Map,
             OperatorImpl::Stage(_) => super::OperatorKind::Stage,
             OperatorImpl::Sink(_) => super::OperatorKind::Sink,
+            OperatorImpl::Distinct(_) => super::OperatorKind::Distinct,
         }
     }
 }

@@ -10,7 +10,7 @@ use timely::worker::Worker;
 
 use super::shared::{JobShared, NodeRuntime};
 use super::stage_op::SinkStage;
-use super::{map_op, source_op, stage_op};
+use super::{distinct_op, map_op, source_op, stage_op};
 use crate::collective::{local, network, AbortCheck, Collective};
 use crate::data::Batch;
 use crate::error::OpError;
@@ -93,6 +93,13 @@ fn build<'s>(scope: Scope<'s, u64>, shared: &Arc<JobShared>, index: usize, peers
                     continue;
                 }
                 map_op::build(head_input, links)
+            }
+            (OperatorKind::Distinct, instance) => {
+                let keys = match instance {
+                    Some(OperatorImpl::Distinct(k)) => Some(k),
+                    _ => None,
+                };
+                distinct_op::build(input.expect("checked: distinct nodes have inputs"), runtime, keys)
             }
             (OperatorKind::Stage | OperatorKind::Sink, instance) => {
                 let stage: Option<Box<dyn Stage>> = match instance {

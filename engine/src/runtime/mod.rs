@@ -2,6 +2,7 @@
 
 mod cluster;
 mod dataflow;
+mod distinct_op;
 mod map_op;
 mod panics;
 mod positions;
