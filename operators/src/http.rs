@@ -48,8 +48,8 @@ pub fn status_reason(status: u16) -> &'static str {
         404 => "http_404",
         410 => "http_410",
         429 => "http_429",
+        402 | 405..=409 | 411..=428 | 430..=499 => "http_4xx",
         500..=599 => "http_5xx",
-        400..=499 => "http_4xx",
         _ => "http_status",
     }
 }

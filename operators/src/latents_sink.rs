@@ -1,11 +1,14 @@
 //! `latents_sink`: writes latents and text embeddings as parquet files in the reference's layout
 //! (`hash`, `caption`, `latents_{res}_bytes`, `caption_latents`), which `latents_source` reads
-//! back. Each file is written under a hidden temporary name and renamed once complete.
+//! back. The tensor columns are Ray Data tensor columns by default (what the reference's own
+//! loader, `ray.data.read_parquet`, reads as arrays of the right shape), or Arrow's canonical
+//! fixed-shape tensors, or raw bytes. Each file is written under a hidden temporary name and
+//! renamed once complete; the `latentflow.*` shapes are in the footer and the arrow schema.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use arrow_array::{ArrayRef, BinaryArray, Int64Array, RecordBatch, StringArray};
+use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field as ArrowField, Schema as ArrowSchema};
 use latentflow_engine::{
     Batch, Column, ColumnType, Field, InstanceContext, KeyError, NodeSpec, OpContext, OpError, OperatorConfig,
@@ -13,6 +16,7 @@ use latentflow_engine::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::tables::tensors::{self, TensorLayout};
 use crate::tables::AtomicParquetWriter;
 
 /// Key-value metadata entry with the per-row shape of the image latents (JSON array).
@@ -43,11 +47,13 @@ pub struct LatentsSinkConfig {
     pub dir: Option<PathBuf>,
     /// Rows per file.
     pub rows_per_file: usize,
+    /// How the tensor columns are stored: `"ray"` (default), `"fixed_shape_tensor"` or `"bytes"`.
+    pub layout: TensorLayout,
 }
 
 impl Default for LatentsSinkConfig {
     fn default() -> Self {
-        LatentsSinkConfig { dir: None, rows_per_file: 1000 }
+        LatentsSinkConfig { dir: None, rows_per_file: 1000, layout: TensorLayout::Ray }
     }
 }
 
@@ -59,6 +65,7 @@ impl OperatorConfig for LatentsSinkConfig {
     const KEYS: &'static [(&'static str, &'static str)] = &[
         ("dir", "folder for the files (default OUTPUT_DIR/latents)"),
         ("rows_per_file", "rows per parquet file (default 1000); each batch is one row group"),
+        ("layout", "tensor columns as \"ray\" (default: Ray Data's arrow_tensor_v2 on large_list<float>, what ray.data.read_parquet reads), \"fixed_shape_tensor\" (Arrow's canonical extension) or \"bytes\" (little-endian f32)"),
     ];
 }
 
@@ -73,7 +80,9 @@ impl NodeSpec for LatentsSinkConfig {
 
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
         let dir = self.dir.clone().unwrap_or_else(|| ctx.job.output_dir().join("latents"));
-        Ok(OperatorImpl::Sink(Box::new(LatentsSink::new(dir, self.rows_per_file, ctx.worker.index))))
+        Ok(OperatorImpl::Sink(Box::new(
+            LatentsSink::new(dir, self.rows_per_file, ctx.worker.index).with_layout(self.layout),
+        )))
     }
 }
 
@@ -81,6 +90,7 @@ impl NodeSpec for LatentsSinkConfig {
 pub struct LatentsSink {
     dir: PathBuf,
     rows_per_file: usize,
+    layout: TensorLayout,
     worker: usize,
     files: usize,
     open: Option<OpenFile>,
@@ -96,24 +106,34 @@ struct OpenFile {
 impl LatentsSink {
     /// A sink writing `dir/part-WORKER-N.parquet`.
     pub fn new(dir: PathBuf, rows_per_file: usize, worker: usize) -> Self {
-        LatentsSink { dir, rows_per_file, worker, files: 0, open: None }
+        LatentsSink { dir, rows_per_file, layout: TensorLayout::default(), worker, files: 0, open: None }
+    }
+
+    /// Stores the tensor columns in `layout`.
+    pub fn with_layout(self, layout: TensorLayout) -> Self {
+        LatentsSink { layout, ..self }
     }
 
     fn open(&mut self, latents: &[usize], caption: &[usize]) -> Result<OpenFile, OpError> {
         let resolution = latents.last().copied().unwrap_or(0) * 8;
-        let schema = Arc::new(ArrowSchema::new(vec![
-            ArrowField::new("hash", DataType::Int64, false),
-            ArrowField::new("caption", DataType::Utf8, false),
-            ArrowField::new(format!("latents_{resolution}_bytes"), DataType::Binary, false),
-            ArrowField::new("caption_latents", DataType::Binary, false),
-        ]));
-        let path = self.dir.join(format!("part-{:05}-{:05}.parquet", self.worker, self.files));
-        self.files += 1;
         let metadata = [
             (LATENTS_SHAPE_KEY, serde_json::to_string(latents).expect("shape")),
             (CAPTION_LATENTS_SHAPE_KEY, serde_json::to_string(caption).expect("shape")),
             (DTYPE_KEY, DTYPE.to_string()),
         ];
+        // In the footer and in the arrow schema, so `pyarrow.parquet.read_schema(f).metadata` shows it.
+        let schema_metadata = metadata.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let schema = Arc::new(ArrowSchema::new_with_metadata(
+            vec![
+                ArrowField::new("hash", DataType::Int64, false),
+                ArrowField::new("caption", DataType::Utf8, false),
+                tensors::field(&format!("latents_{resolution}_bytes"), self.layout, latents),
+                tensors::field("caption_latents", self.layout, caption),
+            ],
+            schema_metadata,
+        ));
+        let path = self.dir.join(format!("part-{:05}-{:05}.parquet", self.worker, self.files));
+        self.files += 1;
         let writer = AtomicParquetWriter::create(&path, schema.clone(), &metadata).map_err(OpError::msg)?;
         Ok(OpenFile { writer, schema, rows: 0, shapes: (latents.to_vec(), caption.to_vec()) })
     }
@@ -132,10 +152,6 @@ fn tensor<'a>(batch: &'a Batch, name: &str) -> Result<(&'a [usize], &'a [f32]), 
         Column::F32Tensor { shape, data } => Ok((shape, data)),
         other => Err(OpError::msg(format!("`{name}` is a {} column, not f32", other.column_type()))),
     }
-}
-
-fn le_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 impl Sink for LatentsSink {
@@ -169,10 +185,8 @@ impl Sink for LatentsSink {
             let columns: Vec<ArrayRef> = vec![
                 Arc::new(Int64Array::from(keys[row..row + n].to_vec())),
                 Arc::new(StringArray::from(captions[row..row + n].to_vec())),
-                Arc::new(BinaryArray::from_iter_values((row..row + n).map(|r| le_bytes(&latents[r * l..(r + 1) * l])))),
-                Arc::new(BinaryArray::from_iter_values(
-                    (row..row + n).map(|r| le_bytes(&embeddings[r * c..(r + 1) * c])),
-                )),
+                tensors::column(self.layout, &latents[row * l..(row + n) * l], l).map_err(OpError::msg)?,
+                tensors::column(self.layout, &embeddings[row * c..(row + n) * c], c).map_err(OpError::msg)?,
             ];
             let record = RecordBatch::try_new(open.schema.clone(), columns).map_err(|e| OpError::msg(e.to_string()))?;
             open.writer.write(&record).map_err(OpError::msg)?;

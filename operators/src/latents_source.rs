@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::path::PathBuf;
 
-use arrow_array::{Array, BinaryArray, Int64Array, RecordBatch, StringArray};
+use arrow_array::{Array, RecordBatch, StringArray};
 use arrow_schema::DataType;
 use latentflow_engine::{
     Batch, Column, InstanceContext, KeyError, NodeSpec, OpContext, OpError, OperatorConfig, OperatorImpl, OperatorKind,
@@ -14,10 +14,13 @@ use latentflow_engine::{
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ParquetRecordBatchReaderBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::keys::KeyHasher;
 use crate::latents_sink::{latents_fields, CAPTION_LATENTS_SHAPE_KEY, DTYPE, DTYPE_KEY, LATENTS_SHAPE_KEY};
 use crate::rng::Rng;
 use crate::source_rows;
+use crate::tables::columns::key_values;
 use crate::tables::files::{expand, open_metadata, unless_corrupt};
+use crate::tables::tensors;
 
 /// Config of `latents_source`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -49,9 +52,16 @@ impl NodeSpec for LatentsSourceConfig {
     fn validate(&self) -> Vec<KeyError> {
         let mut errors: Vec<KeyError> =
             self.batch_size.and_then(|b| KeyError::check_range("batch_size", b, 1, 1 << 20)).into_iter().collect();
-        // The files may not exist yet (a preprocess job writes them), so only the key is checked here.
         if self.path.is_empty() {
             errors.push(KeyError::new("path", "the latents to read: a parquet file, folder or glob"));
+        }
+        // The files may not exist yet (a preprocess job writes them); those that do are checked now.
+        if let Ok(files) = expand(&self.path, &["parquet"]) {
+            let layout = open_metadata(&files[0])
+                .and_then(|footer| FileLayout::of(&footer).map_err(|e| format!("{}: {e}", files[0].display())));
+            if let Err(message) = layout {
+                errors.push(KeyError::new("path", message));
+            }
         }
         errors
     }
@@ -122,8 +132,8 @@ struct Decoded {
     by_stream: Vec<usize>,
     keys: Vec<i64>,
     captions: Vec<String>,
-    latents: Vec<Vec<u8>>,
-    embeddings: Vec<Vec<u8>>,
+    latents: Vec<Vec<f32>>,
+    embeddings: Vec<Vec<f32>>,
 }
 
 /// The `latents_source` source.
@@ -135,6 +145,10 @@ pub struct LatentsSource {
     files: Vec<PathBuf>,
     /// Each file's footer, read once when listing.
     footers: Vec<ArrowReaderMetadata>,
+    /// Each file's columns.
+    layouts: Vec<FileLayout>,
+    /// String keys to integers (row groups decode through `&self`).
+    keys: std::sync::Mutex<KeyHasher>,
     units: Vec<Unit>,
     shapes: (Vec<usize>, Vec<usize>),
     total: u64,
@@ -155,6 +169,8 @@ impl LatentsSource {
             shards: shards.max(1) as u64,
             files: Vec::new(),
             footers: Vec::new(),
+            layouts: Vec::new(),
+            keys: std::sync::Mutex::new(KeyHasher::default()),
             units: Vec::new(),
             shapes: (Vec::new(), Vec::new()),
             total: 0,
@@ -173,26 +189,8 @@ impl LatentsSource {
         let mut units = Vec::new();
         for (file, path) in self.files.iter().enumerate() {
             let footer = open_metadata(path).map_err(OpError::msg)?;
-            let meta = footer.metadata();
-            let kv = meta.file_metadata().key_value_metadata();
-            let entry = |key: &str| -> Result<String, OpError> {
-                kv.and_then(|kv| kv.iter().find(|e| e.key == key).and_then(|e| e.value.clone())).ok_or_else(|| {
-                    OpError::msg(format!(
-                        "{}: no `{key}` in the file's metadata; is it a latents file?",
-                        path.display()
-                    ))
-                })
-            };
-            let shape = |key: &str| -> Result<Vec<usize>, OpError> {
-                let text = entry(key)?;
-                serde_json::from_str(&text)
-                    .map_err(|_| OpError::msg(format!("{}: `{key}` = {text} is not a shape", path.display())))
-            };
-            let shapes = (shape(LATENTS_SHAPE_KEY)?, shape(CAPTION_LATENTS_SHAPE_KEY)?);
-            let dtype = entry(DTYPE_KEY)?;
-            if dtype != DTYPE {
-                return Err(OpError::msg(format!("{}: dtype {dtype} is not supported (only {DTYPE})", path.display())));
-            }
+            let layout = FileLayout::of(&footer).map_err(|e| OpError::msg(format!("{}: {e}", path.display())))?;
+            let shapes = (layout.latents.1.clone(), layout.caption_latents.1.clone());
             if file == 0 {
                 self.shapes = shapes;
             } else if shapes != self.shapes {
@@ -204,10 +202,11 @@ impl LatentsSource {
                     self.files[0].display()
                 )));
             }
-            for (row_group, rg) in meta.row_groups().iter().enumerate() {
+            for (row_group, rg) in footer.metadata().row_groups().iter().enumerate() {
                 units.push(Unit { file, row_group, rows: rg.num_rows() as u64, stream_start: 0 });
             }
             self.footers.push(footer.clone());
+            self.layouts.push(layout);
         }
         if self.config.shuffle {
             Rng::new(self.seed, SHUFFLE_STREAM).shuffle(&mut units);
@@ -256,10 +255,16 @@ impl LatentsSource {
         // The parquet crate panics on some corrupt pages (found by tests/tests/fuzz.rs).
         unless_corrupt(path, || {
             let mut first_row = 0;
+            // The group's first row in its file, for numbering rows of files without keys.
+            let groups = self.footers[unit.file].metadata().row_groups();
+            let group_start: u64 = groups[..unit.row_group].iter().map(|g| g.num_rows() as u64).sum();
             for batch in reader {
                 let batch = batch.map_err(|e| format!("{}: {e}", path.display()))?;
                 let rows = slot_of_row.get(first_row..first_row + batch.num_rows()).unwrap_or_default();
-                read_columns(&batch, rows, &mut d).map_err(|e| format!("{}: {e}", path.display()))?;
+                let base = ((unit.file as i64) << 40) | (group_start + first_row as u64) as i64;
+                let mut keys = self.keys.lock().expect("keys lock");
+                read_columns(&batch, rows, base, &self.layouts[unit.file], &mut keys, &mut d)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
                 first_row += batch.num_rows();
             }
             Ok(())
@@ -273,38 +278,116 @@ impl LatentsSource {
 const NOT_MINE: usize = usize::MAX;
 
 /// Copies the rows of `batch` that `slots` gives a place (this worker's) into `d`.
-fn read_columns(batch: &RecordBatch, slots: &[usize], d: &mut Decoded) -> Result<(), String> {
-    let schema = batch.schema();
-    let column = |name: &str, to: &DataType| -> Result<std::sync::Arc<dyn Array>, String> {
-        let array = batch.column_by_name(name).ok_or_else(|| format!("no column `{name}`"))?;
-        arrow_cast::cast(array, to).map_err(|e| format!("column `{name}`: {e}"))
+fn read_columns(
+    batch: &RecordBatch,
+    slots: &[usize],
+    base: i64,
+    layout: &FileLayout,
+    key_hasher: &mut KeyHasher,
+    d: &mut Decoded,
+) -> Result<(), String> {
+    let column = |name: &str| batch.column_by_name(name).ok_or_else(|| format!("no column `{name}`"));
+    let keys = match &layout.key {
+        Some(name) => Some(key_values(column(name)?, key_hasher)?),
+        None => None,
     };
-    let latents_name = schema
-        .fields()
-        .iter()
-        .map(|f| f.name())
-        .find(|n| n.starts_with("latents_") && n.ends_with("_bytes"))
-        .ok_or("no `latents_RES_bytes` column")?
-        .clone();
-    let keys = column("hash", &DataType::Int64)?;
-    let captions = column("caption", &DataType::Utf8)?;
-    let latents = column(&latents_name, &DataType::Binary)?;
-    let embeddings = column("caption_latents", &DataType::Binary)?;
-    let keys = keys.as_any().downcast_ref::<Int64Array>().expect("cast to i64");
-    let captions = captions.as_any().downcast_ref::<StringArray>().expect("cast to utf8");
-    let latents = latents.as_any().downcast_ref::<BinaryArray>().expect("cast to binary");
-    let embeddings = embeddings.as_any().downcast_ref::<BinaryArray>().expect("cast to binary");
+    let captions = match &layout.caption {
+        Some(name) => Some(arrow_cast::cast(column(name)?, &DataType::Utf8).map_err(|e| format!("`{name}`: {e}"))?),
+        None => None,
+    };
+    let captions = captions.as_ref().map(|c| c.as_any().downcast_ref::<StringArray>().expect("cast to utf8"));
+    let latents = column(&layout.latents.0)?;
+    let embeddings = column(&layout.caption_latents.0)?;
     for (row, &slot) in slots.iter().enumerate().filter(|(_, s)| **s != NOT_MINE) {
-        d.keys[slot] = keys.value(row);
-        d.captions[slot] = if captions.is_null(row) { String::new() } else { captions.value(row).to_string() };
-        d.latents[slot] = if latents.is_null(row) { Vec::new() } else { latents.value(row).to_vec() };
-        d.embeddings[slot] = if embeddings.is_null(row) { Vec::new() } else { embeddings.value(row).to_vec() };
+        d.keys[slot] = keys.as_ref().and_then(|k| k[row]).unwrap_or(base + row as i64);
+        d.captions[slot] = captions.filter(|c| !c.is_null(row)).map(|c| c.value(row).to_string()).unwrap_or_default();
+        d.latents[slot] = tensors::row_values(latents, row)?.unwrap_or_default();
+        d.embeddings[slot] = tensors::row_values(embeddings, row)?.unwrap_or_default();
     }
     Ok(())
 }
 
-fn floats(bytes: &[u8], out: &mut Vec<f32>) {
-    out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+/// Where a latents file keeps its columns, and the per-row shapes of its two tensor columns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileLayout {
+    /// The integer or string key column (`hash`, else `key`; rows are numbered without).
+    pub key: Option<String>,
+    /// The caption column, if any.
+    pub caption: Option<String>,
+    /// The image latents column (`latents_RES_bytes`, `latents_RES` or `latents`) and its shape.
+    pub latents: (String, Vec<usize>),
+    /// The text embeddings column (`caption_latents`) and its shape.
+    pub caption_latents: (String, Vec<usize>),
+}
+
+impl FileLayout {
+    /// Reads the layout from a file's schema: the columns' extension metadata, else latentflow's
+    /// metadata (in the arrow schema or the parquet footer), else for fixed-size lists a shape
+    /// inferred from the length (`[4, s, s]` latents, `[77, n / 77]` embeddings).
+    pub fn of(footer: &ArrowReaderMetadata) -> Result<FileLayout, String> {
+        let schema = footer.schema();
+        let names: Vec<&String> = schema.fields().iter().map(|f| f.name()).collect();
+        let has = |n: &str| names.iter().any(|m| *m == n);
+        let latents = names
+            .iter()
+            .find(|n| n.starts_with("latents_") || n.as_str() == "latents")
+            .map(|n| n.to_string())
+            .ok_or_else(|| {
+                format!("no latents column (`latents_RES_bytes`, `latents_RES` or `latents`); the file has {names:?}")
+            })?;
+        if !has("caption_latents") {
+            return Err(format!("no `caption_latents` column; the file has {names:?}"));
+        }
+        let kv = footer.metadata().file_metadata().key_value_metadata();
+        let entry = |key: &str| -> Option<String> {
+            schema
+                .metadata()
+                .get(key)
+                .cloned()
+                .or_else(|| kv.and_then(|kv| kv.iter().find(|e| e.key == key).and_then(|e| e.value.clone())))
+        };
+        let shape_of =
+            |column: &str, key: &str, infer: fn(usize) -> Option<Vec<usize>>| -> Result<Vec<usize>, String> {
+                let field = schema.field_with_name(column).map_err(|e| e.to_string())?;
+                let found = tensors::find(field)?;
+                if found.stored == tensors::Stored::Bytes {
+                    if let Some(dtype) = entry(DTYPE_KEY).filter(|d| d != DTYPE) {
+                        return Err(format!("dtype {dtype} is not supported (only {DTYPE})"));
+                    }
+                }
+                let saved = entry(key)
+                    .map(|text| {
+                        serde_json::from_str::<Vec<usize>>(&text)
+                            .map_err(|_| format!("`{key}` = {text} is not a shape"))
+                    })
+                    .transpose()?;
+                let shape = found.shape.or(saved).or_else(|| found.fixed_len.and_then(infer));
+                let shape = shape.ok_or_else(|| {
+                    format!(
+                    "no shape for `{column}`: the column carries none (no Ray or arrow.fixed_shape_tensor extension) \
+                     and the file's metadata has no `{key}`"
+                )
+                })?;
+                if let Some(n) = found.fixed_len.filter(|&n| n != shape.iter().product::<usize>()) {
+                    return Err(format!("`{column}` holds {n} values a row but its shape is {shape:?}"));
+                }
+                Ok(shape)
+            };
+        let infer_latents = |n: usize| {
+            let side = ((n / 4) as f64).sqrt().round() as usize;
+            (n % 4 == 0 && side * side * 4 == n).then(|| vec![4, side, side])
+        };
+        let infer_embeddings = |n: usize| (n % 77 == 0 && n > 0).then(|| vec![77, n / 77]);
+        Ok(FileLayout {
+            key: ["hash", "key"].into_iter().find(|n| has(n)).map(str::to_string),
+            caption: has("caption").then(|| "caption".to_string()),
+            latents: (latents.clone(), shape_of(&latents, LATENTS_SHAPE_KEY, infer_latents)?),
+            caption_latents: (
+                "caption_latents".into(),
+                shape_of("caption_latents", CAPTION_LATENTS_SHAPE_KEY, infer_embeddings)?,
+            ),
+        })
+    }
 }
 
 impl Source for LatentsSource {
@@ -314,7 +397,7 @@ impl Source for LatentsSource {
 
     fn next_batch(&mut self, ctx: &mut OpContext) -> Result<Option<Batch>, OpError> {
         let (latent_shape, caption_shape) = self.shapes.clone();
-        let (l, c) = (latent_shape.iter().product::<usize>() * 4, caption_shape.iter().product::<usize>() * 4);
+        let (l, c) = (latent_shape.iter().product::<usize>(), caption_shape.iter().product::<usize>());
         let (mut keys, mut captions, mut latents, mut embeddings) = (vec![], vec![], vec![], vec![]);
         let mut taken = 0;
         while taken < self.config.batch_size.unwrap_or(source_rows::DEFAULT_BATCH_SIZE) && self.next < self.total {
@@ -336,9 +419,10 @@ impl Source for LatentsSource {
             }
             keys.push(d.keys[row]);
             captions.push(std::mem::take(&mut d.captions[row]));
-            floats(&d.latents[row], &mut latents);
-            floats(&d.embeddings[row], &mut embeddings);
+            latents.extend_from_slice(&d.latents[row]);
+            embeddings.extend_from_slice(&d.embeddings[row]);
         }
+        ctx.count("key_hash_collisions", self.keys.lock().expect("keys lock").take_collisions());
         if taken == 0 {
             return Ok(None);
         }
@@ -496,6 +580,34 @@ mod tests {
         let config = LatentsSourceConfig { path: path.display().to_string(), ..Default::default() };
         let mut source = LatentsSource::new(config, 0, 0, 1);
         let err = source.start(&mut OpContext::detached("read")).unwrap_err().to_string();
-        assert!(err.contains("other.parquet") && err.contains("latentflow.latents_shape"), "{err}");
+        assert!(err.contains("other.parquet") && err.contains("no latents column"), "{err}");
+        let errors = LatentsSourceConfig { path: path.display().to_string(), ..Default::default() }.validate();
+        assert!(errors[0].message.contains("no latents column"), "validate checks the schema: {errors:?}");
+    }
+
+    #[test]
+    fn every_layout_the_sink_writes_reads_back_the_same_values() {
+        use crate::tables::tensors::TensorLayout;
+        for layout in [TensorLayout::Ray, TensorLayout::FixedShapeTensor, TensorLayout::Bytes] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut sink = LatentsSink::new(dir.path().to_path_buf(), 100, 0).with_layout(layout);
+            let mut ctx = OpContext::detached("latents");
+            sink.start(&mut ctx).unwrap();
+            sink.write(rows(0..5), &mut ctx).unwrap();
+            sink.finish(&mut ctx).unwrap();
+            let file = std::fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().path();
+            let footer = open_metadata(&file).unwrap();
+            // The shapes are in the arrow schema too, not only in the footer.
+            assert_eq!(footer.schema().metadata()[LATENTS_SHAPE_KEY], "[4,2,2]", "{layout:?}");
+            let config = LatentsSourceConfig { path: file.display().to_string(), batch_size: Some(8), shuffle: false };
+            assert!(config.validate().is_empty(), "{layout:?}: {:?}", config.validate());
+            let mut source = LatentsSource::new(config, 0, 0, 1);
+            source.start(&mut ctx).unwrap();
+            let batch = source.next_batch(&mut ctx).unwrap().unwrap();
+            let want = rows(0..5);
+            for column in ["key", "caption", "latents", "caption_latents"] {
+                assert_eq!(batch.column(column).unwrap(), want.column(column).unwrap(), "{layout:?} {column}");
+            }
+        }
     }
 }

@@ -33,6 +33,11 @@ use crate::operator::{ContentKey, ContentKeys, Rejection};
 /// the row a key keeps.
 type RowId = (u64, u64, u32);
 
+/// Each row's key on its way to the key's owner.
+type Keyed<'s> = StreamVec<'s, u64, (ContentKey, RowId)>;
+/// Batches numbered on their worker, waiting for the verdict on their rows.
+type Held<'s> = StreamVec<'s, u64, (u64, Batch)>;
+
 /// The worker that owns `key`.
 fn owner(key: &ContentKey) -> u64 {
     u64::from_le_bytes(key[..8].try_into().expect("8 bytes"))
@@ -56,7 +61,7 @@ fn split<'s>(
     input: StreamVec<'s, u64, Batch>,
     node: NodeRuntime,
     keys: Option<Arc<dyn ContentKeys>>,
-) -> (StreamVec<'s, u64, (ContentKey, RowId)>, StreamVec<'s, u64, (u64, Batch)>) {
+) -> (Keyed<'s>, Held<'s>) {
     let scope = input.scope();
     let worker = scope.index() as u64;
     let mut builder = OperatorBuilder::new(format!("distinct {} keys", node.id), scope);
@@ -109,9 +114,7 @@ fn split<'s>(
 
 /// Step 2: at each key's owner, the smallest row id of every key in each epoch, once the epoch
 /// is complete, as a differential update `((key, id), epoch, +1)`.
-fn first_per_epoch<'s>(
-    candidates: StreamVec<'s, u64, (ContentKey, RowId)>,
-) -> StreamVec<'s, u64, ((ContentKey, RowId), u64, isize)> {
+fn first_per_epoch<'s>(candidates: Keyed<'s>) -> StreamVec<'s, u64, ((ContentKey, RowId), u64, isize)> {
     candidates.unary_frontier::<CapacityContainerBuilder<_>, _, _, _>(
         Exchange::new(|(key, _): &(ContentKey, RowId)| owner(key)),
         "distinct first per epoch",
@@ -121,11 +124,13 @@ fn first_per_epoch<'s>(
             move |(input, frontier), output| {
                 input.for_each(|cap, data| {
                     let Some(&time) = cap.least() else { return };
-                    if !epochs.contains_key(&time) {
-                        let Some(retained) = cap.retain_least(0) else { return };
-                        epochs.insert(time, (retained, HashMap::new()));
-                    }
-                    let firsts = &mut epochs.get_mut(&time).expect("inserted").1;
+                    let firsts = match epochs.entry(time) {
+                        std::collections::btree_map::Entry::Occupied(entry) => &mut entry.into_mut().1,
+                        std::collections::btree_map::Entry::Vacant(entry) => {
+                            let Some(retained) = cap.retain_least(0) else { return };
+                            &mut entry.insert((retained, HashMap::new())).1
+                        }
+                    };
                     for (key, id) in data.drain(..) {
                         let first = firsts.entry(key).or_insert(id);
                         *first = (*first).min(id);
@@ -198,11 +203,7 @@ fn keep_new<'s>(
 
 /// Step 4: on each row's worker, its batches of an epoch once every kept id of the epoch is in:
 /// kept rows go on, the others are rejected as `duplicate`.
-fn filter<'s>(
-    held: StreamVec<'s, u64, (u64, Batch)>,
-    kept: StreamVec<'s, u64, RowId>,
-    node: NodeRuntime,
-) -> StreamVec<'s, u64, Batch> {
+fn filter<'s>(held: Held<'s>, kept: StreamVec<'s, u64, RowId>, node: NodeRuntime) -> StreamVec<'s, u64, Batch> {
     held.binary_frontier::<_, CapacityContainerBuilder<_>, _, _, _, _>(
         kept,
         Pipeline,

@@ -3,6 +3,7 @@
 
 pub mod columns;
 pub mod files;
+pub mod tensors;
 pub mod writer;
 
 pub use columns::{extract, resolve, ColumnNames, Resolved, Rows};

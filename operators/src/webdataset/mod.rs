@@ -329,8 +329,11 @@ mod tests {
         toml::from_str(&format!("path = {path:?}\nbatch_size = 3")).unwrap()
     }
 
-    /// Every row as (key, caption, first image byte), and the rejections.
-    fn read_all(source: &mut dyn Source) -> (Vec<(i64, String, u8)>, Vec<(String, String)>) {
+    /// A row as (key, caption, first pixel's red value).
+    type Row = (i64, String, u8);
+
+    /// Every row, and the rejections as (key, reason).
+    fn read_all(source: &mut dyn Source) -> (Vec<Row>, Vec<(String, String)>) {
         let mut ctx = OpContext::detached("wds");
         source.start(&mut ctx).unwrap();
         let mut rows = Vec::new();
@@ -340,7 +343,7 @@ mod tests {
         (rows, ctx.take_rejections().into_iter().map(|r| (r.key, r.reason)).collect())
     }
 
-    fn rows_of(batch: &Batch) -> Vec<(i64, String, u8)> {
+    fn rows_of(batch: &Batch) -> Vec<Row> {
         let (keys, captions, images) =
             (batch.i64s("key").unwrap(), batch.strs("caption").unwrap(), batch.bytes("image").unwrap());
         (0..keys.len())
@@ -351,7 +354,7 @@ mod tests {
             .collect()
     }
 
-    fn expected(keys: std::ops::Range<u32>) -> Vec<(i64, String, u8)> {
+    fn expected(keys: std::ops::Range<u32>) -> Vec<Row> {
         keys.map(|k| (i64::from(k), format!("caption {k}"), k as u8)).collect()
     }
 
