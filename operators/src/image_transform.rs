@@ -195,6 +195,12 @@ impl ImageTransform {
     }
 }
 
+/// `f` of every row `0..n`, run in parallel on the rayon pool the caller runs on (the job's pool
+/// for a map), in row order.
+fn per_row<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
+    (0..n).into_par_iter().map(f).collect()
+}
+
 /// Interleaved RGB rows to planar channels, mirrored left to right when `flip`.
 fn hwc_to_chw(hwc: &[u8], side: usize, flip: bool) -> Vec<u8> {
     let plane = side * side;
@@ -220,7 +226,7 @@ impl Map for ImageTransform {
         let side = self.config.resolution as usize;
         // The rows of one batch decode in parallel on the pool this map runs on, so decoding
         // uses every pool thread however few batches are in flight.
-        let results: Vec<_> = images.par_iter().zip(&keys).map(|(bytes, &key)| self.apply(bytes, key)).collect();
+        let results = per_row(images.len(), |row| self.apply(&images[row], keys[row]));
         let mut keep = vec![true; images.len()];
         let (mut pixels, mut sizes, mut offsets) =
             (Vec::with_capacity(images.len() * 3 * side * side), Vec::new(), Vec::new());
@@ -314,5 +320,32 @@ mod tests {
         let lefts: std::collections::BTreeSet<i64> =
             (0..50).map(|k| random.apply(&png(30, 8), k).unwrap().crop_top_left[1]).collect();
         assert!(lefts.len() > 5 && *lefts.last().unwrap() <= 22, "{lefts:?}");
+    }
+
+    #[test]
+    fn a_batch_decodes_on_several_pool_threads_and_keeps_row_order() {
+        // Rows spread over the pool the map runs on (4 threads here, as the engine's pool).
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
+        let threads = std::sync::Mutex::new(std::collections::BTreeSet::new());
+        let rows = pool.install(|| {
+            per_row(32, |row| {
+                threads.lock().unwrap().insert(rayon::current_thread_index());
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                row
+            })
+        });
+        assert_eq!(rows, (0..32).collect::<Vec<_>>(), "results in row order");
+        assert!(threads.lock().unwrap().len() > 1, "rows of one batch spread over the pool: {threads:?}");
+
+        let t = ImageTransform::new(ImageTransformConfig { resolution: 16, ..ImageTransformConfig::default() }, 0);
+        let batch = Batch::new()
+            .with("key", Column::I64((0..32).collect()))
+            .unwrap()
+            .with("image", Column::Bytes((0..32).map(|k| ByteBuf::from(png(40 + k, 30))).collect()))
+            .unwrap();
+        let out = pool.install(|| t.map(batch, &mut OpContext::detached("transform")).unwrap());
+        let Column::I64Tensor { data, .. } = out.column("original_size").unwrap() else { panic!() };
+        let widths: Vec<i64> = data.chunks(2).map(|hw| hw[1]).collect();
+        assert_eq!(widths, (40..72).collect::<Vec<_>>(), "each row's image in its row");
     }
 }

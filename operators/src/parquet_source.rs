@@ -9,8 +9,8 @@ use std::path::PathBuf;
 
 use bytesize::ByteSize;
 use latentflow_engine::{
-    Batch, InstanceContext, KeyError, NodeSpec, OpContext, OpError, OperatorConfig, OperatorImpl, OperatorKind, Ports,
-    Source,
+    Batch, Column, ColumnType, Field, InstanceContext, KeyError, NodeSpec, OpContext, OpError, OperatorConfig,
+    OperatorImpl, OperatorKind, Ports, Source,
 };
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use parquet::arrow::ProjectionMask;
@@ -72,6 +72,10 @@ pub struct ParquetSourceConfig {
     /// outside the job's byte budget). Default 256 MiB.
     #[serde(default = "default_shuffle_buffer_bytes")]
     pub shuffle_buffer_bytes: ByteSize,
+    /// String columns passed through as row columns of the same name (img2dataset's `sha256`,
+    /// for `dedup`'s `by`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_columns: Vec<String>,
 }
 
 fn default_shuffle_buffer_bytes() -> ByteSize {
@@ -100,6 +104,7 @@ impl OperatorConfig for ParquetSourceConfig {
         ("filter", "[[nodes.ID.filter]] tables: column, min, max (e.g. punsafe, AESTHETIC_SCORE)"),
         ("shuffle_buffer", "shuffle windows of this many rows with the job seed (default 0: file order)"),
         ("shuffle_buffer_bytes", "a window also ends once its images hold this many bytes (default \"256 MiB\")"),
+        ("extra_columns", "string columns passed through as row columns, e.g. [\"sha256\"] for dedup's `by` (default none)"),
     ];
 }
 
@@ -119,6 +124,7 @@ impl ParquetSourceConfig {
             caption: self.caption_column.clone(),
             key: self.key_column.clone(),
             numeric,
+            extra: self.extra_columns.clone(),
         }
     }
 
@@ -192,7 +198,9 @@ impl NodeSpec for ParquetSourceConfig {
     }
 
     fn ports(&self) -> Ports {
-        source_rows::ports()
+        let mut ports = source_rows::ports();
+        ports.adds.extend(self.extra_columns.iter().map(|name| Field::new(name, ColumnType::Str)));
+        ports
     }
 
     fn source_batch_size(&self) -> Option<usize> {
@@ -229,6 +237,7 @@ struct RawRow {
     caption: Option<String>,
     image: Option<Vec<u8>>,
     numeric: Vec<Option<f64>>,
+    extra: Vec<Option<String>>,
 }
 
 /// A row as [`ParquetSource::next_row`] hands it out.
@@ -244,6 +253,7 @@ struct Row {
     key: i64,
     caption: String,
     image: Vec<u8>,
+    extra: Vec<String>,
 }
 
 struct OpenUnit {
@@ -391,7 +401,7 @@ impl ParquetSource {
                     return Err(OpError::msg(format!("{path}: row group {}: {e}", unit.row_group)));
                 }
                 Some(Ok(batch)) => {
-                    let rows = extract(&batch, &open.resolved, &mut self.keys)
+                    let mut rows = extract(&batch, &open.resolved, &mut self.keys)
                         .map_err(|e| OpError::msg(format!("{}: {e}", self.files[unit.file].display())))?;
                     let n = rows.images.len();
                     let synthetic =
@@ -404,11 +414,13 @@ impl ParquetSource {
                             None => Some(synthetic(i)),
                         };
                         let numeric = rows.numeric.iter().map(|c| c[i]).collect();
+                        let extra = rows.extra.iter_mut().map(|c| c[i].take()).collect();
                         self.raw.push_back(RawRow {
                             key,
                             caption: captions.next().flatten(),
                             image: images.next().flatten(),
                             numeric,
+                            extra,
                         });
                     }
                     open.offset += n as u64;
@@ -442,6 +454,7 @@ impl ParquetSource {
             key: raw.key.expect("checked"),
             caption: raw.caption.unwrap_or_default(),
             image: raw.image.expect("checked"),
+            extra: raw.extra.into_iter().map(Option::unwrap_or_default).collect(),
         })))
     }
 
@@ -520,8 +533,21 @@ impl Source for ParquetSource {
             return Ok(None);
         }
         let keys = rows.iter().map(|r| r.key).collect();
-        let (captions, images) = rows.into_iter().map(|r| (r.caption, ByteBuf::from(r.image))).unzip();
-        Ok(Some(source_rows::batch(keys, captions, images)?))
+        let mut extra: Vec<Vec<String>> = vec![Vec::with_capacity(rows.len()); self.config.extra_columns.len()];
+        let (captions, images) = rows
+            .into_iter()
+            .map(|r| {
+                for (column, value) in extra.iter_mut().zip(r.extra) {
+                    column.push(value);
+                }
+                (r.caption, ByteBuf::from(r.image))
+            })
+            .unzip();
+        let mut batch = source_rows::batch(keys, captions, images)?;
+        for (name, values) in self.config.extra_columns.iter().zip(extra) {
+            batch = batch.with(name, Column::Str(values))?;
+        }
+        Ok(Some(batch))
     }
 
     fn position(&self) -> serde_json::Value {

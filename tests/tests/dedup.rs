@@ -128,3 +128,41 @@ fn two_processes_drop_duplicates_that_live_in_the_other_process() {
     let duplicates: u64 = (0..2).map(|p| duplicates_in(&dir.path().join(format!("profile.p{p}.json")))).sum();
     assert_eq!(duplicates, 20);
 }
+
+#[test]
+fn img2dataset_sha256_column_identifies_duplicates_when_asked() {
+    // Rows 0..10 with a `sha256` column where rows 5..10 repeat the hashes of 0..5 (their images
+    // differ, so only the column can tell).
+    let dir = tempfile::tempdir().unwrap();
+    let schema = Arc::new(arrow_schema::Schema::new(vec![
+        arrow_schema::Field::new("hash", arrow_schema::DataType::Int64, false),
+        arrow_schema::Field::new("caption", arrow_schema::DataType::Utf8, false),
+        arrow_schema::Field::new("jpg", arrow_schema::DataType::Binary, false),
+        arrow_schema::Field::new("sha256", arrow_schema::DataType::Utf8, false),
+    ]));
+    let keys: Vec<i64> = (0..10).collect();
+    let hashes: Vec<String> = keys.iter().map(|k| format!("{:064x}", k % 5)).collect();
+    let images: Vec<Vec<u8>> = keys.iter().map(|&k| demo_image(0, k as u64, 90).jpeg).collect();
+    let mut writer = AtomicParquetWriter::create(&dir.path().join("rows.parquet"), Arc::clone(&schema), &[]).unwrap();
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from(keys.clone())),
+        Arc::new(StringArray::from_iter_values(keys.iter().map(|k| format!("caption {k}")))),
+        Arc::new(BinaryArray::from_iter_values(images.iter())),
+        Arc::new(StringArray::from_iter_values(hashes.iter())),
+    ];
+    writer.write(&RecordBatch::try_new(schema, columns).unwrap()).unwrap();
+    writer.finish().unwrap();
+    let topology = TOPOLOGY
+        .replace("batch_size = 10", "batch_size = 5\nextra_columns = [\"sha256\"]")
+        .replace("inputs = [\"read\"]", "inputs = [\"read\"]\nby = \"sha256\"");
+    std::fs::write(dir.path().join("dedup.toml"), topology).unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "dedup.toml", "--profile", "profile.json"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(written(dir.path()).into_keys().collect::<Vec<_>>(), (0..5).collect::<Vec<_>>());
+    assert_eq!(duplicates_in(&dir.path().join("profile.json")), 5);
+}

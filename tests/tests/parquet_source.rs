@@ -211,3 +211,27 @@ fn demo_data_files_read_back_with_their_captions() {
     assert_eq!(batch.strs("caption").unwrap()[7], expected.caption);
     assert_eq!(batch.bytes("image").unwrap()[7].as_ref(), expected.jpeg.as_slice());
 }
+
+#[test]
+fn img2dataset_string_keys_are_their_numbers_and_other_strings_hash() {
+    // img2dataset writes `key = "000000123"`; other datasets have keys like "a/b/c".
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img2dataset.parquet");
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("key", DataType::Utf8, false),
+        Field::new("caption", DataType::Utf8, true),
+        Field::new("jpg", DataType::Binary, true),
+    ]));
+    let keys = StringArray::from(vec!["000000123", "000000007", "laion/part-1/xyz"]);
+    let captions = StringArray::from(vec!["a", "b", "c"]);
+    let images = BinaryArray::from(vec![&b"one"[..], &b"two"[..], &b"three"[..]]);
+    let mut writer = AtomicParquetWriter::create(&path, Arc::clone(&schema), &[]).unwrap();
+    let columns: Vec<ArrayRef> = vec![Arc::new(keys), Arc::new(captions), Arc::new(images)];
+    writer.write(&RecordBatch::try_new(schema, columns).unwrap()).unwrap();
+    writer.finish().unwrap();
+    let config = format!("path = \"{}\"\nkey_column = \"key\"", path.display());
+    let mut source = instantiate(&config);
+    let batch = source.next_batch(&mut OpContext::detached("read")).unwrap().unwrap();
+    let hashed = latentflow_operators::keys::hash_key("laion/part-1/xyz");
+    assert_eq!(batch.i64s("key").unwrap(), &[123, 7, hashed]);
+}

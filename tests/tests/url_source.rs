@@ -258,3 +258,31 @@ fn a_stopped_download_job_resumes_without_fetching_what_it_trained() {
     let missing: Vec<i64> = (0..rows as i64).filter(|k| k % 10 == 5).collect();
     assert_eq!(sorted, missing, "every 404 logged once:\n{log}");
 }
+
+#[test]
+fn the_url_download_example_validates_once_its_path_is_set() {
+    let dir = tempfile::tempdir().unwrap();
+    // LAION's metadata columns.
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("URL", DataType::Utf8, false),
+        Field::new("TEXT", DataType::Utf8, false),
+        Field::new("hash", DataType::Int64, false),
+        Field::new("punsafe", DataType::Float64, false),
+    ]));
+    let mut writer = AtomicParquetWriter::create(&dir.path().join("meta.parquet"), Arc::clone(&schema), &[]).unwrap();
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(vec!["http://127.0.0.1:1/a.jpg"])),
+        Arc::new(StringArray::from(vec!["a cat"])),
+        Arc::new(arrow_array::Int64Array::from(vec![7])),
+        Arc::new(arrow_array::Float64Array::from(vec![0.1])),
+    ];
+    writer.write(&RecordBatch::try_new(schema, columns).unwrap()).unwrap();
+    writer.finish().unwrap();
+    let example = latentflow_tests::topology("examples/url-download.toml");
+    let out = latentflow(BIN, dir.path(), &["validate", example.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "the placeholder path is named: {}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("METADATA"), "{}", text(&out));
+    let out =
+        latentflow(BIN, dir.path(), &["validate", example.to_str().unwrap(), "--set", "nodes.fetch.path=meta.parquet"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}

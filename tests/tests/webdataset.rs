@@ -138,3 +138,18 @@ fn shards_over_http_stream_into_training_and_resume_mid_shard() {
         "the resume continued inside a shard with a Range request: {ranges:?}"
     );
 }
+
+#[test]
+fn the_shards_example_validates_once_its_path_is_set() {
+    let dir = tempfile::tempdir().unwrap();
+    for s in 0..2 {
+        std::fs::write(dir.path().join(format!("{s:05}.tar")), shard(s)).unwrap();
+    }
+    let example = latentflow_tests::topology("examples/img2dataset-shards.toml");
+    let out = latentflow(BIN, dir.path(), &["validate", example.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "the placeholder path is named: {}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SHARDS"), "{}", text(&out));
+    let set = format!("nodes.read.path={}/{{00000..00001}}.tar", dir.path().display());
+    let out = latentflow(BIN, dir.path(), &["validate", example.to_str().unwrap(), "--set", &set]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}

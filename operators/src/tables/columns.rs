@@ -27,6 +27,8 @@ pub struct ColumnNames {
     pub key: Option<String>,
     /// Numeric columns the filters read.
     pub numeric: Vec<String>,
+    /// String columns passed through to the rows (img2dataset's `sha256`, `url`, ...).
+    pub extra: Vec<String>,
 }
 
 /// Where each wanted column is in a file (indices into its top-level fields).
@@ -40,13 +42,18 @@ pub struct Resolved {
     pub key: Option<usize>,
     /// The numeric columns, in [`ColumnNames::numeric`] order.
     pub numeric: Vec<usize>,
+    /// The passed-through string columns, in [`ColumnNames::extra`] order.
+    pub extra: Vec<usize>,
 }
 
 impl Resolved {
     /// Top-level columns to read (the projection).
     pub fn roots(&self) -> Vec<usize> {
-        let mut roots: Vec<usize> =
-            [self.image.0, self.caption].into_iter().chain(self.key).chain(self.numeric.iter().copied()).collect();
+        let mut roots: Vec<usize> = [self.image.0, self.caption]
+            .into_iter()
+            .chain(self.key)
+            .chain(self.numeric.iter().chain(&self.extra).copied())
+            .collect();
         roots.sort_unstable();
         roots.dedup();
         roots
@@ -63,6 +70,8 @@ pub fn resolve(schema: &Schema, names: &ColumnNames) -> Result<Resolved, (&'stat
             "caption_column"
         } else if message.contains("key column") {
             "key_column"
+        } else if message.contains("extra column") {
+            "extra_columns"
         } else {
             "filter"
         };
@@ -138,7 +147,22 @@ fn resolve_inner(schema: &Schema, names: &ColumnNames) -> Result<Resolved, Strin
             Ok(at)
         })
         .collect::<Result<_, String>>()?;
-    Ok(Resolved { image, caption, key, numeric })
+    let extra = names
+        .extra
+        .iter()
+        .map(|name| {
+            let at = index(name).ok_or_else(|| missing("extra", name))?;
+            if !is_string(schema.field(at).data_type()) {
+                return Err(format!(
+                    "extra column `{name}` is {}, expected a string; the file has: {}",
+                    schema.field(at).data_type(),
+                    found()
+                ));
+            }
+            Ok(at)
+        })
+        .collect::<Result<_, String>>()?;
+    Ok(Resolved { image, caption, key, numeric, extra })
 }
 
 fn is_string(t: &DataType) -> bool {
@@ -172,6 +196,8 @@ pub struct Rows {
     pub keys: Option<Vec<Option<i64>>>,
     /// Numeric columns as f64 (`None` when null), in [`ColumnNames::numeric`] order.
     pub numeric: Vec<Vec<Option<f64>>>,
+    /// The passed-through string columns (`None` when null), in [`ColumnNames::extra`] order.
+    pub extra: Vec<Vec<Option<String>>>,
 }
 
 /// Extracts the wanted columns from a record batch read with the projection of `resolved`
@@ -202,7 +228,8 @@ pub fn extract(batch: &RecordBatch, resolved: &Resolved, keys: &mut KeyHasher) -
     let captions = string_values(column(resolved.caption))?;
     let keys = resolved.key.map(|k| key_values(column(k), keys)).transpose()?;
     let numeric = resolved.numeric.iter().map(|&n| numeric_f64(column(n))).collect::<Result<_, _>>()?;
-    Ok(Rows { images, captions, keys, numeric })
+    let extra = resolved.extra.iter().map(|&n| string_values(column(n))).collect::<Result<_, _>>()?;
+    Ok(Rows { images, captions, keys, numeric, extra })
 }
 
 fn binary_values(array: &ArrayRef) -> Result<Vec<Option<Vec<u8>>>, String> {

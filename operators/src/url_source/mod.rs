@@ -158,6 +158,7 @@ impl UrlSourceConfig {
             filter: self.filter.clone(),
             shuffle_buffer: 0,
             shuffle_buffer_bytes: ByteSize::mib(1),
+            extra_columns: Vec::new(),
         }
     }
 
