@@ -115,53 +115,23 @@ fn resolve_inner(schema: &Schema, names: &ColumnNames) -> Result<Resolved, Strin
             ))
         }
     };
-    let caption = index(&names.caption).ok_or_else(|| missing("caption", &names.caption))?;
-    if !is_string(schema.field(caption).data_type()) {
-        return Err(format!(
-            "caption column `{}` is {}, expected a string; the file has: {}",
-            names.caption,
-            schema.field(caption).data_type(),
-            found()
-        ));
-    }
-    let key = match &names.key {
-        Some(name) => {
-            let at = index(name).ok_or_else(|| missing("key", name))?;
-            check_key(schema, at, name, &found)?;
-            Some(at)
+    // A column `name` (`what` says which, in messages) whose type passes `ok`.
+    let typed = |what: &str, name: &str, ok: fn(&DataType) -> bool, expected: &str| -> Result<usize, String> {
+        let at = index(name).ok_or_else(|| missing(what, name))?;
+        let t = schema.field(at).data_type();
+        if !ok(t) {
+            return Err(format!("{what} column `{name}` is {t}, expected {expected}; the file has: {}", found()));
         }
+        Ok(at)
+    };
+    let caption = typed("caption", &names.caption, is_string, "a string")?;
+    let key = match &names.key {
+        Some(name) => Some(typed("key", name, |t| t.is_integer() || is_string(t), "an integer or a string")?),
         None => index("hash").filter(|&at| schema.field(at).data_type().is_integer()),
     };
-    let numeric = names
-        .numeric
-        .iter()
-        .map(|name| {
-            let at = index(name).ok_or_else(|| missing("filter", name))?;
-            if !schema.field(at).data_type().is_numeric() {
-                return Err(format!(
-                    "filter column `{name}` is {}, expected a number; the file has: {}",
-                    schema.field(at).data_type(),
-                    found()
-                ));
-            }
-            Ok(at)
-        })
-        .collect::<Result<_, String>>()?;
-    let extra = names
-        .extra
-        .iter()
-        .map(|name| {
-            let at = index(name).ok_or_else(|| missing("extra", name))?;
-            if !is_string(schema.field(at).data_type()) {
-                return Err(format!(
-                    "extra column `{name}` is {}, expected a string; the file has: {}",
-                    schema.field(at).data_type(),
-                    found()
-                ));
-            }
-            Ok(at)
-        })
-        .collect::<Result<_, String>>()?;
+    let numeric =
+        names.numeric.iter().map(|n| typed("filter", n, DataType::is_numeric, "a number")).collect::<Result<_, _>>()?;
+    let extra = names.extra.iter().map(|n| typed("extra", n, is_string, "a string")).collect::<Result<_, _>>()?;
     Ok(Resolved { image, caption, key, numeric, extra })
 }
 
@@ -171,19 +141,6 @@ fn is_string(t: &DataType) -> bool {
 
 fn is_binary(t: &DataType) -> bool {
     matches!(t, DataType::Binary | DataType::LargeBinary | DataType::BinaryView)
-}
-
-fn check_key(schema: &Schema, at: usize, name: &str, found: &dyn Fn() -> String) -> Result<(), String> {
-    let t = schema.field(at).data_type();
-    if t.is_integer() || is_string(t) {
-        Ok(())
-    } else {
-        Err(format!(
-            "key column `{name}` is {}, expected an integer or a string; the file has: {}",
-            schema.field(at).data_type(),
-            found()
-        ))
-    }
 }
 
 /// The wanted columns of one record batch, row by row.
