@@ -4,8 +4,10 @@
 pub mod http_server;
 pub mod testops;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// The workspace root: `LATENTFLOW_REPO` when set (test binaries copied to another machine, as
 /// `bench/gpu/run.sh` runs them), else where this crate was built.
@@ -105,4 +107,41 @@ pub fn max_abs(a: &candle_core::Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// Runs `latentflow run job.toml` in `dir` and stops it with `signal` (`"-TERM"`, `"-KILL"`) once
+/// `metrics` (its `metrics.jsonl`) has `steps` lines; panics if it ends first or takes over two
+/// minutes. Returns what the stopped run printed.
+pub fn stop_run_after_steps(bin: &str, dir: &Path, metrics: &Path, steps: usize, signal: &str) -> Output {
+    let mut run = Command::new(bin)
+        .args(["run", "job.toml"])
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run latentflow");
+    let began = Instant::now();
+    while std::fs::read_to_string(metrics).map_or(0, |m| m.lines().count()) < steps {
+        assert!(began.elapsed() < Duration::from_secs(120), "no training steps within 2 minutes");
+        assert!(run.try_wait().expect("wait").is_none(), "the first run ended before it was stopped");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let killed = Command::new("kill").args([signal, &run.id().to_string()]).status().expect("kill");
+    assert!(killed.success());
+    run.wait_with_output().expect("wait")
+}
+
+/// How many times each key was trained over every line of a `metrics.jsonl` written with
+/// `log_keys = true` (empty when there is no file yet).
+pub fn trained_keys(metrics: &Path) -> BTreeMap<i64, usize> {
+    let text = std::fs::read_to_string(metrics).unwrap_or_default();
+    let mut seen = BTreeMap::new();
+    for line in text.lines() {
+        let line: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+        for key in line["keys"].as_array().expect("log_keys") {
+            *seen.entry(key.as_i64().expect("an integer key")).or_default() += 1;
+        }
+    }
+    seen
 }

@@ -6,12 +6,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arrow_array::{ArrayRef, BinaryArray, Float64Array, Int64Array, RecordBatch, StringArray};
 use latentflow_operators::demo::{demo_image, img2dataset_schema};
 use latentflow_operators::tables::AtomicParquetWriter;
-use latentflow_tests::{fixture, latentflow, text, topology};
+use latentflow_tests::{fixture, latentflow, stop_run_after_steps, text, topology, trained_keys};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lf");
 
@@ -109,19 +109,6 @@ resume = "latest"
 log_keys = true
 "#;
 
-/// Keys trained per step over every line of `metrics.jsonl`.
-fn trained_keys(dir: &Path) -> BTreeMap<i64, usize> {
-    let metrics = std::fs::read_to_string(dir.join("runs/sigterm/metrics.jsonl")).unwrap();
-    let mut seen = BTreeMap::new();
-    for line in metrics.lines() {
-        let line: serde_json::Value = serde_json::from_str(line).unwrap();
-        for key in line["keys"].as_array().expect("log_keys") {
-            *seen.entry(key.as_i64().unwrap()).or_default() += 1;
-        }
-    }
-    seen
-}
-
 /// Runs the parquet training job, stops it with `signal` after its third step (its sixth for
 /// SIGKILL, past the first checkpoint at step 4), checks what a stopped run leaves, resumes it to the end, and checks that over both runs every good row
 /// trained once and every bad row is logged once.
@@ -132,28 +119,13 @@ fn stop_then_resume(signal: &str) {
     std::fs::write(dir.path().join("job.toml"), TRAIN_ON_PARQUET).unwrap();
     let metrics = dir.path().join("runs/sigterm/metrics.jsonl");
 
-    let mut first = Command::new(BIN)
-        .args(["run", "job.toml"])
-        .current_dir(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let began = Instant::now();
+    // Past the first checkpoint (step 4) for SIGKILL.
     let steps = if signal == "-KILL" { 6 } else { 3 };
-    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < steps {
-        assert!(began.elapsed() < Duration::from_secs(120), "no training steps within 2 minutes");
-        assert!(first.try_wait().unwrap().is_none(), "the first run ended before it was stopped");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let status = Command::new("kill").args([signal, &first.id().to_string()]).status().unwrap();
-    assert!(status.success());
-    let out = first.wait_with_output().unwrap();
+    let out = stop_run_after_steps(BIN, dir.path(), &metrics, steps, signal);
     let run_dir = dir.path().join("runs/sigterm");
     if signal == "-TERM" {
         assert_eq!(out.status.code(), Some(130), "{}", text(&out));
-        let steps_before = trained_keys(dir.path()).values().sum::<usize>() / 8;
+        let steps_before = trained_keys(&metrics).values().sum::<usize>() / 8;
         assert!(steps_before < 24, "the first run stopped early ({steps_before} steps)");
         let checkpoints = std::fs::read_dir(&run_dir)
             .unwrap()
@@ -170,7 +142,7 @@ fn stop_then_resume(signal: &str) {
     assert!(run_dir.join("loss.png").is_file());
 
     let good: Vec<i64> = (0..rows).filter(|k| k % 10 != 3 && k % 10 != 7).collect();
-    let trained = trained_keys(dir.path());
+    let trained = trained_keys(&metrics);
     assert_eq!(trained.keys().copied().collect::<Vec<_>>(), good, "every good row trained");
     let twice: Vec<_> = trained.iter().filter(|(_, n)| **n != 1).collect();
     assert!(twice.is_empty(), "rows trained more than once over the two runs: {twice:?}");

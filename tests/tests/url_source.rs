@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +15,7 @@ use latentflow_operators::demo::demo_image;
 use latentflow_operators::tables::AtomicParquetWriter;
 use latentflow_operators::UrlSourceConfig;
 use latentflow_tests::http_server::{Reply, Request, TestServer};
-use latentflow_tests::{latentflow, text};
+use latentflow_tests::{latentflow, stop_run_after_steps, text, trained_keys};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lf");
 
@@ -186,19 +185,6 @@ resume = "latest"
 log_keys = true
 "#;
 
-/// Keys trained per step over every line of `metrics.jsonl`.
-fn trained_keys(dir: &Path) -> BTreeMap<i64, usize> {
-    let metrics = std::fs::read_to_string(dir.join("runs/urls/metrics.jsonl")).unwrap_or_default();
-    let mut seen = BTreeMap::new();
-    for line in metrics.lines() {
-        let line: serde_json::Value = serde_json::from_str(line).unwrap();
-        for key in line["keys"].as_array().expect("log_keys") {
-            *seen.entry(key.as_i64().unwrap()).or_default() += 1;
-        }
-    }
-    seen
-}
-
 #[test]
 fn a_stopped_download_job_resumes_without_fetching_what_it_trained() {
     let rows = 160u64;
@@ -217,30 +203,15 @@ fn a_stopped_download_job_resumes_without_fetching_what_it_trained() {
     std::fs::write(dir.path().join("job.toml"), TRAIN_ON_URLS).unwrap();
     let metrics = dir.path().join("runs/urls/metrics.jsonl");
 
-    let mut first = Command::new(BIN)
-        .args(["run", "job.toml"])
-        .current_dir(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let began = Instant::now();
-    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 5 {
-        assert!(began.elapsed() < Duration::from_secs(120), "no training steps within 2 minutes");
-        assert!(first.try_wait().unwrap().is_none(), "the first run ended before it was stopped");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(Command::new("kill").args(["-TERM", &first.id().to_string()]).status().unwrap().success());
-    let out = first.wait_with_output().unwrap();
+    let out = stop_run_after_steps(BIN, dir.path(), &metrics, 5, "-TERM");
     assert_eq!(out.status.code(), Some(130), "{}", text(&out));
-    let trained_first: Vec<i64> = trained_keys(dir.path()).into_keys().collect();
+    let trained_first: Vec<i64> = trained_keys(&metrics).into_keys().collect();
     let fetched_first = server.requests();
 
     let out = latentflow(BIN, dir.path(), &["run", "job.toml"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let good: Vec<i64> = (0..rows as i64).filter(|k| k % 10 != 5).collect();
-    let trained = trained_keys(dir.path());
+    let trained = trained_keys(&metrics);
     assert_eq!(trained.keys().copied().collect::<Vec<_>>(), good, "every good row trained");
     assert!(trained.values().all(|n| *n == 1), "no row trained twice: {trained:?}");
     let fetched = server.requests();

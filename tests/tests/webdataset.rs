@@ -3,16 +3,13 @@
 //! trains once, captions stay with their images, and the resume asks for the rest of the shard
 //! with a `Range` request instead of reading it again.
 
-use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use latentflow_operators::demo::demo_image;
 use latentflow_operators::webdataset::write;
 use latentflow_tests::http_server::{Reply, Request, TestServer};
-use latentflow_tests::{latentflow, text};
+use latentflow_tests::{latentflow, stop_run_after_steps, text, trained_keys};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lf");
 
@@ -69,18 +66,6 @@ resume = "latest"
 log_keys = true
 "#;
 
-fn trained_keys(dir: &Path) -> BTreeMap<i64, usize> {
-    let metrics = std::fs::read_to_string(dir.join("runs/wds/metrics.jsonl")).unwrap_or_default();
-    let mut seen = BTreeMap::new();
-    for line in metrics.lines() {
-        let line: serde_json::Value = serde_json::from_str(line).unwrap();
-        for key in line["keys"].as_array().expect("log_keys") {
-            *seen.entry(key.as_i64().unwrap()).or_default() += 1;
-        }
-    }
-    seen
-}
-
 #[test]
 fn shards_over_http_stream_into_training_and_resume_mid_shard() {
     let shards: Vec<Vec<u8>> = (0..SHARDS).map(shard).collect();
@@ -105,30 +90,15 @@ fn shards_over_http_stream_into_training_and_resume_mid_shard() {
     std::fs::write(dir.path().join("job.toml"), topology).unwrap();
     let metrics = dir.path().join("runs/wds/metrics.jsonl");
 
-    let mut first = Command::new(BIN)
-        .args(["run", "job.toml"])
-        .current_dir(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let began = Instant::now();
     // Stop in the second shard: past step 6 of 15 (40 samples a shard, 8 a step).
-    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 7 {
-        assert!(began.elapsed() < Duration::from_secs(120), "no training steps within 2 minutes");
-        assert!(first.try_wait().unwrap().is_none(), "the first run ended before it was stopped");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(Command::new("kill").args(["-TERM", &first.id().to_string()]).status().unwrap().success());
-    let out = first.wait_with_output().unwrap();
+    let out = stop_run_after_steps(BIN, dir.path(), &metrics, 7, "-TERM");
     assert_eq!(out.status.code(), Some(130), "{}", text(&out));
-    let steps_first = trained_keys(dir.path()).values().sum::<usize>() / 8;
+    let steps_first = trained_keys(&metrics).values().sum::<usize>() / 8;
     assert!(steps_first < 15, "the first run stopped early ({steps_first} steps)");
 
     let out = latentflow(BIN, dir.path(), &["run", "job.toml"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let trained = trained_keys(dir.path());
+    let trained = trained_keys(&metrics);
     let all: Vec<i64> = (0..(SHARDS * PER_SHARD) as i64).collect();
     assert_eq!(trained.keys().copied().collect::<Vec<_>>(), all, "every sample trained");
     assert!(trained.values().all(|n| *n == 1), "no sample trained twice: {trained:?}");

@@ -7,7 +7,6 @@ use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 
@@ -59,8 +58,6 @@ pub struct OpenFailure {
 /// How shards are read.
 #[derive(Clone, Debug)]
 pub struct ReadOptions {
-    /// Connect and per-read timeout for URLs.
-    pub timeout: Duration,
     /// Members larger than this are skipped (their sample is rejected as `too_large`).
     pub max_member_bytes: u64,
 }

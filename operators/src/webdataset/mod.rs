@@ -154,7 +154,7 @@ impl WebdatasetSource {
             } else {
                 None
             };
-            let options = ReadOptions { timeout, max_member_bytes: self.config.max_member_bytes.as_u64() };
+            let options = ReadOptions { max_member_bytes: self.config.max_member_bytes.as_u64() };
             self.reader = Some(SampleReader::new(shards, options, client));
         }
         Ok(self.reader.as_mut().expect("made"))
