@@ -37,6 +37,7 @@ fn transform(dct: bool) -> ImageTransform {
         ImageTransformConfig { resolution: RES, dct_scaling: dct, ..ImageTransformConfig::default() },
         0,
     )
+    .expect("a square transform")
 }
 
 fn data_path(c: &mut Criterion) {

@@ -11,7 +11,8 @@ use latentflow_engine::{
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::pixels::geometry::{center_offset, resized_size, unit_random};
+use crate::pixels::buckets::{BucketSpec, Buckets};
+use crate::pixels::geometry::{center_offset, cover_size, unit_random};
 use crate::pixels::{decode, resize_crop, CropPlan, DecodeOptions, Filter};
 
 /// Resampling filter.
@@ -61,6 +62,11 @@ pub struct ImageTransformConfig {
     /// with the Rust decoders available it is slower than a full-size decode, see
     /// `bench/results/`).
     pub dct_scaling: bool,
+    /// Aspect-ratio buckets instead of the `resolution` square: each image is resized to cover
+    /// the bucket nearest its aspect ratio and cropped to it, and a batch comes out as one batch
+    /// per bucket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub buckets: Option<BucketSpec>,
 }
 
 impl Default for ImageTransformConfig {
@@ -74,6 +80,7 @@ impl Default for ImageTransformConfig {
             max_pixels: 100_000_000,
             max_aspect_ratio: 20.0,
             dct_scaling: false,
+            buckets: None,
         }
     }
 }
@@ -92,6 +99,7 @@ impl OperatorConfig for ImageTransformConfig {
         ("max_pixels", "reject images with more pixels, read from the header (default 100000000)"),
         ("max_aspect_ratio", "reject images whose long side is more than this many times the short one, read from the header (default 20)"),
         ("dct_scaling", "decode large JPEGs at 1/2, 1/4 or 1/8 scale, then resize (default false: slower with the available decoders)"),
+        ("buckets", "aspect-ratio buckets instead of the square: { area = 65536, step = 64, min = 128, max = 512 } (equal-area sizes, sides multiples of step in [min, max]) or [[w, h], ...]; each image is cropped to the bucket nearest its aspect, one output batch per bucket"),
     ];
 }
 
@@ -113,6 +121,9 @@ impl NodeSpec for ImageTransformConfig {
         if !(0.0..=1.0).contains(&self.hflip_prob) {
             errors.push(KeyError::new("hflip_prob", format!("must be between 0 and 1, got {}", self.hflip_prob)));
         }
+        if let Some(Err(problems)) = self.buckets.as_ref().map(Buckets::resolve) {
+            errors.extend(problems.into_iter().map(|p| KeyError::new("buckets", p)));
+        }
         errors
     }
 
@@ -129,7 +140,7 @@ impl NodeSpec for ImageTransformConfig {
     }
 
     fn instantiate(&self, ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
-        Ok(OperatorImpl::Map(Arc::new(ImageTransform { config: self.clone(), seed: ctx.job.seed })))
+        Ok(OperatorImpl::Map(Arc::new(ImageTransform::new(self.clone(), ctx.job.seed)?)))
     }
 }
 
@@ -138,6 +149,8 @@ impl NodeSpec for ImageTransformConfig {
 pub struct Transformed {
     /// The crop, CHW.
     pub pixels: Vec<u8>,
+    /// Width and height of the crop (the bucket's, or the `resolution` square).
+    pub size: (u32, u32),
     /// Height and width of the image before resizing (after orientation).
     pub original_size: [i64; 2],
     /// Top and left of the crop in the resized image.
@@ -148,35 +161,52 @@ pub struct Transformed {
 #[derive(Debug)]
 pub struct ImageTransform {
     config: ImageTransformConfig,
+    buckets: Option<Buckets>,
     seed: u64,
 }
 
 impl ImageTransform {
     /// A transform with these settings; `seed` drives random crops and flips.
-    pub fn new(config: ImageTransformConfig, seed: u64) -> Self {
-        ImageTransform { config, seed }
+    pub fn new(config: ImageTransformConfig, seed: u64) -> Result<Self, OpError> {
+        let buckets = match &config.buckets {
+            Some(spec) => Some(Buckets::resolve(spec).map_err(|p| OpError::msg(format!("buckets: {}", p.join("; "))))?),
+            None => None,
+        };
+        Ok(ImageTransform { config, buckets, seed })
+    }
+
+    /// The size an image of `width x height` is cropped to.
+    pub fn target_size(&self, width: u32, height: u32) -> (u32, u32) {
+        match &self.buckets {
+            Some(buckets) => buckets.nearest(width, height),
+            None => (self.config.resolution, self.config.resolution),
+        }
     }
 
     /// Transforms one encoded image; `key` seeds its random crop and flip.
     pub fn apply(&self, bytes: &[u8], key: i64) -> Result<Transformed, crate::pixels::Rejected> {
         let c = &self.config;
-        let res = c.resolution;
         let options = DecodeOptions {
             exif_transpose: c.exif_transpose,
             max_pixels: c.max_pixels,
             max_aspect_ratio: c.max_aspect_ratio,
-            dct_target: c.dct_scaling.then_some(res),
+            // The short side a decode may shrink to: the smallest a bucket asks for.
+            dct_target: c.dct_scaling.then(|| match &self.buckets {
+                Some(b) => b.sizes().iter().map(|&(w, h)| w.max(h)).max().unwrap_or(c.resolution),
+                None => c.resolution,
+            }),
         };
         let image = decode(bytes, &options)?;
         let (w, h) = image.original;
-        let (rw, rh) = resized_size(w, h, res);
+        let (bw, bh) = self.target_size(w, h);
+        let (rw, rh) = cover_size(w, h, bw, bh);
         let (left, top) = match c.crop {
-            CropMode::Center => (center_offset(rw, res), center_offset(rh, res)),
+            CropMode::Center => (center_offset(rw, bw), center_offset(rh, bh)),
             CropMode::Random => {
-                let pick = |size: u32, salt| {
-                    ((unit_random(self.seed, key, salt) * f64::from(size - res + 1)) as u32).min(size - res)
+                let pick = |size: u32, crop: u32, salt| {
+                    ((unit_random(self.seed, key, salt) * f64::from(size - crop + 1)) as u32).min(size - crop)
                 };
-                (pick(rw, 1), pick(rh, 2))
+                (pick(rw, bw, 1), pick(rh, bh, 2))
             }
         };
         let filter = match c.filter {
@@ -184,11 +214,12 @@ impl ImageTransform {
             FilterName::Bicubic => Filter::Bicubic,
             FilterName::Lanczos => Filter::Lanczos,
         };
-        let plan = CropPlan { resized: (rw, rh), offset: (left, top), size: (res, res) };
+        let plan = CropPlan { resized: (rw, rh), offset: (left, top), size: (bw, bh) };
         let hwc = resize_crop(&image, &plan, filter);
         let flip = c.hflip_prob > 0.0 && unit_random(self.seed, key, 3) < c.hflip_prob;
         Ok(Transformed {
-            pixels: hwc_to_chw(&hwc, res as usize, flip),
+            pixels: hwc_to_chw(&hwc, (bw as usize, bh as usize), flip),
+            size: (bw, bh),
             original_size: [i64::from(h), i64::from(w)],
             crop_top_left: [i64::from(top), i64::from(left)],
         })
@@ -201,15 +232,16 @@ fn per_row<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
     (0..n).into_par_iter().map(f).collect()
 }
 
-/// Interleaved RGB rows to planar channels, mirrored left to right when `flip`.
-fn hwc_to_chw(hwc: &[u8], side: usize, flip: bool) -> Vec<u8> {
-    let plane = side * side;
+/// Interleaved RGB rows (`width x height`) to planar channels, mirrored left to right when
+/// `flip`.
+fn hwc_to_chw(hwc: &[u8], (width, height): (usize, usize), flip: bool) -> Vec<u8> {
+    let plane = width * height;
     let mut chw = vec![0u8; 3 * plane];
-    for y in 0..side {
-        for x in 0..side {
-            let src = (y * side + if flip { side - 1 - x } else { x }) * 3;
+    for y in 0..height {
+        for x in 0..width {
+            let src = (y * width + if flip { width - 1 - x } else { x }) * 3;
             for c in 0..3 {
-                chw[c * plane + y * side + x] = hwc[src + c];
+                chw[c * plane + y * width + x] = hwc[src + c];
             }
         }
     }
@@ -217,28 +249,32 @@ fn hwc_to_chw(hwc: &[u8], side: usize, flip: bool) -> Vec<u8> {
 }
 
 impl Map for ImageTransform {
-    fn map(&self, mut batch: Batch, ctx: &mut OpContext) -> Result<Batch, OpError> {
+    /// One batch: the rows of the square crop, or of the one bucket they all went to.
+    fn map(&self, batch: Batch, ctx: &mut OpContext) -> Result<Batch, OpError> {
+        let mut groups = self.map_groups(batch, ctx)?;
+        match groups.len() {
+            0 => Ok(Batch::new()),
+            1 => Ok(groups.remove(0)),
+            n => Err(OpError::msg(format!("the rows went to {n} buckets: one batch per bucket comes from map_groups"))),
+        }
+    }
+
+    /// One batch per bucket the rows went to (in bucket order, rows in their input order).
+    fn map_groups(&self, mut batch: Batch, ctx: &mut OpContext) -> Result<Vec<Batch>, OpError> {
         let images = batch.bytes("image")?;
         let keys: Vec<i64> = match batch.i64s("key") {
             Ok(k) => k.to_vec(),
             Err(_) => (0..images.len() as i64).collect(),
         };
-        let side = self.config.resolution as usize;
         // The rows of one batch decode in parallel on the pool this map runs on, so decoding
         // uses every pool thread however few batches are in flight.
         let results = per_row(images.len(), |row| self.apply(&images[row], keys[row]));
-        let mut keep = vec![true; images.len()];
-        let (mut pixels, mut sizes, mut offsets) =
-            (Vec::with_capacity(images.len() * 3 * side * side), Vec::new(), Vec::new());
+        let mut kept = Vec::with_capacity(results.len());
         for (row, result) in results.into_iter().enumerate() {
             match result {
-                Ok(t) => {
-                    pixels.extend_from_slice(&t.pixels);
-                    sizes.extend_from_slice(&t.original_size);
-                    offsets.extend_from_slice(&t.crop_top_left);
-                }
+                Ok(t) => kept.push(Some(t)),
                 Err(rejected) => {
-                    keep[row] = false;
+                    kept.push(None);
                     tracing::debug!(
                         node = ctx.node(),
                         key = keys[row],
@@ -250,17 +286,28 @@ impl Map for ImageTransform {
                 }
             }
         }
-        if keep.iter().any(|k| !k) {
-            batch.retain_rows(&keep);
-        }
         batch.remove("image");
         if batch.columns().next().is_none() {
-            return Ok(Batch::new());
+            return Ok(Vec::new());
         }
-        batch.insert("pixels", Column::U8Tensor { shape: vec![3, side, side], data: pixels })?;
-        batch.insert("original_size", Column::I64Tensor { shape: vec![2], data: sizes })?;
-        batch.insert("crop_top_left", Column::I64Tensor { shape: vec![2], data: offsets })?;
-        Ok(batch)
+        let mut sizes: Vec<(u32, u32)> = kept.iter().flatten().map(|t| t.size).collect();
+        sizes.sort_unstable_by_key(|&(w, h)| self.buckets.as_ref().map_or(0, |b| b.position(w, h)));
+        sizes.dedup();
+        let mut out = Vec::with_capacity(sizes.len());
+        for (i, &(w, h)) in sizes.iter().enumerate() {
+            let in_group: Vec<bool> = kept.iter().map(|t| t.as_ref().is_some_and(|t| t.size == (w, h))).collect();
+            let mut group = if i + 1 == sizes.len() { std::mem::take(&mut batch) } else { batch.clone() };
+            group.retain_rows(&in_group);
+            let rows: Vec<&Transformed> = kept.iter().flatten().filter(|t| t.size == (w, h)).collect();
+            let pixels = rows.iter().flat_map(|t| t.pixels.iter().copied()).collect();
+            let original = rows.iter().flat_map(|t| t.original_size).collect();
+            let offsets = rows.iter().flat_map(|t| t.crop_top_left).collect();
+            group.insert("pixels", Column::U8Tensor { shape: vec![3, h as usize, w as usize], data: pixels })?;
+            group.insert("original_size", Column::I64Tensor { shape: vec![2], data: original })?;
+            group.insert("crop_top_left", Column::I64Tensor { shape: vec![2], data: offsets })?;
+            out.push(group);
+        }
+        Ok(out)
     }
 }
 
@@ -278,7 +325,8 @@ mod tests {
 
     #[test]
     fn transforms_good_rows_and_rejects_bad_ones() {
-        let t = ImageTransform::new(ImageTransformConfig { resolution: 16, ..ImageTransformConfig::default() }, 0);
+        let t =
+            ImageTransform::new(ImageTransformConfig { resolution: 16, ..ImageTransformConfig::default() }, 0).unwrap();
         let batch = Batch::new()
             .with("key", Column::I64(vec![1, 2, 3]))
             .unwrap()
@@ -307,8 +355,9 @@ mod tests {
     #[test]
     fn flips_mirror_each_row_and_random_crops_stay_inside() {
         let base = ImageTransformConfig { resolution: 8, ..ImageTransformConfig::default() };
-        let plain = ImageTransform::new(base.clone(), 0).apply(&png(8, 8), 5).unwrap();
+        let plain = ImageTransform::new(base.clone(), 0).unwrap().apply(&png(8, 8), 5).unwrap();
         let flipped = ImageTransform::new(ImageTransformConfig { hflip_prob: 1.0, ..base.clone() }, 0)
+            .unwrap()
             .apply(&png(8, 8), 5)
             .unwrap();
         for y in 0..8 {
@@ -316,10 +365,52 @@ mod tests {
                 assert_eq!(plain.pixels[y * 8 + x], flipped.pixels[y * 8 + 7 - x]);
             }
         }
-        let random = ImageTransform::new(ImageTransformConfig { crop: CropMode::Random, ..base }, 0);
+        let random = ImageTransform::new(ImageTransformConfig { crop: CropMode::Random, ..base }, 0).unwrap();
         let lefts: std::collections::BTreeSet<i64> =
             (0..50).map(|k| random.apply(&png(30, 8), k).unwrap().crop_top_left[1]).collect();
         assert!(lefts.len() > 5 && *lefts.last().unwrap() <= 22, "{lefts:?}");
+    }
+
+    #[test]
+    fn bucketed_rows_come_out_one_batch_per_bucket_cropped_to_their_aspect() {
+        let config = ImageTransformConfig {
+            buckets: Some(BucketSpec::List(vec![[16, 16], [24, 8], [8, 24]])),
+            ..ImageTransformConfig::default()
+        };
+        let t = ImageTransform::new(config, 0).unwrap();
+        let sizes = [(90, 30), (20, 20), (30, 90), (100, 35), (40, 41)];
+        let batch = Batch::new()
+            .with("key", Column::I64((0..5).collect()))
+            .unwrap()
+            .with("image", Column::Bytes(sizes.iter().map(|&(w, h)| ByteBuf::from(png(w, h))).collect()))
+            .unwrap();
+        let groups = t.map_groups(batch, &mut OpContext::detached("transform")).unwrap();
+        let got: Vec<(Vec<usize>, Vec<i64>)> = groups
+            .iter()
+            .map(|b| {
+                let Column::U8Tensor { shape, .. } = b.column("pixels").unwrap() else { panic!() };
+                (shape.clone(), b.i64s("key").unwrap().to_vec())
+            })
+            .collect();
+        // Buckets in aspect order (tall, square, wide), rows in their input order.
+        assert_eq!(got, [(vec![3, 24, 8], vec![2]), (vec![3, 16, 16], vec![1, 4]), (vec![3, 8, 24], vec![0, 3])]);
+        let Column::I64Tensor { data, .. } = groups[0].column("crop_top_left").unwrap() else { panic!() };
+        assert_eq!(data, &[0, 0], "30x90 resizes to 8x24 exactly");
+        let Column::I64Tensor { data, .. } = groups[1].column("crop_top_left").unwrap() else { panic!() };
+        assert_eq!(data, &[0, 0, 0, 0], "40x41 resizes to 16x16 (16.4 truncated)");
+        // Rows of one bucket: `map` gives their batch; of several, it says to use map_groups.
+        let one = Batch::new()
+            .with("key", Column::I64(vec![0]))
+            .unwrap()
+            .with("image", Column::Bytes(vec![ByteBuf::from(png(50, 50))]))
+            .unwrap();
+        assert_eq!(t.map(one, &mut OpContext::detached("t")).unwrap().rows(), 1);
+        let two = Batch::new()
+            .with("key", Column::I64(vec![0, 1]))
+            .unwrap()
+            .with("image", Column::Bytes(vec![ByteBuf::from(png(50, 50)), ByteBuf::from(png(90, 30))]))
+            .unwrap();
+        assert!(t.map(two, &mut OpContext::detached("t")).is_err());
     }
 
     #[test]
@@ -337,7 +428,8 @@ mod tests {
         assert_eq!(rows, (0..32).collect::<Vec<_>>(), "results in row order");
         assert!(threads.lock().unwrap().len() > 1, "rows of one batch spread over the pool: {threads:?}");
 
-        let t = ImageTransform::new(ImageTransformConfig { resolution: 16, ..ImageTransformConfig::default() }, 0);
+        let t =
+            ImageTransform::new(ImageTransformConfig { resolution: 16, ..ImageTransformConfig::default() }, 0).unwrap();
         let batch = Batch::new()
             .with("key", Column::I64((0..32).collect()))
             .unwrap()

@@ -150,10 +150,29 @@ pub struct LatentsSource {
     /// String keys to integers (row groups decode through `&self`).
     keys: std::sync::Mutex<KeyHasher>,
     units: Vec<Unit>,
-    shapes: (Vec<usize>, Vec<usize>),
     total: u64,
     next: u64,
     current: Option<Decoded>,
+}
+
+/// An epoch's rows of one shape, as they are gathered.
+#[derive(Default)]
+struct ShapeGroup {
+    shapes: (Vec<usize>, Vec<usize>),
+    keys: Vec<i64>,
+    captions: Vec<String>,
+    latents: Vec<f32>,
+    embeddings: Vec<f32>,
+}
+
+impl ShapeGroup {
+    fn into_batch(self) -> Result<Batch, OpError> {
+        Ok(Batch::new()
+            .with("key", Column::I64(self.keys))?
+            .with("caption", Column::Str(self.captions))?
+            .with("latents", Column::F32Tensor { shape: self.shapes.0, data: self.latents })?
+            .with("caption_latents", Column::F32Tensor { shape: self.shapes.1, data: self.embeddings })?)
+    }
 }
 
 /// The key of the shuffle's random stream ("latents").
@@ -172,7 +191,6 @@ impl LatentsSource {
             layouts: Vec::new(),
             keys: std::sync::Mutex::new(KeyHasher::default()),
             units: Vec::new(),
-            shapes: (Vec::new(), Vec::new()),
             total: 0,
             next: 0,
             current: None,
@@ -189,19 +207,9 @@ impl LatentsSource {
         let mut units = Vec::new();
         for (file, path) in self.files.iter().enumerate() {
             let footer = open_metadata(path).map_err(OpError::msg)?;
+            // Files may differ in shape (resolution buckets): an epoch's rows come out as one
+            // batch per shape.
             let layout = FileLayout::of(&footer).map_err(|e| OpError::msg(format!("{}: {e}", path.display())))?;
-            let shapes = (layout.latents.1.clone(), layout.caption_latents.1.clone());
-            if file == 0 {
-                self.shapes = shapes;
-            } else if shapes != self.shapes {
-                return Err(OpError::msg(format!(
-                    "{}: shapes {:?} differ from {:?} in {}; one job reads one resolution",
-                    path.display(),
-                    shapes,
-                    self.shapes,
-                    self.files[0].display()
-                )));
-            }
             for (row_group, rg) in footer.metadata().row_groups().iter().enumerate() {
                 units.push(Unit { file, row_group, rows: rg.num_rows() as u64, stream_start: 0 });
             }
@@ -395,10 +403,19 @@ impl Source for LatentsSource {
         self.list()
     }
 
+    /// The epoch's rows when they all have one shape (the engine calls `next_batches`).
     fn next_batch(&mut self, ctx: &mut OpContext) -> Result<Option<Batch>, OpError> {
-        let (latent_shape, caption_shape) = self.shapes.clone();
-        let (l, c) = (latent_shape.iter().product::<usize>(), caption_shape.iter().product::<usize>());
-        let (mut keys, mut captions, mut latents, mut embeddings) = (vec![], vec![], vec![], vec![]);
+        let Some(mut batches) = self.next_batches(ctx)? else { return Ok(None) };
+        match batches.len() {
+            0 => Ok(Some(Batch::new())),
+            1 => Ok(batches.pop()),
+            n => Err(OpError::msg(format!("the epoch's rows have {n} shapes: read them with next_batches"))),
+        }
+    }
+
+    /// `batch_size` rows, one batch per shape among them (in the order the shapes appear).
+    fn next_batches(&mut self, ctx: &mut OpContext) -> Result<Option<Vec<Batch>>, OpError> {
+        let mut groups: Vec<ShapeGroup> = Vec::new();
         let mut taken = 0;
         while taken < self.config.batch_size.unwrap_or(source_rows::DEFAULT_BATCH_SIZE) && self.next < self.total {
             let s = self.next;
@@ -411,28 +428,33 @@ impl Source for LatentsSource {
             if self.current.as_ref().is_none_or(|d| d.unit != unit) {
                 self.current = Some(self.decode(unit)?);
             }
+            let layout = &self.layouts[self.units[unit].file];
+            let shapes = (layout.latents.1.clone(), layout.caption_latents.1.clone());
             let d = self.current.as_mut().expect("decoded");
             let row = d.by_stream[(s - self.units[unit].stream_start) as usize];
+            let (l, c) = (shapes.0.iter().product::<usize>(), shapes.1.iter().product::<usize>());
             if d.latents[row].len() != l || d.embeddings[row].len() != c {
                 ctx.reject(d.keys[row].to_string(), "bad_latents");
                 continue;
             }
-            keys.push(d.keys[row]);
-            captions.push(std::mem::take(&mut d.captions[row]));
-            latents.extend_from_slice(&d.latents[row]);
-            embeddings.extend_from_slice(&d.embeddings[row]);
+            let group = match groups.iter().position(|g| g.shapes == shapes) {
+                Some(i) => &mut groups[i],
+                None => {
+                    groups.push(ShapeGroup { shapes, ..ShapeGroup::default() });
+                    groups.last_mut().expect("just pushed")
+                }
+            };
+            group.keys.push(d.keys[row]);
+            group.captions.push(std::mem::take(&mut d.captions[row]));
+            group.latents.extend_from_slice(&d.latents[row]);
+            group.embeddings.extend_from_slice(&d.embeddings[row]);
         }
         ctx.count("key_hash_collisions", self.keys.lock().expect("keys lock").take_collisions());
         if taken == 0 {
             return Ok(None);
         }
-        Ok(Some(
-            Batch::new()
-                .with("key", Column::I64(keys))?
-                .with("caption", Column::Str(captions))?
-                .with("latents", Column::F32Tensor { shape: latent_shape, data: latents })?
-                .with("caption_latents", Column::F32Tensor { shape: caption_shape, data: embeddings })?,
-        ))
+        let batches = groups.into_iter().map(ShapeGroup::into_batch).collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(batches))
     }
 
     fn position(&self) -> serde_json::Value {
@@ -475,6 +497,43 @@ mod tests {
         sink.write(rows(3..10), &mut ctx).unwrap();
         assert_eq!(std::fs::read_dir(dir).unwrap().count(), 3, "two complete files and a hidden partial one");
         sink.finish(&mut ctx).unwrap();
+    }
+
+    #[test]
+    fn rows_of_several_shapes_come_back_in_their_epochs_one_batch_per_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = LatentsSink::new(dir.path().to_path_buf(), 100, 0);
+        let mut ctx = OpContext::detached("latents");
+        sink.start(&mut ctx).unwrap();
+        let wide = |keys: std::ops::Range<i64>| {
+            let n = (keys.end - keys.start) as usize;
+            let mut b = rows(keys);
+            b.insert("latents", Column::F32Tensor { shape: vec![4, 2, 4], data: vec![7.0; n * 32] }).unwrap();
+            b
+        };
+        // Epochs of 4 as an online run of two buckets writes them: 0..2 square, 2..4 wide, ...
+        for (square, tall) in [(0..2, 2..4), (4..7, 7..8)] {
+            sink.write(rows(square), &mut ctx).unwrap();
+            sink.write(wide(tall), &mut ctx).unwrap();
+        }
+        sink.finish(&mut ctx).unwrap();
+        let config =
+            LatentsSourceConfig { path: dir.path().display().to_string(), batch_size: Some(4), shuffle: false };
+        let mut source = LatentsSource::new(config, 0, 0, 1);
+        source.start(&mut ctx).unwrap();
+        let epoch = |s: &mut LatentsSource| -> Vec<(Vec<usize>, Vec<i64>)> {
+            let batches = s.next_batches(&mut OpContext::detached("read")).unwrap().unwrap();
+            batches
+                .iter()
+                .map(|b| {
+                    let Column::F32Tensor { shape, .. } = b.column("latents").unwrap() else { panic!() };
+                    (shape.clone(), b.i64s("key").unwrap().to_vec())
+                })
+                .collect()
+        };
+        assert_eq!(epoch(&mut source), [(vec![4, 2, 2], vec![0, 1]), (vec![4, 2, 4], vec![2, 3])]);
+        assert_eq!(epoch(&mut source), [(vec![4, 2, 2], vec![4, 5, 6]), (vec![4, 2, 4], vec![7])]);
+        assert!(source.next_batches(&mut ctx).unwrap().is_none());
     }
 
     fn read_all(source: &mut LatentsSource) -> Vec<Batch> {

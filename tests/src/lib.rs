@@ -132,6 +132,27 @@ pub fn stop_run_after_steps(bin: &str, dir: &Path, metrics: &Path, steps: usize,
     run.wait_with_output().expect("wait")
 }
 
+/// Runs `bin` with `args` in `dir` and SIGKILLs it as soon as `marker` exists (a checkpoint's
+/// `state.json`, say); panics if the run ends first or `marker` takes over 300 s.
+pub fn kill_run_once_exists<S: AsRef<std::ffi::OsStr>>(bin: &str, dir: &Path, args: &[S], marker: &Path) {
+    let mut child = Command::new(bin)
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run latentflow");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "no {} after 300 s", marker.display());
+        assert!(child.try_wait().expect("wait").is_none(), "the run ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().expect("kill"); // SIGKILL
+    child.wait().expect("wait");
+}
+
 /// How many times each key was trained over every line of a `metrics.jsonl` written with
 /// `log_keys = true` (empty when there is no file yet).
 pub fn trained_keys(metrics: &Path) -> BTreeMap<i64, usize> {

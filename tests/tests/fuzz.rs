@@ -200,7 +200,8 @@ fn read_and_decode(path: &Path) {
     let Ok(OperatorImpl::Source(mut source)) = latentflow_engine::NodeSpec::instantiate(&config, &ctx) else {
         return;
     };
-    let transform = ImageTransform::new(ImageTransformConfig { resolution: 16, ..ImageTransformConfig::default() }, 0);
+    let transform =
+        ImageTransform::new(ImageTransformConfig { resolution: 16, ..ImageTransformConfig::default() }, 0).unwrap();
     let mut op = OpContext::detached("read");
     if source.start(&mut op).is_err() {
         return;

@@ -11,7 +11,7 @@ const IMAGES: [&str; 4] =
 /// Max and mean absolute difference (in u8 levels) between our crops and the golden NHWC crops.
 fn compare(filter: FilterName, golden_name: &str) -> (u8, f64) {
     let config = ImageTransformConfig { resolution: 64, filter, dct_scaling: false, ..ImageTransformConfig::default() };
-    let transform = ImageTransform::new(config, 0);
+    let transform = ImageTransform::new(config, 0).unwrap();
     let (shape, expected) = golden(golden_name);
     assert_eq!(shape, [4, 64, 64, 3]);
     let (mut worst, mut total) = (0u8, 0u64);
@@ -70,7 +70,8 @@ fn normalising_the_golden_crops_gives_the_golden_tensor_bit_for_bit() {
 
 #[test]
 fn crop_offsets_and_original_sizes_follow_the_reference() {
-    let transform = ImageTransform::new(ImageTransformConfig { resolution: 64, ..ImageTransformConfig::default() }, 0);
+    let transform =
+        ImageTransform::new(ImageTransformConfig { resolution: 64, ..ImageTransformConfig::default() }, 0).unwrap();
     let expected = [([72, 96], [0, 10]), ([110, 60], [26, 0]), ([81, 50], [20, 0]), ([140, 200], [0, 14])];
     for (name, (size, offset)) in IMAGES.iter().zip(expected) {
         let out = transform.apply(&std::fs::read(fixture(&format!("images/{name}"))).unwrap(), 0).unwrap();

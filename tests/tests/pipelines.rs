@@ -3,14 +3,12 @@
 //! UNet loads back with the outputs it had in memory, and the SD2 topologies validate.
 
 use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use latentflow_engine::{Batch, Column, JobConfig, OpContext, Sink};
 use latentflow_operators::models::load::{load_unet, ModelSource};
 use latentflow_operators::train::{Train, TrainConfig};
-use latentflow_tests::{fixture, latentflow, text, topology};
+use latentflow_tests::{fixture, kill_run_once_exists, latentflow, text, topology};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_lf");
@@ -79,22 +77,7 @@ fn a_killed_online_run_resumes_to_the_run_it_would_have_been() {
 
     let killed = tempfile::tempdir().unwrap();
     let run = killed.path().join("run");
-    let mut child = Command::new(BIN)
-        .args(args(killed.path()))
-        .current_dir(killed.path())
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !run.join("checkpoint-3/state.json").exists() {
-        assert!(Instant::now() < deadline, "no checkpoint-3 after 300 s");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    kill_run_once_exists(BIN, killed.path(), &args(killed.path()), &run.join("checkpoint-3/state.json"));
     assert!(!run.join("final").exists(), "killed before the end");
     let resumed_args = args(killed.path());
     run_ok(killed.path(), &resumed_args.iter().map(String::as_str).collect::<Vec<_>>());

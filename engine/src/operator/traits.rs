@@ -25,6 +25,14 @@ pub trait Source: Send {
 
     /// Continues from a position returned by [`Source::position`].
     fn seek(&mut self, position: &serde_json::Value) -> Result<(), OpError>;
+
+    /// The next epoch's rows as one or more batches (several when its rows have different
+    /// tensor shapes, as latents of several resolution buckets do; a batch holds one shape per
+    /// column), or `None` when the source is exhausted. The engine calls this; the default is
+    /// [`Source::next_batch`]'s one batch.
+    fn next_batches(&mut self, ctx: &mut OpContext) -> Result<Option<Vec<Batch>>, OpError> {
+        Ok(self.next_batch(ctx)?.map(|batch| vec![batch]))
+    }
 }
 
 /// Stateless per-batch CPU work. Runs on the job's thread pool, many batches at once, never on a
@@ -33,6 +41,13 @@ pub trait Map: Send + Sync {
     /// Transforms one batch. Rows that cannot be processed are dropped from the output and
     /// reported with [`OpContext::reject`].
     fn map(&self, batch: Batch, ctx: &mut OpContext) -> Result<Batch, OpError>;
+
+    /// Transforms one batch into one or more (several when its rows come out in different
+    /// tensor shapes, as images cropped to resolution buckets do; a batch holds one shape per
+    /// column). The engine calls this; the default is [`Map::map`]'s one batch.
+    fn map_groups(&self, batch: Batch, ctx: &mut OpContext) -> Result<Vec<Batch>, OpError> {
+        Ok(vec![self.map(batch, ctx)?])
+    }
 }
 
 /// A long-lived thread per worker that owns heavy state (a model on a device) and sees batches

@@ -23,8 +23,9 @@ use crate::error::OpError;
 use crate::metrics::IdleClock;
 use crate::operator::Map;
 
-/// A finished job: its id, and the output or the index in the chain of the map that failed.
-type Done = (u64, Result<Batch, (usize, OpError)>);
+/// A finished job: its id, and the output batches or the index in the chain of the map that
+/// failed.
+type Done = (u64, Result<Vec<Batch>, (usize, OpError)>);
 
 /// The maps of a chain that all have an instance on this worker.
 type Links = Arc<Vec<(NodeRuntime, Arc<dyn Map>)>>;
@@ -81,11 +82,12 @@ pub(crate) fn build<'s>(input: StreamVec<'s, u64, Batch>, chain: Vec<ChainLink>)
                 let held = pending.remove(&id).expect("a result for a pending job");
                 idle.finished();
                 match result {
-                    Ok(batch) if batch.is_empty() => {}
-                    Ok(batch) => {
-                        last.metrics.record_out(&batch);
-                        node.shared.status.record_bytes(*held.time(), batch.byte_size() as u64);
-                        out.session(&held).give(batch);
+                    Ok(batches) => {
+                        for batch in batches {
+                            last.metrics.record_out(&batch);
+                            node.shared.status.record_bytes(*held.time(), batch.byte_size() as u64);
+                            out.session(&held).give(batch);
+                        }
                     }
                     Err((failed, error)) => match &chain {
                         Some(links) => links[failed].0.fail(error),
@@ -102,30 +104,33 @@ pub(crate) fn build<'s>(input: StreamVec<'s, u64, Batch>, chain: Vec<ChainLink>)
     stream
 }
 
-/// Runs a batch through every map of a chain, counting each as its own node. An empty batch
-/// ends the chain early (every row was rejected).
+/// Runs a batch through every map of a chain, counting each as its own node; a map that
+/// splits its batch (rows of several shapes) hands each part to the next map. Empty batches
+/// (every row rejected) go no further.
 fn run_chain(
     chain: &[(NodeRuntime, Arc<dyn Map>)],
-    mut batch: Batch,
+    batch: Batch,
     epoch: u64,
     track: &str,
-) -> Result<Batch, (usize, OpError)> {
+) -> Result<Vec<Batch>, (usize, OpError)> {
+    let mut batches = vec![batch];
     for (i, (node, map)) in chain.iter().enumerate() {
-        if i > 0 {
-            node.metrics.record_in(&batch);
-        }
-        let mut ctx = node.context();
-        ctx.set_epoch(epoch);
-        let began = Instant::now();
-        let result = panics::catch(|| map.map(batch, &mut ctx));
-        node.finish_call(&mut ctx, began, track);
-        batch = result.map_err(|e| (i, e))?;
-        if batch.is_empty() {
-            return Ok(batch);
+        let mut outputs = Vec::with_capacity(batches.len());
+        for batch in batches {
+            if i > 0 {
+                node.metrics.record_in(&batch);
+            }
+            let mut ctx = node.context();
+            ctx.set_epoch(epoch);
+            let began = Instant::now();
+            let result = panics::catch(|| map.map_groups(batch, &mut ctx));
+            node.finish_call(&mut ctx, began, track);
+            outputs.extend(result.map_err(|e| (i, e))?.into_iter().filter(|b| !b.is_empty()));
         }
         if i + 1 < chain.len() {
-            node.metrics.record_out(&batch);
+            outputs.iter().for_each(|b| node.metrics.record_out(b));
         }
+        batches = outputs;
     }
-    Ok(batch)
+    Ok(batches)
 }

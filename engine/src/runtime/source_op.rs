@@ -21,10 +21,11 @@ use crate::error::OpError;
 use crate::operator::{Rejection, Source};
 
 enum SourceEvent {
-    /// A batch, the position after it, and the rows the source rejected while reading it: they
-    /// count (and reach the reject log) only once the batch is emitted, so a batch read ahead but
-    /// never emitted before a stop is read, and its rejections made, once more after a resume.
-    Batch(Batch, serde_json::Value, Vec<Rejection>),
+    /// An epoch's batches, the position after them, and the rows the source rejected while
+    /// reading them: they count (and reach the reject log) only once the epoch is emitted, so an
+    /// epoch read ahead but never emitted before a stop is read, and its rejections made, once
+    /// more after a resume.
+    Batch(Vec<Batch>, serde_json::Value, Vec<Rejection>),
     End,
     Failed(OpError),
 }
@@ -105,19 +106,22 @@ pub(crate) fn build<'s>(
                     return; // rescheduled when the gate frontier moves
                 }
                 match events.try_recv() {
-                    Ok(SourceEvent::Batch(batch, position, rejections)) => {
+                    Ok(SourceEvent::Batch(batches, position, rejections)) => {
                         if let Some(since) = blocked_since.take() {
                             node.metrics.add_wait(since.elapsed());
                         }
                         node.record_rejections(rejections);
                         let finished_below = gate.iter().min().copied().unwrap_or(t);
                         shared.ledger.record(&node.id, node.worker.index, t, position, finished_below);
-                        if batch.is_empty() {
+                        let batches: Vec<Batch> = batches.into_iter().filter(|b| !b.is_empty()).collect();
+                        if batches.is_empty() {
                             continue;
                         }
-                        node.metrics.record_out(&batch);
-                        shared.status.record_source(t, batch.rows() as u64, batch.byte_size() as u64);
-                        data_out.activate().session(&*data_cap).give(batch);
+                        for batch in batches {
+                            node.metrics.record_out(&batch);
+                            shared.status.record_source(t, batch.rows() as u64, batch.byte_size() as u64);
+                            data_out.activate().session(&*data_cap).give(batch);
+                        }
                         // Close epoch t before possibly blocking on t + 1. The control
                         // capability stays at its first epoch: its stream feeds only disconnected
                         // inputs, so holding it back costs nothing, while moving it would cost
@@ -171,10 +175,10 @@ fn spawn_reader(mut source: Box<dyn Source>, node: NodeRuntime, activator: SyncA
             while !node.shared.stop.is_stopped() {
                 ctx.set_epoch(epoch);
                 let began = Instant::now();
-                let result = panics::catch(|| Ok(source.next_batch(&mut ctx)?.map(|b| (b, source.position()))));
+                let result = panics::catch(|| Ok(source.next_batches(&mut ctx)?.map(|b| (b, source.position()))));
                 let rejections = node.finish_call_deferring(&mut ctx, began, &track);
                 let (event, last) = match result {
-                    Ok(Some((batch, position))) => (SourceEvent::Batch(batch, position, rejections), false),
+                    Ok(Some((batches, position))) => (SourceEvent::Batch(batches, position, rejections), false),
                     Ok(None) => (SourceEvent::End, true),
                     Err(e) => (SourceEvent::Failed(e), true),
                 };

@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
         max_pixels: 4_000_000,
         ..ImageTransformConfig::default()
     };
-    let transform = ImageTransform::new(config.clone(), 0);
+    let transform = ImageTransform::new(config.clone(), 0).expect("no buckets");
     if let Ok(out) = transform.apply(bytes, 1) {
         let side = config.resolution as usize;
         assert_eq!(out.pixels.len(), 3 * side * side);

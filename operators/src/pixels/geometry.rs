@@ -21,6 +21,26 @@ pub fn resized_size(width: u32, height: u32, resolution: u32) -> (u32, u32) {
     }
 }
 
+/// The size to resize `width x height` to so that it just covers a `crop_w x crop_h` crop:
+/// the side that constrains becomes the crop's, the other is truncated as torchvision does
+/// (for a square crop, the short side becomes the resolution).
+///
+/// ```
+/// use latentflow_operators::pixels::geometry::cover_size;
+/// assert_eq!(cover_size(96, 72, 64, 64), (85, 64));
+/// assert_eq!(cover_size(200, 100, 96, 48), (96, 48));
+/// assert_eq!(cover_size(100, 100, 96, 48), (96, 96));
+/// ```
+pub fn cover_size(width: u32, height: u32, crop_w: u32, crop_h: u32) -> (u32, u32) {
+    let (w, h, cw, ch) = (u64::from(width.max(1)), u64::from(height.max(1)), u64::from(crop_w), u64::from(crop_h));
+    let clamp = |x: u64| u32::try_from(x).unwrap_or(u32::MAX);
+    if cw * h >= ch * w {
+        (crop_w, clamp((h * cw / w).max(ch))) // the width constrains
+    } else {
+        (clamp((w * ch / h).max(cw)), crop_h)
+    }
+}
+
 /// Center-crop offset: `int(round((size - crop) / 2))` with Python's round-half-to-even.
 ///
 /// ```

@@ -1,5 +1,6 @@
 //! Image decoding, resizing and cropping: the pixel work of `image_transform`.
 
+pub mod buckets;
 pub mod decode;
 pub mod geometry;
 pub mod resize;

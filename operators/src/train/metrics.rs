@@ -30,7 +30,7 @@ impl MetricsLog {
 
     /// Appends one step's line (and logs it every 10 steps). `reduced`: with replicas, the
     /// seconds this trainer spent in the gradient all-reduce (waiting for the others included)
-    /// and the bytes it sent.
+    /// and the bytes it sent; `resolution`: the step's `[width, height]` in pixels.
     pub fn write(
         &mut self,
         report: &StepReport,
@@ -38,6 +38,7 @@ impl MetricsLog {
         step_s: f64,
         keys: Option<&[i64]>,
         reduced: Option<(f64, u64)>,
+        resolution: Option<[usize; 2]>,
     ) -> Result<(), OpError> {
         let samples_per_s = report.samples as f64 / (step_s + waited_s).max(1e-9);
         self.losses.push((report.step, report.loss));
@@ -52,6 +53,9 @@ impl MetricsLog {
             "step_s": step_s,
             "wait_s": waited_s,
         });
+        if let Some(resolution) = resolution {
+            line["resolution"] = json!(resolution);
+        }
         if let Some((seconds, bytes)) = reduced {
             line["allreduce_s"] = json!(seconds);
             line["allreduce_bytes"] = json!(bytes);

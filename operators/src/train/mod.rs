@@ -1,6 +1,8 @@
-//! `train`: the UNet's training loop as the graph's last node. Each epoch's rows are one global
-//! batch and one optimizer step; it writes `metrics.jsonl`, checkpoints that resume exactly
-//! (data position included), and at the end `loss.png` and `final/unet/` in the diffusers layout.
+//! `train`: the UNet's training loop as the graph's last node. Rows wait in one queue per shape
+//! (resolution bucket, [`queue`]) until a bucket holds a global batch, which is one optimizer
+//! step; a run of one resolution trains each epoch as its step. It writes `metrics.jsonl`,
+//! checkpoints that resume exactly (data position and waiting rows included), and at the end
+//! `loss.png` and `final/unet/` in the diffusers layout.
 //!
 //! On several workers the instances are data-parallel replicas of one model ([`replicas`]):
 //! each trains its block of every step's rows, gradients are summed over them, and the first
@@ -9,9 +11,11 @@
 mod conditions;
 mod config;
 mod metrics;
+mod queue;
 mod replicas;
 mod rows;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -26,8 +30,9 @@ use crate::training::sampling::frozen_unet;
 use crate::training::{checkpoint, loss_plot, Shard, Trainer};
 use conditions::Previews;
 use metrics::MetricsLog;
-use replicas::{Replicas, StepRows, FINISHED};
-use rows::RowBuffer;
+use queue::{BucketQueue, PlannedStep};
+use replicas::{Replicas, FINISHED};
+use rows::{Row, RowBuffer, Shapes};
 
 /// The `train` sink.
 pub struct Train {
@@ -47,13 +52,36 @@ struct Run {
     empty_caption: Option<Tensor>,
     previews: Option<Previews>,
     metrics: MetricsLog,
+    /// The current epoch's rows on this trainer, not yet announced.
     rows: RowBuffer,
+    /// The rows every replica knows to be waiting for their step, by shape.
+    queue: BucketQueue,
+    /// The data of the waiting rows this replica holds, by id.
+    held: HashMap<u64, Row>,
+    /// The shapes of the last step (what previews sample at).
+    last_shapes: Option<Shapes>,
     idle_since: Instant,
     busy_in_writes: Duration,
-    /// The job's data position after the last step (what the next checkpoint saves).
+    /// The job's data position after the last epoch that reached the queue (what the next
+    /// checkpoint saves).
     position: Option<serde_json::Value>,
     checkpointed_step: u64,
+    /// Rows reached the queue since the last checkpoint.
+    unsaved_rows: bool,
     warned_short: bool,
+}
+
+/// One step's rows as this replica trains them.
+struct StepRows {
+    /// This replica's block of the step, in key order.
+    rows: Vec<Row>,
+    /// The position of `rows[0]` in the step.
+    first: usize,
+    /// Rows in the step over all replicas.
+    global_rows: usize,
+    /// Every key of the step, in order.
+    keys: Vec<i64>,
+    shapes: Shapes,
 }
 
 impl Train {
@@ -88,10 +116,16 @@ impl Train {
         let first = replicas.is_first();
         let previews = if first { self.config.previews(&device, self.seed, &schedule, prompts)? } else { None };
         let options = self.config.training.clone();
+        let (mut queue, mut held, mut position) = (BucketQueue::default(), HashMap::new(), None);
         let (trainer, step) = match &self.resume {
             Some(dir) => {
                 let (trainer, state) = checkpoint::resume(dir, schedule, options, &device).map_err(op_error)?;
                 tracing::info!(checkpoint = %dir.display(), step = state.step, "training resumes");
+                position = Some(state.data_position.clone()).filter(|p| !p.is_null());
+                if let Some(waiting) = checkpoint::read_waiting(dir, &Device::Cpu).map_err(op_error)? {
+                    (queue, held) = restore_waiting(&waiting, replicas.rank(), replicas.size())?;
+                    tracing::info!(rows = queue.len(), "rows waiting in their buckets restored");
+                }
                 (trainer, state.step)
             }
             None => {
@@ -112,10 +146,14 @@ impl Train {
             previews,
             metrics,
             rows: RowBuffer::default(),
+            queue,
+            held,
+            last_shapes: None,
             idle_since: Instant::now(),
             busy_in_writes: Duration::ZERO,
-            position: None,
+            position,
             checkpointed_step: step,
+            unsaved_rows: false,
             warned_short: false,
         })
     }
@@ -124,7 +162,7 @@ impl Train {
     fn preview(&self, step: u64) -> Result<(), OpError> {
         let Some(run) = self.run.as_ref() else { return Ok(()) };
         let (Some(previews), Some(uncond), Some((latent_shape, _))) =
-            (&run.previews, &run.empty_caption, &run.rows.shapes)
+            (&run.previews, &run.empty_caption, &run.last_shapes)
         else {
             return Ok(());
         };
@@ -146,35 +184,75 @@ impl Train {
         let output_dir = self.output_dir.clone();
         let run = self.run_mut()?;
         let position = run.replicas.job_position(run.position.clone())?;
+        let waiting = match run.queue.len() {
+            0 => None,
+            _ => run.replicas.gather_waiting(&run.queue, &run.held)?,
+        };
         run.checkpointed_step = run.trainer.step();
+        run.unsaved_rows = false;
         if !run.replicas.is_first() {
             return Ok(());
         }
+        let waiting = waiting.map(|rows| save_waiting(&run.queue, rows)).transpose()?;
         let loss = run.metrics.losses.last().map(|l| l.1);
         let position = position.unwrap_or(serde_json::Value::Null);
-        let path = checkpoint::save(&output_dir, &run.trainer, position, loss, keep_last).map_err(op_error)?;
+        let path =
+            checkpoint::save_with_waiting(&output_dir, &run.trainer, position, loss, keep_last, waiting.as_ref())
+                .map_err(op_error)?;
         tracing::info!(checkpoint = %path.display(), "checkpoint saved");
         Ok(())
     }
 
-    /// Agrees with the other replicas on steps until `epoch` has been trained (`FINISHED`: until
-    /// every replica has finished), training each step whose epoch some replica announced.
+    /// Agrees with the other replicas on epochs until `epoch` has reached the queue
+    /// (`FINISHED`: until every replica has finished), training every step the queue gives.
     fn train_through(&mut self, epoch: u64, ctx: &mut OpContext) -> Result<(), OpError> {
+        let stopping = epoch == FINISHED && ctx.stop_reason().is_some();
         let run = self.run_mut()?;
         let mut rows = Some(run.rows.take());
+        // Steps a restored queue still owes (none otherwise), before any new row joins it.
+        self.train_waiting(false, ctx)?;
         while let Some(mine) = rows.take() {
             if self.done() {
-                return Ok(()); // every replica is at the same step, so all stop here
+                // Every replica is at the same step, so all stop here; a resume reads these again.
+                mine.iter().for_each(|r| ctx.reject(r.key.to_string(), "after_max_steps"));
+                return Ok(());
             }
             let run = self.run_mut()?;
-            let shapes = run.rows.shapes.clone();
-            let (step, unused) = run.replicas.next_step(epoch, mine, shapes.as_ref())?;
-            rows = unused;
-            if step.global_rows > 0 {
-                self.train_step(step, ctx)?;
+            let arrivals = run.replicas.announce(epoch, &mine, stopping)?;
+            let ids = run.queue.add(&arrivals.rows);
+            if arrivals.epoch == epoch {
+                let mut mine: Vec<Option<Row>> = mine.into_iter().map(Some).collect();
+                for (id, index) in ids.into_iter().zip(&arrivals.mine) {
+                    if let Some(row) = index.and_then(|i| mine[i].take()) {
+                        run.held.insert(id, row);
+                    }
+                }
+            } else {
+                rows = Some(mine); // an earlier epoch of another replica: announce ours again
             }
+            if arrivals.epoch != FINISHED {
+                run.position = ctx.data_position(arrivals.epoch).or(run.position.take());
+                run.unsaved_rows |= !arrivals.rows.is_empty();
+            }
+            self.train_waiting(arrivals.at_end, ctx)?;
         }
         Ok(())
+    }
+
+    /// Trains the steps the queue gives now (`at_end`: the data has ended, what is left trains).
+    fn train_waiting(&mut self, at_end: bool, ctx: &mut OpContext) -> Result<(), OpError> {
+        loop {
+            if self.done() {
+                return Ok(());
+            }
+            let global = self.config.global_batch_size;
+            let run = self.run_mut()?;
+            let Some(planned) = run.queue.next_step(global, at_end) else { return Ok(()) };
+            let (rows, first) = run.replicas.take_block(&planned, &mut run.held)?;
+            let PlannedStep { shapes, rows: all } = planned;
+            let keys = all.iter().map(|w| w.key).collect();
+            self.train_step(StepRows { rows, first, global_rows: all.len(), keys, shapes }, ctx)?;
+        }
     }
 
     /// One optimizer step on this replica's block of `step`, then metrics, checkpoint, preview.
@@ -182,26 +260,15 @@ impl Train {
         let global = self.config.global_batch_size;
         let log_keys = self.config.log_keys;
         let run = self.run_mut()?;
-        let epoch = step.epoch;
-        if step.global_rows > global {
-            return Err(OpError::msg(format!(
-                "epoch {epoch} brought {} rows but global_batch_size is {global}: the sources emit more per epoch \
-                 than a step trains; leave their batch_size out so the plan derives it",
-                step.global_rows
-            )));
-        }
         if step.global_rows < global && !run.warned_short && run.replicas.is_first() {
             run.warned_short = true;
             tracing::warn!(
-                "epoch {epoch} brought {} rows, fewer than global_batch_size {global} (rows rejected upstream, or the \
-                 end of the data): such steps train on the rows they have",
+                "a step of {} rows, fewer than global_batch_size {global} (rows rejected upstream, or the end of the \
+                 data or of a bucket): such steps train on the rows they have",
                 step.global_rows
             );
         }
-        if let Some(shapes) = step.shapes.clone() {
-            run.rows.check_shapes(shapes)?;
-        }
-        let shapes = run.rows.shapes.clone().ok_or_else(|| OpError::msg("a step without row shapes"))?;
+        let shapes = step.shapes.clone();
         let waited = run.idle_since.elapsed().saturating_sub(run.busy_in_writes).as_secs_f64();
         let (latents, context) = rows::stack(&step.rows, &shapes, &run.device)?;
         let began = Instant::now();
@@ -218,11 +285,9 @@ impl Train {
         }
         .map_err(op_error)?;
         let step_s = began.elapsed().as_secs_f64();
-        if epoch != FINISHED {
-            run.position = ctx.data_position(epoch).or(run.position.take());
-        }
         let keys = log_keys.then_some(step.keys.as_slice());
-        run.metrics.write(&report, waited, step_s, keys, reduced)?;
+        run.metrics.write(&report, waited, step_s, keys, reduced, resolution(&shapes))?;
+        run.last_shapes = Some(shapes);
         run.idle_since = Instant::now();
         run.busy_in_writes = Duration::ZERO;
         let first = run.replicas.is_first();
@@ -240,6 +305,57 @@ impl Train {
         }
         Ok(())
     }
+}
+
+/// The pixel `[width, height]` of a step's latents `[c, h, w]` (the VAE's factor of 8).
+fn resolution(shapes: &Shapes) -> Option<[usize; 2]> {
+    match shapes.0[..] {
+        [_, h, w] => Some([w * 8, h * 8]),
+        _ => None,
+    }
+}
+
+/// The waiting rows' tensors for a checkpoint (`rows` in `queue`'s order), named by row id.
+fn save_waiting(queue: &BucketQueue, rows: Vec<Row>) -> Result<checkpoint::WaitingRows, OpError> {
+    let index = serde_json::to_value(queue).map_err(|e| OpError::msg(e.to_string()))?;
+    let mut tensors = HashMap::new();
+    for ((_, w), row) in queue.waiting().zip(rows) {
+        let latents = Tensor::from_vec(row.latents, row.shapes.0, &Device::Cpu).map_err(op_error)?;
+        let caption = Tensor::from_vec(row.caption, row.shapes.1, &Device::Cpu).map_err(op_error)?;
+        tensors.insert(format!("latents.{}", w.id), latents);
+        tensors.insert(format!("caption.{}", w.id), caption);
+    }
+    Ok(checkpoint::WaitingRows { index, tensors })
+}
+
+/// The queue a checkpoint saved, its rows given out anew over `size` replicas, and the rows
+/// replica `rank` holds.
+fn restore_waiting(
+    waiting: &checkpoint::WaitingRows,
+    rank: usize,
+    size: usize,
+) -> Result<(BucketQueue, HashMap<u64, Row>), OpError> {
+    let mut queue: BucketQueue = serde_json::from_value(waiting.index.clone())
+        .map_err(|e| OpError::msg(format!("the checkpoint's waiting rows are unreadable: {e}")))?;
+    queue.reassign(size);
+    let mut held = HashMap::new();
+    for (shapes, w) in queue.waiting().filter(|(_, w)| w.holder == rank) {
+        let values = |name: String| -> Result<Vec<f32>, OpError> {
+            let tensor = waiting
+                .tensors
+                .get(&name)
+                .ok_or_else(|| OpError::msg(format!("the checkpoint's waiting rows lack `{name}`")))?;
+            tensor.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(op_error)
+        };
+        let row = Row {
+            key: w.key,
+            shapes: shapes.clone(),
+            latents: values(format!("latents.{}", w.id))?,
+            caption: values(format!("caption.{}", w.id))?,
+        };
+        held.insert(w.id, row);
+    }
+    Ok((queue, held))
 }
 
 impl Sink for Train {
@@ -290,8 +406,13 @@ impl Sink for Train {
         }
         // Steps some replicas still hold rows for; then every replica is finished.
         self.train_through(FINISHED, ctx)?;
+        let done = self.done();
         let run = self.run_mut()?;
-        if run.trainer.step() > run.checkpointed_step {
+        if done {
+            // Waiting when max_steps was reached: not trained (the checkpoint keeps them).
+            run.held.values().for_each(|r| ctx.reject(r.key.to_string(), "after_max_steps"));
+        }
+        if run.trainer.step() > run.checkpointed_step || run.unsaved_rows {
             self.save_checkpoint()?;
         }
         let run = self.run.as_ref().expect("started");

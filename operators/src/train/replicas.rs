@@ -1,12 +1,13 @@
 //! The trainers of one job as data-parallel replicas: which rows of a step each trains, the
 //! check that they start equal, and one data position for the checkpoint.
 //!
-//! Every step, the replicas agree on the step's epoch and rows with one small all-gather of
-//! their row keys: the step's rows in key order are split into `N` contiguous blocks (rank `r`
-//! trains positions `r G / N .. (r + 1) G / N`), and rows that arrived at another trainer are
-//! moved to the one whose block holds them. So the split depends on the keys alone, never on
-//! which worker a row arrived at or when; and a replica's draws are those of its positions in
-//! the step's one random stream, so the step's numbers do not depend on `N` either.
+//! Every epoch, the replicas agree on its rows with one small all-gather of their row keys and
+//! shapes, which every replica adds to the same [`BucketQueue`]; a step's rows in key order are
+//! split into `N` contiguous blocks (rank `r` trains positions `r G / N .. (r + 1) G / N`), and
+//! rows held by another trainer are moved to the one whose block holds them. So the split
+//! depends on the keys alone, never on which worker a row arrived at or when; and a replica's
+//! draws are those of its positions in the step's one random stream, so the step's numbers do
+//! not depend on `N` either.
 //!
 //! A trainer whose epoch brought nothing still takes part, with no rows: an epoch is announced
 //! by every replica before it is trained, the lowest announced epoch is trained first, and at
@@ -17,33 +18,58 @@ use latentflow_engine::{Collective, OpError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use std::collections::HashMap;
+
+use super::queue::{BucketQueue, PlannedStep};
 use super::rows::{Row, Shapes};
 use crate::training::Trainer;
 
 /// The epoch a finished trainer announces.
 pub(super) const FINISHED: u64 = u64::MAX;
 
-/// One step's rows as this replica sees them.
-pub(super) struct StepRows {
-    /// The epoch trained (the lowest announced).
+/// One epoch's rows as the replicas announced them.
+pub(super) struct Arrivals {
+    /// The epoch (the lowest announced).
     pub epoch: u64,
-    /// This replica's block of the step, in key order.
-    pub rows: Vec<Row>,
-    /// The position of `rows[0]` in the step.
-    pub first: usize,
-    /// Rows in the step over all replicas (0: nothing to train).
-    pub global_rows: usize,
-    /// Every key of the step, in order.
-    pub keys: Vec<i64>,
-    /// The rows' shapes, when any replica had rows.
-    pub shapes: Option<Shapes>,
+    /// Its rows over all replicas, `(key, holder, shapes)` in key order (ties by holder, then
+    /// arrival).
+    pub rows: Vec<(i64, usize, Shapes)>,
+    /// For each of `rows` this replica holds, its index among the rows it announced.
+    pub mine: Vec<Option<usize>>,
+    /// Every replica has finished its data without being stopped: what waits trains now.
+    pub at_end: bool,
 }
 
 #[derive(Serialize, Deserialize)]
 struct Announcement {
     epoch: u64,
     keys: Vec<i64>,
-    shapes: Option<Shapes>,
+    /// The distinct shapes of the rows, and each row's index into them.
+    shapes: Vec<Shapes>,
+    shape_of: Vec<u32>,
+    /// Stopped (Ctrl-C, SIGTERM, a peer): the rows that wait stay for the checkpoint.
+    stopping: bool,
+}
+
+impl Announcement {
+    fn new(epoch: u64, rows: &[Row], stopping: bool) -> Self {
+        let mut shapes: Vec<Shapes> = Vec::new();
+        let shape_of = rows
+            .iter()
+            .map(|r| match shapes.iter().position(|s| s == &r.shapes) {
+                Some(i) => i as u32,
+                None => {
+                    shapes.push(r.shapes.clone());
+                    (shapes.len() - 1) as u32
+                }
+            })
+            .collect();
+        Announcement { epoch, keys: rows.iter().map(|r| r.key).collect(), shapes, shape_of, stopping }
+    }
+
+    fn shapes_of(&self, i: usize) -> Shapes {
+        self.shapes[self.shape_of[i] as usize].clone()
+    }
 }
 
 /// This trainer's place among the replicas; alone when `collective` is `None`.
@@ -120,113 +146,111 @@ impl Replicas {
         Ok(())
     }
 
-    /// Agrees on the next step: announces `epoch` with this replica's `rows` for it, and
-    /// returns the step of the lowest announced epoch with this replica's block of its rows.
-    /// When that epoch is earlier than `epoch`, `rows` come back untouched (announce them again).
-    pub fn next_step(
-        &mut self,
-        epoch: u64,
-        mut rows: Vec<Row>,
-        shapes: Option<&Shapes>,
-    ) -> Result<(StepRows, Option<Vec<Row>>), OpError> {
-        let Some(collective) = self.collective.as_mut() else {
-            // Alone: the epoch's rows, in key order, are the step.
-            rows.sort_by_key(|r| r.key);
-            let keys = rows.iter().map(|r| r.key).collect();
-            let global_rows = rows.len();
-            let shapes = shapes.cloned();
-            return Ok((StepRows { epoch, rows, first: 0, global_rows, keys, shapes }, None));
-        };
-        let (rank, size) = (collective.rank(), collective.size());
-        let mine = Announcement { epoch, keys: rows.iter().map(|r| r.key).collect(), shapes: shapes.cloned() };
-        let text = serde_json::to_vec(&mine).map_err(|e| OpError::msg(e.to_string()))?;
-        let all: Vec<Announcement> = collective
-            .all_gather(&text)?
-            .iter()
-            .map(|b| serde_json::from_slice(b))
-            .collect::<Result<_, _>>()
-            .map_err(|e| OpError::msg(format!("a trainer sent an unreadable announcement: {e}")))?;
-        let step_epoch = all.iter().map(|a| a.epoch).min().unwrap_or(epoch);
-        let taking = |a: &Announcement| a.epoch == step_epoch;
-        let mut shape_of_step: Option<Shapes> = None;
-        for a in all.iter().filter(|a| taking(a) && !a.keys.is_empty()) {
-            match (&shape_of_step, &a.shapes) {
-                (None, s) => shape_of_step = s.clone(),
-                (Some(s), Some(t)) if s != t => {
-                    return Err(OpError::msg(format!(
-                        "trainers got rows of different shapes in epoch {step_epoch} ({s:?} and {t:?}): \
-                         one run trains one resolution"
-                    )))
-                }
-                _ => {}
+    /// Announces `epoch` with this replica's `rows` for it and returns the lowest epoch any
+    /// replica announced with its rows. When that epoch is earlier than `epoch`, none of
+    /// `rows` are in it (announce them again).
+    pub fn announce(&mut self, epoch: u64, rows: &[Row], stopping: bool) -> Result<Arrivals, OpError> {
+        let mine = Announcement::new(epoch, rows, stopping);
+        let all: Vec<Announcement> = match self.collective.as_mut() {
+            None => vec![mine],
+            Some(collective) => {
+                let text = serde_json::to_vec(&mine).map_err(|e| OpError::msg(e.to_string()))?;
+                collective
+                    .all_gather(&text)?
+                    .iter()
+                    .map(|b| serde_json::from_slice(b))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| OpError::msg(format!("a trainer sent an unreadable announcement: {e}")))?
             }
-        }
-        // The step's rows in key order (ties by trainer and arrival: keys should be unique).
+        };
+        let rank = self.rank();
+        let step_epoch = all.iter().map(|a| a.epoch).min().unwrap_or(epoch);
         let mut order: Vec<(i64, usize, usize)> = Vec::new();
-        for (from, a) in all.iter().enumerate().filter(|(_, a)| taking(a)) {
+        for (from, a) in all.iter().enumerate().filter(|(_, a)| a.epoch == step_epoch) {
             order.extend(a.keys.iter().enumerate().map(|(i, &k)| (k, from, i)));
         }
         order.sort_unstable();
-        let global_rows = order.len();
-        let block = |r: usize| (r * global_rows / size)..((r + 1) * global_rows / size);
-        let owner = |position: usize| (0..size).find(|&r| block(r).contains(&position)).unwrap_or(size - 1);
-        let keys: Vec<i64> = order.iter().map(|o| o.0).collect();
-        // Rows of a later epoch stay with this replica until that epoch's turn.
-        let (mine, later) = if step_epoch == epoch { (rows, None) } else { (Vec::new(), Some(rows)) };
-        let step = StepRows {
+        Ok(Arrivals {
             epoch: step_epoch,
-            rows: Vec::new(),
-            first: block(rank).start,
-            global_rows,
-            keys,
-            shapes: shape_of_step,
-        };
-        Ok((self.move_rows(step, &order, mine, &owner)?, later))
+            rows: order.iter().map(|&(k, from, i)| (k, from, all[from].shapes_of(i))).collect(),
+            mine: order.iter().map(|&(_, from, i)| (from == rank).then_some(i)).collect(),
+            at_end: step_epoch == FINISHED && all.iter().all(|a| !a.stopping),
+        })
     }
 
-    /// Sends each of this replica's `rows` (those in the step) to the replica whose block holds
-    /// it and fills `step.rows` with this replica's block, in key order.
-    fn move_rows(
+    /// Moves the rows of `step` (in its key order) from the replicas holding them (`held`,
+    /// by id) to the one whose block holds them: rank `r` trains positions `r n / N .. (r + 1)
+    /// n / N`. Returns this replica's block and the position of its first row.
+    pub fn take_block(
         &mut self,
-        mut step: StepRows,
-        order: &[(i64, usize, usize)],
-        rows: Vec<Row>,
-        owner: &dyn Fn(usize) -> usize,
-    ) -> Result<StepRows, OpError> {
-        let collective = self.collective.as_mut().expect("moving rows needs replicas");
-        let (rank, size) = (collective.rank(), collective.size());
-        let mut rows: Vec<Option<Row>> = rows.into_iter().map(Some).collect();
+        step: &PlannedStep,
+        held: &mut HashMap<u64, Row>,
+    ) -> Result<(Vec<Row>, usize), OpError> {
+        let (rank, size) = (self.rank(), self.size());
+        let n = step.rows.len();
+        let block = |r: usize| (r * n / size)..((r + 1) * n / size);
+        let owner = |position: usize| (0..size).find(|&r| block(r).contains(&position)).unwrap_or(size - 1);
+        let mut take = |id: u64| held.remove(&id).ok_or_else(|| OpError::msg(format!("waiting row {id} is not here")));
         let mut outgoing = vec![Vec::new(); size];
         let mut kept = Vec::new();
-        for (position, &(_, _, i)) in order.iter().enumerate().filter(|(_, o)| o.1 == rank) {
-            let row = rows[i].take().ok_or_else(|| OpError::msg("a row was announced twice"))?;
-            let to = owner(position);
-            if to == rank {
-                kept.push((position, row));
-            } else {
-                encode_row(&mut outgoing[to], &row);
+        for (position, w) in step.rows.iter().enumerate().filter(|(_, w)| w.holder == rank) {
+            let row = take(w.id)?;
+            match owner(position) {
+                to if to == rank => kept.push((position, row)),
+                to => encode_row(&mut outgoing[to], &row),
+            }
+        }
+        let Some(collective) = self.collective.as_mut() else {
+            return Ok((kept.into_iter().map(|(_, r)| r).collect(), 0));
+        };
+        let incoming = collective.exchange(outgoing)?;
+        let mut rows = kept;
+        let mut cursors: Vec<usize> = vec![0; size];
+        for (position, w) in step.rows.iter().enumerate() {
+            if owner(position) != rank || w.holder == rank {
+                continue;
+            }
+            let row = decode_row(&incoming[w.holder], &mut cursors[w.holder], &step.shapes)
+                .ok_or_else(|| OpError::msg(format!("trainer {} sent a truncated row", w.holder)))?;
+            rows.push((position, row));
+        }
+        rows.sort_by_key(|(p, _)| *p);
+        Ok((rows.into_iter().map(|(_, r)| r).collect(), block(rank).start))
+    }
+
+    /// Every row waiting in `queue`, in its order, on the first replica (copied from the
+    /// replicas holding them, which keep theirs); `None` on the others.
+    pub fn gather_waiting(
+        &mut self,
+        queue: &BucketQueue,
+        held: &HashMap<u64, Row>,
+    ) -> Result<Option<Vec<Row>>, OpError> {
+        let rank = self.rank();
+        let find =
+            |id: u64| held.get(&id).cloned().ok_or_else(|| OpError::msg(format!("waiting row {id} is not here")));
+        let Some(collective) = self.collective.as_mut() else {
+            return queue.waiting().map(|(_, w)| find(w.id)).collect::<Result<_, _>>().map(Some);
+        };
+        let mut outgoing = vec![Vec::new(); collective.size()];
+        if rank != 0 {
+            for (_, w) in queue.waiting().filter(|(_, w)| w.holder == rank) {
+                encode_row(&mut outgoing[0], &find(w.id)?);
             }
         }
         let incoming = collective.exchange(outgoing)?;
-        let mut block: Vec<(usize, Row)> = kept;
-        let (latent_len, caption_len) = match &step.shapes {
-            Some((l, c)) => (l.iter().product::<usize>(), c.iter().product::<usize>()),
-            None => (0, 0),
-        };
-        // Rows arrive from each replica in position order.
-        let mut cursors: Vec<(usize, &[u8])> = incoming.iter().map(|b| (0, b.as_slice())).collect();
-        for (position, &(_, from, _)) in order.iter().enumerate() {
-            if owner(position) != rank || from == rank {
-                continue;
-            }
-            let (offset, bytes) = &mut cursors[from];
-            let row = decode_row(bytes, offset, latent_len, caption_len)
-                .ok_or_else(|| OpError::msg(format!("trainer {from} sent a truncated row")))?;
-            block.push((position, row));
+        if rank != 0 {
+            return Ok(None);
         }
-        block.sort_by_key(|(p, _)| *p);
-        step.rows = block.into_iter().map(|(_, r)| r).collect();
-        Ok(step)
+        let mut cursors = vec![0; incoming.len()];
+        let mut rows = Vec::with_capacity(queue.len());
+        for (shapes, w) in queue.waiting() {
+            rows.push(match w.holder {
+                0 => find(w.id)?,
+                from => decode_row(&incoming[from], &mut cursors[from], shapes)
+                    .ok_or_else(|| OpError::msg(format!("trainer {from} sent a truncated waiting row")))?,
+            });
+        }
+        Ok(Some(rows))
     }
 
     /// The data position of the whole job for a checkpoint: every trainer's process ledger
@@ -240,6 +264,7 @@ impl Replicas {
     }
 }
 
+/// A row on the wire: its key and values (the shapes are known to both sides).
 fn encode_row(out: &mut Vec<u8>, row: &Row) {
     out.extend_from_slice(&row.key.to_le_bytes());
     for v in row.latents.iter().chain(&row.caption) {
@@ -247,14 +272,16 @@ fn encode_row(out: &mut Vec<u8>, row: &Row) {
     }
 }
 
-fn decode_row(bytes: &[u8], offset: &mut usize, latent_len: usize, caption_len: usize) -> Option<Row> {
+fn decode_row(bytes: &[u8], offset: &mut usize, shapes: &Shapes) -> Option<Row> {
+    let latent_len = shapes.0.iter().product::<usize>();
+    let caption_len = shapes.1.iter().product::<usize>();
     let size = 8 + 4 * (latent_len + caption_len);
     let raw = bytes.get(*offset..*offset + size)?;
     *offset += size;
     let key = i64::from_le_bytes(raw[..8].try_into().ok()?);
     let floats = latentflow_engine::collective::from_bytes(&raw[8..]);
     let (latents, caption) = floats.split_at(latent_len);
-    Some(Row { key, latents: latents.to_vec(), caption: caption.to_vec() })
+    Some(Row { key, shapes: shapes.clone(), latents: latents.to_vec(), caption: caption.to_vec() })
 }
 
 /// Sums gradients over the replicas (the engine's collective or NCCL), timing what it does.
@@ -301,22 +328,37 @@ impl crate::training::Replicas for Collective {
 mod tests {
     use super::*;
 
-    fn row(key: i64) -> Row {
-        Row { key, latents: vec![key as f32; 4], caption: vec![-key as f32; 2] }
+    fn shapes() -> Shapes {
+        (vec![4], vec![2])
     }
 
-    /// Runs `next_step` on every rank of a local group with its `rows` (announcing `epochs`).
-    fn step(epochs: Vec<u64>, rows: Vec<Vec<i64>>) -> Vec<(StepRows, Option<Vec<Row>>)> {
-        let shapes: Shapes = (vec![4], vec![2]);
+    fn row(key: i64) -> Row {
+        Row { key, shapes: shapes(), latents: vec![key as f32; 4], caption: vec![-key as f32; 2] }
+    }
+
+    /// On every rank of a local group: announces `epochs` with `rows`, adds the arrivals to a
+    /// queue and takes this rank's block of its first step.
+    fn step(epochs: Vec<u64>, rows: Vec<Vec<i64>>) -> Vec<(Arrivals, Vec<Row>, usize)> {
         let handles = Collective::local_group("train", rows.len());
         let threads: Vec<_> = handles
             .into_iter()
             .zip(rows.into_iter().zip(epochs))
             .map(|(c, (keys, epoch))| {
-                let shapes = shapes.clone();
                 std::thread::spawn(move || {
                     let mut replicas = Replicas::new(Some(c));
-                    replicas.next_step(epoch, keys.into_iter().map(row).collect(), Some(&shapes)).unwrap()
+                    let mine: Vec<Row> = keys.into_iter().map(row).collect();
+                    let arrivals = replicas.announce(epoch, &mine, false).unwrap();
+                    let mut queue = BucketQueue::default();
+                    let ids = queue.add(&arrivals.rows);
+                    let mut held = HashMap::new();
+                    for (id, index) in ids.iter().zip(&arrivals.mine) {
+                        if let Some(i) = index {
+                            held.insert(*id, mine[*i].clone());
+                        }
+                    }
+                    let planned = queue.next_step(16, false).unwrap();
+                    let (block, first) = replicas.take_block(&planned, &mut held).unwrap();
+                    (arrivals, block, first)
                 })
             })
             .collect();
@@ -327,20 +369,48 @@ mod tests {
     fn rows_split_by_key_into_contiguous_blocks_wherever_they_arrived() {
         // Keys arrive scattered; the step is keys 0..7 in order, 3 + 4 (7 * r / 2).
         let steps = step(vec![5, 5], vec![vec![6, 1, 3, 0], vec![5, 2, 4]]);
-        let blocks: Vec<Vec<i64>> = steps.iter().map(|(s, _)| s.rows.iter().map(|r| r.key).collect()).collect();
+        let blocks: Vec<Vec<i64>> = steps.iter().map(|(_, b, _)| b.iter().map(|r| r.key).collect()).collect();
         assert_eq!(blocks, [vec![0, 1, 2], vec![3, 4, 5, 6]]);
-        assert_eq!(steps[1].0.first, 3);
-        assert!(steps.iter().all(|(s, left)| s.global_rows == 7 && s.epoch == 5 && left.is_none()));
-        assert_eq!(steps[1].0.rows[0], row(3), "payload intact after the move");
+        assert_eq!(steps[1].2, 3);
+        assert!(steps.iter().all(|(a, _, _)| a.rows.len() == 7 && a.epoch == 5));
+        assert_eq!(steps[1].1[0], row(3), "payload intact after the move");
     }
 
     #[test]
-    fn the_lowest_announced_epoch_goes_first_and_later_rows_wait() {
+    fn the_lowest_announced_epoch_goes_first() {
         let steps = step(vec![4, 3, FINISHED], vec![vec![9, 8], vec![1], vec![]]);
-        assert!(steps.iter().all(|(s, _)| s.epoch == 3 && s.global_rows == 1 && s.keys == [1]));
-        let trained: Vec<usize> = steps.iter().map(|(s, _)| s.rows.len()).collect();
+        assert!(steps.iter().all(|(a, _, _)| a.epoch == 3 && a.rows.len() == 1 && a.rows[0].0 == 1));
+        let trained: Vec<usize> = steps.iter().map(|(_, b, _)| b.len()).collect();
         assert_eq!(trained, [0, 0, 1], "the one row goes to the last block");
-        assert_eq!(steps[0].1.as_ref().map(Vec::len), Some(2), "epoch 4's rows come back");
-        assert!(steps[1].1.is_none());
+        assert_eq!(steps[0].0.mine, [None], "epoch 4's rows are not in it");
+        assert!(!steps[0].0.at_end);
+    }
+
+    #[test]
+    fn waiting_rows_gather_on_the_first_replica_in_queue_order() {
+        let handles = Collective::local_group("train", 2);
+        let threads: Vec<_> = handles
+            .into_iter()
+            .map(|c| {
+                std::thread::spawn(move || {
+                    let mut replicas = Replicas::new(Some(c));
+                    let rank = replicas.rank();
+                    let mut queue = BucketQueue::default();
+                    let ids = queue.add(&[(7, 1, shapes()), (3, 0, shapes()), (5, 1, shapes())]);
+                    let held: HashMap<u64, Row> = ids
+                        .iter()
+                        .zip([(7, 1), (3, 0), (5, 1)])
+                        .filter(|(_, (_, holder))| *holder == rank)
+                        .map(|(&id, (key, _))| (id, row(key)))
+                        .collect();
+                    replicas.gather_waiting(&queue, &held).unwrap()
+                })
+            })
+            .collect();
+        let gathered: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let keys: Vec<i64> = gathered[0].as_ref().unwrap().iter().map(|r| r.key).collect();
+        assert_eq!(keys, [7, 3, 5]);
+        assert_eq!(gathered[0].as_ref().unwrap()[0], row(7));
+        assert!(gathered[1].is_none());
     }
 }

@@ -36,11 +36,26 @@ pub struct CheckpointState {
     pub options: TrainingOptions,
     /// The loss of the last step.
     pub loss: Option<f64>,
+    /// The rows that had reached the trainer and waited for their step (resolution buckets
+    /// not yet full): their keys, shapes and order; their values are in `waiting.safetensors`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<serde_json::Value>,
+}
+
+/// Rows waiting for their step, saved with a checkpoint: `index` (their keys, shapes and
+/// order, as the trainer keeps them) and `tensors`, their values by name.
+#[derive(Clone, Debug, Default)]
+pub struct WaitingRows {
+    /// What the trainer needs to put them back in order.
+    pub index: serde_json::Value,
+    /// The rows' tensors.
+    pub tensors: HashMap<String, Tensor>,
 }
 
 const STATE: &str = "state.json";
 const OPTIMIZER: &str = "optimizer.safetensors";
 const WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
+const WAITING: &str = "waiting.safetensors";
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> ModelError + '_ {
     move |e| ModelError::File { path: path.to_path_buf(), message: e.to_string() }
@@ -108,6 +123,18 @@ pub fn save(
     loss: Option<f64>,
     keep_last: usize,
 ) -> Result<PathBuf> {
+    save_with_waiting(run_dir, trainer, data_position, loss, keep_last, None)
+}
+
+/// [`save`], with the rows that wait for their step.
+pub fn save_with_waiting(
+    run_dir: &Path,
+    trainer: &Trainer,
+    data_position: serde_json::Value,
+    loss: Option<f64>,
+    keep_last: usize,
+    waiting: Option<&WaitingRows>,
+) -> Result<PathBuf> {
     if trainer.pending_micro_batches() != 0 {
         return Err(ModelError::Input("a checkpoint must be taken between optimizer steps".into()));
     }
@@ -121,7 +148,11 @@ pub fn save(
         }
         save_tensors(&temp.join(OPTIMIZER), &trainer.optimizer().state_tensors())?;
         let options = trainer.options().clone();
-        let state = CheckpointState { step, rng: trainer.rng_state(), data_position, options, loss };
+        if let Some(rows) = waiting {
+            save_tensors(&temp.join(WAITING), &rows.tensors)?;
+        }
+        let waiting = waiting.map(|w| w.index.clone());
+        let state = CheckpointState { step, rng: trainer.rng_state(), data_position, options, loss, waiting };
         let path = temp.join(STATE);
         let text = serde_json::to_string_pretty(&state).map_err(|e| ModelError::Input(e.to_string()))?;
         std::fs::write(&path, text + "\n").map_err(io(&path))
@@ -186,6 +217,13 @@ pub fn read_state(checkpoint: &Path) -> Result<CheckpointState> {
     let path = checkpoint.join(STATE);
     let text = std::fs::read_to_string(&path).map_err(io(&path))?;
     serde_json::from_str(&text).map_err(|e| ModelError::File { path, message: e.to_string() })
+}
+
+/// The rows a checkpoint saved as waiting for their step, if any, on `device`.
+pub fn read_waiting(checkpoint: &Path, device: &Device) -> Result<Option<WaitingRows>> {
+    let Some(index) = read_state(checkpoint)?.waiting else { return Ok(None) };
+    let tensors = load_tensors(&checkpoint.join(WAITING), device)?;
+    Ok(Some(WaitingRows { index, tensors }))
 }
 
 /// A trainer continuing from `checkpoint` with (possibly changed) `options`, and its state.
