@@ -73,7 +73,10 @@ fn bucketed_runs_train_every_row_once_at_each_resolution_however_they_run() {
     assert_eq!(resolutions, BTreeSet::from(["[48,80]", "[64,64]", "[80,48]"]), "{per_resolution:?}");
     let full = steps.iter().filter(|s| s["keys"].as_array().unwrap().len() == 16).count();
     assert!(full >= 3, "most steps are full batches of one bucket: {per_resolution:?}");
-    assert!(run.join("final/unet/diffusion_pytorch_model.safetensors").is_file());
+    for part in ["unet/diffusion_pytorch_model.safetensors", "vae/config.json", "text_encoder/config.json"] {
+        assert!(run.join("final").join(part).is_file(), "final/ is a diffusers pipeline folder: {part}");
+    }
+    assert!(run.join("final/model_index.json").is_file() && run.join("final/tokenizer/merges.txt").is_file());
 
     // Preprocessing writes each row's shape; training reads them back into the same epochs.
     let offline = tempfile::tempdir().unwrap();

@@ -151,21 +151,56 @@ fn the_final_unet_loads_back_with_the_outputs_it_had_in_memory() {
 }
 
 #[test]
+fn a_second_phase_at_twice_the_resolution_continues_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = |name: &str| format!("job.output_dir={}", d.join(name).display());
+    // Phase 1: 3 steps at 64 px; phase 2: 2 steps at 128 px from its final UNet and optimizer.
+    let p1 = out("phase1");
+    run_ok(d, &["run", &topo("online.toml"), "--set", "nodes.read.count=48", "--set", &p1]);
+    let unet = format!("nodes.train.path={}", d.join("phase1/final/unet").display());
+    let optimizer = format!("nodes.train.optimizer_from={}", d.join("phase1").display());
+    let p2 = out("phase2");
+    let sets = ["nodes.read.count=32", &unet, &optimizer, &p2, "nodes.train.sample_every=2"];
+    let mut args = vec!["run".to_string(), topo("online-phase2.toml")];
+    for set in sets {
+        args.extend(["--set".into(), set.into()]);
+    }
+    run_ok(d, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let steps = metrics(&d.join("phase2"));
+    let numbers: Vec<u64> = steps.iter().map(|s| s["step"].as_u64().unwrap()).collect();
+    assert_eq!(numbers, [4, 5], "the step count goes on from phase 1's");
+    assert!(steps.iter().all(|s| s["resolution"] == serde_json::json!([128, 128])), "{steps:?}");
+    let first = metrics(&d.join("phase1"));
+    assert!(first.iter().all(|s| s["resolution"] == serde_json::json!([64, 64])));
+    assert!(d.join("phase2/final/unet/diffusion_pytorch_model.safetensors").is_file());
+    let preview = image::open(d.join("phase2/samples/step-4.png")).unwrap();
+    assert_eq!((preview.width(), preview.height()), (2 * 128, 128), "previews at the new resolution");
+}
+
+#[test]
 fn the_sd2_topologies_validate_once_their_paths_are_set() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     run_ok(d, &["demo-data", "--out", "shard.parquet", "--n", "8"]);
     let model = fixture("tiny-sd").display().to_string();
     // (topology, workers, processes, the source rows each worker emits per epoch)
+    // Phase 2 starts from phase 1's UNet and optimizer: stand-ins for them.
+    let phase1 = d.join("phase1/checkpoint-1");
+    std::fs::create_dir_all(&phase1).unwrap();
+    std::fs::write(phase1.join("state.json"), "{}").unwrap();
     let layouts = [
-        ("preprocess.toml", "1", "1", "read emits 120 rows"),
-        ("train.toml", "1", "1", "read emits 128 rows"),
-        ("online.toml", "2", "1", "read emits 64 rows"),
-        ("online-8gpu.toml", "8", "1", "read emits 96 rows"),
-        ("online-multinode.toml", "8", "4", "read emits 96 rows"),
+        ("sd2-base-256/preprocess.toml", "1", "1", "read emits 120 rows"),
+        ("sd2-base-256/train.toml", "1", "1", "read emits 128 rows"),
+        ("sd2-base-256/online.toml", "2", "1", "read emits 64 rows"),
+        ("sd2-base-256/online-8gpu.toml", "8", "1", "read emits 96 rows"),
+        ("sd2-base-256/online-multinode.toml", "8", "4", "read emits 96 rows"),
+        ("sd2-base-512/preprocess.toml", "1", "1", "read emits 40 rows"),
+        ("sd2-base-512/train.toml", "1", "1", "read emits 32 rows"),
+        ("sd2-base-512/online.toml", "2", "1", "read emits 16 rows"),
     ];
     for (name, workers, processes, emits) in layouts {
-        let file = topo(&format!("sd2-base-256/{name}"));
+        let file = topo(name);
         let mut args = vec!["validate".to_string(), file.clone()];
         args.extend(["--workers", workers, "--processes", processes].map(String::from));
         for node in ["read", "tokenize", "vae", "text", "train"] {
@@ -174,7 +209,11 @@ fn the_sd2_topologies_validate_once_their_paths_are_set() {
                 args.extend(["--set".into(), format!("nodes.{node}.model={model}")]);
             }
         }
-        if name != "train.toml" {
+        if name.starts_with("sd2-base-512") && !name.ends_with("preprocess.toml") {
+            args.extend(["--set".into(), format!("nodes.train.path={model}/unet")]);
+            args.extend(["--set".into(), format!("nodes.train.optimizer_from={}", phase1.display())]);
+        }
+        if !name.ends_with("/train.toml") {
             args.extend(["--set".into(), "nodes.read.path=shard.parquet".into()]);
         }
         if !cfg!(feature = "cuda") {

@@ -159,3 +159,47 @@ fn bad_options_and_a_missing_empty_caption_are_clear_errors() {
     let err = trainer.train_with(&latents, &text, None, &draws).unwrap_err().to_string();
     assert!(err.contains("empty caption"), "{err}");
 }
+
+#[test]
+fn previews_and_the_final_model_take_the_ema_weights_when_ema_is_on() {
+    let mut trainer = fresh();
+    let mut next = 0;
+    train(&mut trainer, &mut next, 3);
+    let ema = trainer.ema().expect("EMA is on").tensors().clone();
+    let shipped = trainer.inference_weights();
+    let raw = trainer.detached_weights();
+    let name = ema.keys().next().unwrap().clone();
+    let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(diff(&shipped[&name], &ema[&name]), 0.0, "the EMA's weights");
+    assert!(ema.keys().any(|n| diff(&ema[n], &raw[n]) > 0.0), "which differ from the raw ones after 3 steps");
+    let no_ema = Trainer::new(
+        load_unet(&ModelSource::Preset("tiny".into()), &Device::Cpu, true, 5).unwrap().0,
+        &load_unet(&ModelSource::Preset("tiny".into()), &Device::Cpu, true, 5).unwrap().1,
+        schedule(),
+        TrainingOptions { ema_decay: None, ..options() },
+    )
+    .unwrap();
+    assert_eq!(no_ema.inference_weights().len(), no_ema.detached_weights().len());
+}
+
+#[test]
+fn a_second_phase_carries_the_first_phases_optimizer_or_says_why_it_cannot() {
+    let run = tempfile::tempdir().unwrap();
+    let mut first = fresh();
+    let mut next = 0;
+    train(&mut first, &mut next, 3);
+    let dir = checkpoint::save(run.path(), &first, serde_json::json!(null), None, 0).unwrap();
+    assert_eq!(checkpoint::checkpoint_in(run.path()).unwrap(), dir, "a run folder names its newest checkpoint");
+    let optimizer = checkpoint::read_optimizer(&dir, &options(), &Device::Cpu).unwrap();
+    let mut second = fresh();
+    second.carry_optimizer(optimizer).unwrap();
+    assert_eq!(second.step(), 3, "the step count goes on");
+    assert_eq!(second.optimizer().state_tensors().len(), first.optimizer().state_tensors().len());
+
+    let bogus = Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let moments = [("exp_avg.nope".to_string(), bogus.clone()), ("exp_avg_sq.nope".to_string(), bogus)].into();
+    let foreign = latentflow_operators::training::adamw::AdamW::restore(options().adamw(), 7, moments).unwrap();
+    let err = fresh().carry_optimizer(foreign).unwrap_err().to_string();
+    assert!(err.contains("`nope` is not a parameter"), "{err}");
+    assert!(checkpoint::checkpoint_in(&run.path().join("nothing")).is_err());
+}

@@ -12,8 +12,10 @@ use crate::models::load::{load_text_encoder, load_vae};
 use crate::models::{AutoencoderKl, UNet};
 use crate::rng::Rng;
 use crate::tokenize::TokenizeConfig;
+use crate::training::pipeline_folder::FrozenParts;
 use crate::training::sampling::{write_grid, Ddim};
 use crate::training::NoiseSchedule;
+use crate::training::SchedulerConfig;
 
 /// What preview sampling needs: the decoder, the prompts' embeddings and the sampler.
 pub(super) struct Previews {
@@ -46,6 +48,30 @@ impl Previews {
 }
 
 impl TrainConfig {
+    /// Where the frozen parts of `final/` come from: the folders or presets the previews and the
+    /// empty caption use (`model`'s parts, the `vae` / `text_encoder` / `scheduler` keys, or the
+    /// preset with the bundled vocabulary).
+    pub(super) fn frozen_parts(&self, seed: u64) -> Result<FrozenParts, OpError> {
+        let (model, preset) = (self.model.as_deref(), self.preset.as_deref());
+        let scheduler = self.scheduler.clone().or_else(|| model.map(|m| m.join("scheduler"))).filter(|d| d.is_dir());
+        let schedule = match &scheduler {
+            Some(dir) => {
+                let path = dir.join("scheduler_config.json");
+                let text = std::fs::read_to_string(&path).map_err(|e| OpError::io(&path, e))?;
+                serde_json::from_str(&text).map_err(|e| OpError::msg(format!("{}: {e}", path.display())))?
+            }
+            None => SchedulerConfig::default(),
+        };
+        Ok(FrozenParts {
+            vae: model_keys::source(model, self.vae.as_deref(), preset, "vae")?,
+            text_encoder: model_keys::source(model, self.text_encoder.as_deref(), preset, "text_encoder")?,
+            tokenizer: model.map(crate::clip::tokenizer_dir_of_model).filter(|d| d.is_dir()),
+            scheduler,
+            schedule,
+            seed,
+        })
+    }
+
     /// Text embeddings [N, 77, D] of `texts`, with the text encoder and tokenizer of `model`
     /// (or `text_encoder`, or the preset and the bundled vocabulary).
     fn encode_texts(&self, texts: &[String], device: &Device, seed: u64) -> Result<Tensor, OpError> {

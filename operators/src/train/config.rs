@@ -48,6 +48,12 @@ pub struct TrainConfig {
     /// `"latest"` (the newest checkpoint under the output folder, if any) or a checkpoint folder.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resume: Option<String>,
+    /// A checkpoint folder (or a run folder: its newest checkpoint) whose optimizer state, AdamW
+    /// moments and step, a new run carries over, as a second phase continues the first's
+    /// (the step count and learning-rate schedule go on from it). Unset: a fresh optimizer.
+    /// A `resume` checkpoint takes precedence.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub optimizer_from: Option<PathBuf>,
     /// Also write each step's row keys to `metrics.jsonl`.
     pub log_keys: bool,
     /// Every this many steps, sample `sample_prompts` into `samples/step-N.png` (0: never).
@@ -78,6 +84,7 @@ impl Default for TrainConfig {
             checkpoint_every: 500,
             keep_last: 3,
             resume: None,
+            optimizer_from: None,
             log_keys: false,
             sample_every: 0,
             sample_prompts: vec!["a red circle on a blue background".into(), "a yellow square".into()],
@@ -106,6 +113,7 @@ impl OperatorConfig for TrainConfig {
         ("checkpoint_every", "save a checkpoint every N steps (default 500; 0: only at the end)"),
         ("keep_last", "checkpoints kept (default 3; 0 keeps all)"),
         ("resume", "\"latest\" (the newest checkpoint under the output folder, if any) or a checkpoint folder"),
+        ("optimizer_from", "a checkpoint (or run) folder whose AdamW moments and step a new run carries over, as phase 2 continues phase 1 (default: a fresh optimizer)"),
         ("log_keys", "write each step's row keys to metrics.jsonl (default false)"),
         ("sample_every", "every N steps, decode sample_prompts with DDIM + the VAE into samples/step-N.png (default 0: never)"),
         ("sample_prompts", "prompts of the preview grid"),
@@ -171,6 +179,11 @@ impl NodeSpec for TrainConfig {
             errors.extend(KeyError::check_range("sample_steps", self.sample_steps, 1, 1000));
             if !(self.guidance_scale.is_finite() && self.guidance_scale >= 1.0) {
                 errors.push(KeyError::new("guidance_scale", format!("must be >= 1, got {}", self.guidance_scale)));
+            }
+        }
+        if let Some(from) = &self.optimizer_from {
+            if let Err(e) = checkpoint::checkpoint_in(from) {
+                errors.push(KeyError::new("optimizer_from", e.to_string()));
             }
         }
         if let Some(dir) = self.resume.as_deref().filter(|r| *r != "latest") {

@@ -26,7 +26,7 @@ pub use config::TrainConfig;
 
 use crate::model_keys::{self, op_error};
 use crate::models::load::{load_unet, ModelSource};
-use crate::training::sampling::frozen_unet;
+use crate::training::sampling::frozen_unet_of;
 use crate::training::{checkpoint, loss_plot, Shard, Trainer};
 use conditions::Previews;
 use metrics::MetricsLog;
@@ -130,7 +130,16 @@ impl Train {
             }
             None => {
                 let (unet, weights) = load_unet(&self.source, &device, true, self.seed).map_err(op_error)?;
-                (Trainer::new(unet, &weights, schedule, options).map_err(op_error)?, 0)
+                let mut trainer = Trainer::new(unet, &weights, schedule, options).map_err(op_error)?;
+                if let Some(from) = &self.config.optimizer_from {
+                    let dir = checkpoint::checkpoint_in(from).map_err(op_error)?;
+                    let optimizer =
+                        checkpoint::read_optimizer(&dir, &self.config.training, &device).map_err(op_error)?;
+                    trainer.carry_optimizer(optimizer).map_err(op_error)?;
+                    tracing::info!(from = %dir.display(), step = trainer.step(), "optimizer state carried over");
+                }
+                let step = trainer.step();
+                (trainer, step)
             }
         };
         if first {
@@ -158,7 +167,8 @@ impl Train {
         })
     }
 
-    /// Samples the preview prompts with the current weights into `samples/step-N.png`.
+    /// Samples the preview prompts with the current weights (the EMA's when it is on) into
+    /// `samples/step-N.png`.
     fn preview(&self, step: u64) -> Result<(), OpError> {
         let Some(run) = self.run.as_ref() else { return Ok(()) };
         let (Some(previews), Some(uncond), Some((latent_shape, _))) =
@@ -168,7 +178,9 @@ impl Train {
         };
         let [c, h, w] = latent_shape[..] else { return Ok(()) };
         let path = self.output_dir.join("samples").join(format!("step-{step}.png"));
-        let unet = frozen_unet(run.trainer.unet().config(), run.trainer.params(), &run.device).map_err(op_error)?;
+        // The EMA's weights when it is on, as diffusers' validation images use.
+        let weights = run.trainer.inference_weights();
+        let unet = frozen_unet_of(run.trainer.unet().config(), weights, &run.device).map_err(op_error)?;
         previews.write(&path, &unet, uncond, self.config.guidance_scale, (c, h, w), self.seed)
     }
 
@@ -431,17 +443,18 @@ impl Sink for Train {
             );
             return Ok(());
         }
-        let tensors = match trainer.ema() {
-            Some(ema) => ema.tensors().iter().map(|(n, t)| (n.clone(), t.clone())).collect(),
-            None => trainer.detached_weights(),
-        };
-        let final_dir =
-            checkpoint::write_final_unet(&self.output_dir, trainer.unet().config(), &tensors).map_err(op_error)?;
+        // A complete diffusers pipeline: the EMA's UNet when EMA is on (the raw one beside it).
+        let tensors = trainer.inference_weights();
+        let raw = trainer.ema().is_some().then(|| trainer.detached_weights());
+        let parts = self.config.frozen_parts(self.seed)?;
+        let config = trainer.unet().config();
+        let final_dir = checkpoint::write_final_pipeline(&self.output_dir, config, &tensors, raw.as_ref(), &parts)
+            .map_err(op_error)?;
         let plot = self.output_dir.join("loss.png");
         if !run.metrics.losses.is_empty() {
             loss_plot::draw(&plot, &run.metrics.losses).map_err(OpError::msg)?;
         }
-        tracing::info!(steps = trainer.step(), unet = %final_dir.display(), loss_plot = %plot.display(), "training finished");
+        tracing::info!(steps = trainer.step(), pipeline = %final_dir.display(), loss_plot = %plot.display(), "training finished");
         Ok(())
     }
 }

@@ -132,6 +132,22 @@ impl AdamW {
         out
     }
 
+    /// Problems with continuing to train `params` with this state: a moment for a parameter
+    /// the model lacks, or of another shape (a different architecture).
+    pub fn mismatches(&self, params: &BTreeMap<String, Var>) -> Vec<String> {
+        let mut out = Vec::new();
+        for (name, (m, _)) in &self.moments {
+            match params.get(name) {
+                None => out.push(format!("`{name}` is not a parameter of this UNet")),
+                Some(p) if p.dims() != m.dims() => {
+                    out.push(format!("`{name}` is {:?} here but {:?} in the optimizer state", p.dims(), m.dims()))
+                }
+                Some(_) => {}
+            }
+        }
+        out
+    }
+
     /// An optimizer continuing from a checkpoint's [`AdamW::state_tensors`] at `step`.
     pub fn restore(config: AdamWConfig, step: u64, mut tensors: HashMap<String, Tensor>) -> Result<AdamW> {
         let mut moments = BTreeMap::new();

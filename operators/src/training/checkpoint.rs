@@ -188,6 +188,25 @@ pub fn write_final_unet(run_dir: &Path, config: &UNetConfig, tensors: &HashMap<S
     Ok(target.join("unet"))
 }
 
+/// Writes `run_dir/final/` as a complete diffusers pipeline folder, whole or not at all:
+/// `unet/` (`tensors`: the EMA's weights when EMA is on), `unet_raw/` (the raw weights, when
+/// they differ) and the frozen parts. Returns the folder.
+pub fn write_final_pipeline(
+    run_dir: &Path,
+    config: &UNetConfig,
+    tensors: &HashMap<String, Tensor>,
+    raw: Option<&HashMap<String, Tensor>>,
+    parts: &super::pipeline_folder::FrozenParts,
+) -> Result<PathBuf> {
+    write_folder(run_dir, "final", |temp| {
+        write_unet(&temp.join("unet"), config, tensors)?;
+        if let Some(raw) = raw {
+            write_unet(&temp.join("unet_raw"), config, raw)?;
+        }
+        super::pipeline_folder::write_frozen_parts(temp, parts)
+    })
+}
+
 /// Writes `run_dir/name` whole or not at all: `fill` writes into a fresh `.name.partial-PID`,
 /// which is fsynced and renamed over any earlier `name`.
 fn write_folder(run_dir: &Path, name: &str, fill: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
@@ -224,6 +243,23 @@ pub fn read_waiting(checkpoint: &Path, device: &Device) -> Result<Option<Waiting
     let Some(index) = read_state(checkpoint)?.waiting else { return Ok(None) };
     let tensors = load_tensors(&checkpoint.join(WAITING), device)?;
     Ok(Some(WaitingRows { index, tensors }))
+}
+
+/// The checkpoint `path` names: a checkpoint folder, or a run folder's newest checkpoint.
+pub fn checkpoint_in(path: &Path) -> Result<PathBuf> {
+    if path.join(STATE).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    latest(path)?.ok_or_else(|| ModelError::File {
+        path: path.to_path_buf(),
+        message: "neither a checkpoint folder (state.json) nor a run folder with checkpoint-N folders".into(),
+    })
+}
+
+/// The optimizer a checkpoint saved (moments and step), with the hyperparameters of `options`.
+pub fn read_optimizer(checkpoint: &Path, options: &TrainingOptions, device: &Device) -> Result<AdamW> {
+    let state = read_state(checkpoint)?;
+    AdamW::restore(options.adamw(), state.step, load_tensors(&checkpoint.join(OPTIMIZER), device)?)
 }
 
 /// A trainer continuing from `checkpoint` with (possibly changed) `options`, and its state.

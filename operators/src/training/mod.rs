@@ -10,6 +10,7 @@ pub mod grads;
 pub mod loss_plot;
 pub mod lr;
 pub mod options;
+pub mod pipeline_folder;
 pub mod sampling;
 pub mod schedule;
 pub mod trainer;

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -20,6 +20,11 @@ use crate::rng::Rng;
 /// The tensors are shared, not copied.
 pub fn frozen_unet(config: &UNetConfig, params: &BTreeMap<String, Var>, device: &Device) -> Result<UNet> {
     let tensors = params.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
+    UNet::new(config, &Weights::frozen(tensors, device))
+}
+
+/// A UNet for sampling from plain `tensors` (the EMA's, say), sharing their storage.
+pub fn frozen_unet_of(config: &UNetConfig, tensors: HashMap<String, Tensor>, device: &Device) -> Result<UNet> {
     UNet::new(config, &Weights::frozen(tensors, device))
 }
 

@@ -159,6 +159,20 @@ impl Trainer {
         })
     }
 
+    /// Continues with `optimizer` (another run's moments and step, as a second training phase
+    /// carries the first's); fails when its state does not fit this UNet.
+    pub fn carry_optimizer(&mut self, optimizer: AdamW) -> Result<()> {
+        let problems = optimizer.mismatches(&self.params);
+        if let Some(first) = problems.first() {
+            return Err(ModelError::Input(format!(
+                "the optimizer state does not fit this UNet ({} problems; {first})",
+                problems.len()
+            )));
+        }
+        self.optimizer = optimizer;
+        Ok(())
+    }
+
     /// Optimizer steps taken.
     pub fn step(&self) -> u64 {
         self.optimizer.steps()
@@ -177,6 +191,15 @@ impl Trainer {
     /// The current weights as plain tensors (shared, not copied), for saving.
     pub fn detached_weights(&self) -> HashMap<String, Tensor> {
         self.params.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect()
+    }
+
+    /// The weights to sample and ship: the EMA's when it is on (what diffusers' training
+    /// script saves and what its validation images use), else the current ones.
+    pub fn inference_weights(&self) -> HashMap<String, Tensor> {
+        match &self.ema {
+            Some(ema) => ema.tensors().iter().map(|(n, t)| (n.clone(), t.clone())).collect(),
+            None => self.detached_weights(),
+        }
     }
 
     /// The options.
