@@ -203,3 +203,21 @@ fn a_second_phase_carries_the_first_phases_optimizer_or_says_why_it_cannot() {
     assert!(err.contains("`nope` is not a parameter"), "{err}");
     assert!(checkpoint::checkpoint_in(&run.path().join("nothing")).is_err());
 }
+
+#[test]
+fn gradient_checkpointing_gives_the_same_losses_and_weights() {
+    let (mut plain, mut next_plain) = (fresh(), 0);
+    let (unet, weights) = load_unet(&ModelSource::Preset("tiny".into()), &Device::Cpu, true, 5).unwrap();
+    let checkpointing = TrainingOptions { gradient_checkpointing: true, ..options() };
+    let (mut recomputed, mut next_recomputed) = (Trainer::new(unet, &weights, schedule(), checkpointing).unwrap(), 0);
+    let a = train(&mut plain, &mut next_plain, 3);
+    let b = train(&mut recomputed, &mut next_recomputed, 3);
+    assert_eq!(a.len(), 3);
+    for (step, (la, lb)) in a.iter().zip(&b).enumerate() {
+        assert!((la - lb).abs() <= 1e-6, "step {}: loss {la} vs {lb} with checkpointing", step + 1);
+    }
+    let (wa, wb) = (plain.detached_weights(), recomputed.detached_weights());
+    assert_eq!(wa.len(), wb.len());
+    let worst = wa.iter().map(|(n, t)| latentflow_tests::max_abs_diff(t, &wb[n])).fold(0f32, f32::max);
+    assert!(worst <= 1e-5, "weights differ by up to {worst} after 3 steps");
+}

@@ -120,7 +120,7 @@ impl OperatorConfig for TrainConfig {
         ("sample_steps", "DDIM steps per preview (default 20)"),
         ("guidance_scale", "classifier-free guidance of the previews (default 7.5)"),
         ("vae", "VAE folder for decoding previews (default model/vae or the preset)"),
-        ("training", "table of training options: lr, warmup_steps, lr_decay, total_steps, adam_*, weight_decay, max_grad_norm, gradient_accumulation_steps, snr_gamma, noise_offset, caption_dropout, ema_decay, ema_start_step, precision, seed"),
+        ("training", "table of training options: lr, warmup_steps, lr_decay, total_steps, adam_*, weight_decay, max_grad_norm, gradient_accumulation_steps, snr_gamma, noise_offset, caption_dropout, ema_decay, ema_start_step, precision, gradient_checkpointing, seed"),
     ];
 }
 

@@ -62,6 +62,9 @@ pub struct TrainingOptions {
     pub ema_start_step: u64,
     /// Forward/backward precision.
     pub precision: Precision,
+    /// Recompute each UNet block's activations in backward instead of keeping them: the same
+    /// gradients in less memory, for a second forward pass.
+    pub gradient_checkpointing: bool,
     /// Seed of the timestep, noise and dropout draws.
     pub seed: u64,
 }
@@ -86,6 +89,7 @@ impl Default for TrainingOptions {
             ema_decay: None,
             ema_start_step: 0,
             precision: Precision::F32,
+            gradient_checkpointing: false,
             seed: 0,
         }
     }

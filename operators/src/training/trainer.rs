@@ -63,6 +63,14 @@ struct Pending {
     backward_s: f64,
 }
 
+/// A micro-batch's UNet inputs and target.
+struct Prepared {
+    noisy: Tensor,
+    timesteps: Vec<f32>,
+    context: Tensor,
+    target: Tensor,
+}
+
 /// The UNet under training with its optimizer, EMA and random stream.
 pub struct Trainer {
     unet: UNet,
@@ -297,15 +305,33 @@ impl Trainer {
         empty_context: Option<&Tensor>,
         draws: &Draws,
     ) -> Result<Tensor> {
+        let p = self.prepare(latents, context, empty_context, draws)?;
+        let prediction = self.unet.forward(&p.noisy, &p.timesteps, &p.context)?.to_dtype(DType::F32)?;
+        self.prediction_loss(&prediction, &p.target, &draws.timesteps)
+    }
+
+    /// The UNet's inputs for `draws` (in the compute precision) and the target.
+    fn prepare(
+        &self,
+        latents: &Tensor,
+        context: &Tensor,
+        empty_context: Option<&Tensor>,
+        draws: &Draws,
+    ) -> Result<Prepared> {
         let latents = latents.to_dtype(DType::F32)?;
         let context = self.captions(context, empty_context, &draws.keep_caption)?;
         let t = &draws.timesteps;
         let (noisy, target) = self.noise_and_target(&latents, &draws.noise, t)?;
-        let timesteps: Vec<f32> = t.iter().map(|&t| t as f32).collect();
-        let prediction = self
-            .unet
-            .forward(&noisy.to_dtype(self.compute)?, &timesteps, &context.to_dtype(self.compute)?)?
-            .to_dtype(DType::F32)?;
+        Ok(Prepared {
+            noisy: noisy.to_dtype(self.compute)?,
+            timesteps: t.iter().map(|&t| t as f32).collect(),
+            context: context.to_dtype(self.compute)?,
+            target,
+        })
+    }
+
+    /// The (min-SNR weighted) MSE of an f32 `prediction` at timesteps `t`.
+    fn prediction_loss(&self, prediction: &Tensor, target: &Tensor, t: &[usize]) -> Result<Tensor> {
         let squared = (prediction - target)?.sqr()?;
         let Some(gamma) = self.options.snr_gamma else { return Ok(squared.mean_all()?) };
         // Min-SNR-gamma (Hang et al. 2023) as diffusers weights it.
@@ -490,15 +516,18 @@ impl Trainer {
         weight: f64,
     ) -> Result<()> {
         let started = Instant::now();
-        let loss = self.loss(latents, context, empty_context, draws)?;
-        let loss_value = f64::from(loss.to_scalar::<f32>()?);
-        if !loss_value.is_finite() {
-            return Err(ModelError::Input(format!("the loss is {loss_value} at step {}", self.step() + 1)));
-        }
-        let scaled = if weight != 1.0 { loss.affine(weight, 0.0)? } else { loss };
-        let forward_s = started.elapsed().as_secs_f64();
-        let store = scaled.backward()?;
-        grads::accumulate(&mut self.pending.grads, grads::collect(&self.params, &store))?;
+        let (loss_value, grads, forward_s) = if self.options.gradient_checkpointing {
+            self.checkpointed_grads(latents, context, empty_context, draws, weight)?
+        } else {
+            let loss = self.loss(latents, context, empty_context, draws)?;
+            let loss_value = f64::from(loss.to_scalar::<f32>()?);
+            self.check_finite(loss_value)?;
+            let scaled = if weight != 1.0 { loss.affine(weight, 0.0)? } else { loss };
+            let forward_s = started.elapsed().as_secs_f64();
+            let store = scaled.backward()?;
+            (loss_value, grads::collect(&self.params, &store), forward_s)
+        };
+        grads::accumulate(&mut self.pending.grads, grads)?;
         let p = &mut self.pending;
         p.micro_batches += 1;
         p.loss_sum += loss_value * draws.timesteps.len() as f64;
@@ -506,6 +535,39 @@ impl Trainer {
         p.forward_s += forward_s;
         p.backward_s += started.elapsed().as_secs_f64() - forward_s;
         Ok(())
+    }
+
+    fn check_finite(&self, loss: f64) -> Result<()> {
+        if !loss.is_finite() {
+            return Err(ModelError::Input(format!("the loss is {loss} at step {}", self.step() + 1)));
+        }
+        Ok(())
+    }
+
+    /// One micro-batch's loss and gradients with gradient checkpointing (each block's
+    /// activations recomputed in backward); the forward time is not told apart (0).
+    fn checkpointed_grads(
+        &self,
+        latents: &Tensor,
+        context: &Tensor,
+        empty_context: Option<&Tensor>,
+        draws: &Draws,
+        weight: f64,
+    ) -> Result<(f64, Grads, f64)> {
+        let p = self.prepare(latents, context, empty_context, draws)?;
+        let loss_value = std::cell::Cell::new(f64::NAN);
+        let loss_of = |prediction: &Tensor| -> Result<Tensor> {
+            let loss = self.prediction_loss(&prediction.to_dtype(DType::F32)?, &p.target, &draws.timesteps)?;
+            let value = f64::from(loss.to_scalar::<f32>()?);
+            self.check_finite(value)?;
+            loss_value.set(value);
+            Ok(if weight != 1.0 { loss.affine(weight, 0.0)? } else { loss })
+        };
+        let mut sum = Grads::new();
+        let mut on_grads =
+            |store: &candle_core::backprop::GradStore| grads::accumulate(&mut sum, grads::collect(&self.params, store));
+        self.unet.forward_backward_checkpointed(&p.noisy, &p.timesteps, &p.context, &loss_of, &mut on_grads)?;
+        Ok((loss_value.get(), sum, 0.0))
     }
 
     fn apply(&mut self) -> Result<StepReport> {

@@ -1,5 +1,6 @@
 //! `UNet2DConditionModel` (the SD1 and SD2 families) with one timestep per sample.
 
+mod checkpointed;
 mod transformer;
 
 use candle_core::Tensor;
