@@ -4,6 +4,7 @@
 //! `StableDiffusionPipeline.from_pretrained` loads the whole folder (beside a trained UNet) and
 //! generates an image.
 
+use std::collections::BTreeMap;
 use std::process::Command;
 
 use latentflow_operators::clip::{Cleanup, ClipTokenizer, Vocab};
@@ -28,6 +29,19 @@ fn the_written_parts_are_what_transformers_and_diffusers_read() {
     }
     for file in ["model_index.json", "vae/config.json", "text_encoder/model.safetensors", "tokenizer/vocab.json"] {
         assert!(dir.path().join(file).is_file(), "{file}");
+    }
+    // The fixture's parts were written by diffusers and transformers for the same tiny sizes:
+    // the same tensor names (transformers 5 drops the `text_model.` prefix SD2's files have,
+    // and reads both) and shapes.
+    let shapes = |path: std::path::PathBuf, strip: &str| -> BTreeMap<String, Vec<usize>> {
+        let tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+        tensors.into_iter().map(|(n, t)| (n.trim_start_matches(strip).to_string(), t.dims().to_vec())).collect()
+    };
+    let fixture = latentflow_tests::fixture("tiny-sd");
+    for (file, strip) in
+        [("vae/diffusion_pytorch_model.safetensors", ""), ("text_encoder/model.safetensors", "text_model.")]
+    {
+        assert_eq!(shapes(dir.path().join(file), strip), shapes(fixture.join(file), strip), "{file}");
     }
     if !python_has("transformers") {
         eprintln!("skipped: python3 has no transformers (pip install transformers to run this check)");
