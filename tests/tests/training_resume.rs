@@ -179,7 +179,9 @@ fn previews_and_the_final_model_take_the_ema_weights_when_ema_is_on() {
         TrainingOptions { ema_decay: None, ..options() },
     )
     .unwrap();
-    assert_eq!(no_ema.inference_weights().len(), no_ema.detached_weights().len());
+    let (shipped, raw) = (no_ema.inference_weights(), no_ema.detached_weights());
+    assert_eq!(shipped.len(), raw.len());
+    assert!(raw.iter().all(|(n, t)| diff(t, &shipped[n]) == 0.0), "without EMA, the raw weights");
 }
 
 #[test]

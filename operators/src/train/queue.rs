@@ -97,11 +97,10 @@ impl BucketQueue {
         let latest = self.next_arrival.saturating_sub(1);
         let (name, take) = if let Some(name) = oldest(&|q| q.len() >= global_batch_size) {
             (name, global_batch_size)
-        } else if self.buckets.values().filter(|(_, q)| !q.is_empty()).count() == 1
-            && self.waiting().all(|(_, w)| w.arrival == latest)
+        } else if at_end
+            || (self.buckets.values().filter(|(_, q)| !q.is_empty()).count() == 1
+                && self.waiting().all(|(_, w)| w.arrival == latest))
         {
-            (oldest(&|_| true)?, global_batch_size)
-        } else if at_end {
             (oldest(&|_| true)?, global_batch_size)
         } else {
             return None;
