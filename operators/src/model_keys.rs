@@ -19,6 +19,16 @@ use crate::models::load::ModelSource;
 /// assert_eq!(check_source(None, None, Some("huge"))[0].key, "preset");
 /// ```
 pub fn check_source(model: Option<&Path>, path: Option<&Path>, preset: Option<&str>) -> Vec<KeyError> {
+    check_source_among(model, path, preset, &PRESETS)
+}
+
+/// [`check_source`] for a part whose presets are `known` (the VAE's include `pixels`).
+pub fn check_source_among(
+    model: Option<&Path>,
+    path: Option<&Path>,
+    preset: Option<&str>,
+    known: &[&str],
+) -> Vec<KeyError> {
     let mut errors = Vec::new();
     if model.is_none() && path.is_none() && preset.is_none() {
         errors.push(KeyError::new(
@@ -27,8 +37,8 @@ pub fn check_source(model: Option<&Path>, path: Option<&Path>, preset: Option<&s
              folder) or `preset`",
         ));
     }
-    if let Some(p) = preset.filter(|p| !PRESETS.contains(p)) {
-        errors.push(KeyError::new("preset", format!("unknown preset `{p}`; use one of {}", PRESETS.join(", "))));
+    if let Some(p) = preset.filter(|p| !known.contains(p)) {
+        errors.push(KeyError::new("preset", format!("unknown preset `{p}`; use one of {}", known.join(", "))));
     }
     errors
 }

@@ -14,7 +14,7 @@ use latentflow_gpu_kernels::ops::normalize::normalize_u8_chw;
 
 use crate::model_keys::{self, column_tensor, in_chunks, op_error};
 use crate::models::load::{load_vae, ModelSource};
-use crate::models::AutoencoderKl;
+use crate::models::{Autoencoder, VAE_PRESETS};
 use crate::rng::Rng;
 
 /// Which latents to keep from the VAE's posterior.
@@ -38,7 +38,8 @@ pub struct VaeEncodeConfig {
     /// The VAE's own folder (`config.json` + safetensors).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
-    /// A built-in size with random weights (benchmarks and tests).
+    /// A built-in size with random weights (benchmarks and tests), or `pixels`: the fixed demo
+    /// autoencoder (patch colours, see [`crate::models::PixelPatches`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preset: Option<String>,
     /// `"sample"` (default) or `"mean"`.
@@ -71,7 +72,7 @@ impl OperatorConfig for VaeEncodeConfig {
     const KEYS: &'static [(&'static str, &'static str)] = &[
         ("model", "a diffusers pipeline folder; its vae/ is used"),
         ("path", "the VAE's own folder (config.json + diffusion_pytorch_model.safetensors)"),
-        ("preset", "\"tiny\", \"sd2-base\" or \"sd1\" with random weights (benchmarks and tests only)"),
+        ("preset", "\"tiny\", \"sd2-base\" or \"sd1\" with random weights (benchmarks and tests only), or \"pixels\": the demo's fixed autoencoder (each 8x8 patch's mean colour and top-bottom luminance step)"),
         ("mode", "\"sample\" (default, as diffusers' trainers) or \"mean\" of the posterior"),
         ("scaling_factor", "multiplies the latents (default: the VAE config's, 0.18215 for SD)"),
         ("batch_size", "images per forward pass (default 8)"),
@@ -81,7 +82,7 @@ impl OperatorConfig for VaeEncodeConfig {
 impl NodeSpec for VaeEncodeConfig {
     fn validate(&self) -> Vec<KeyError> {
         let (model, path, preset) = (self.model.as_deref(), self.path.as_deref(), self.preset.as_deref());
-        let mut errors = model_keys::check_source(model, path, preset);
+        let mut errors = model_keys::check_source_among(model, path, preset, &VAE_PRESETS);
         errors.extend(model_keys::check_config(model, ("path", path), preset, "vae"));
         errors.extend(KeyError::check_range("batch_size", self.batch_size, 1, 65536));
         if let Some(s) = self.scaling_factor.filter(|s| !(s.is_finite() && *s > 0.0)) {
@@ -115,7 +116,7 @@ pub struct VaeEncode {
 
 /// The VAE on its device, the latents' scale, and the 256 normalised pixel values there.
 struct Loaded {
-    vae: AutoencoderKl,
+    vae: Autoencoder,
     device: Device,
     scale: f64,
     pixel_values: Tensor,
@@ -181,7 +182,7 @@ impl Stage for VaeEncode {
     fn start(&mut self, ctx: &mut OpContext) -> Result<(), OpError> {
         let device = model_keys::device(ctx)?;
         let vae = load_vae(&self.source, &device, self.seed).map_err(op_error)?;
-        let scale = self.config.scaling_factor.unwrap_or(vae.config().scaling_factor);
+        let scale = self.config.scaling_factor.unwrap_or(vae.scaling_factor());
         let pixel_values = normalized_values(&device).map_err(op_error)?;
         self.model = Some(Loaded { vae, device, scale, pixel_values });
         Ok(())
@@ -271,6 +272,29 @@ mod tests {
         let (_, raw) = latents(&unscaled.process(images(1), &mut OpContext::detached("vae")).unwrap().unwrap());
         for (b, r) in base.iter().zip(&raw) {
             assert!((b - r * 0.18215).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn the_pixels_preset_gives_each_patchs_mean_colour_without_noise() {
+        let config = VaeEncodeConfig { preset: Some("pixels".into()), ..Default::default() };
+        assert!(config.validate().is_empty(), "{:?}", config.validate());
+        let mut pixels = VaeEncode::new(config, ModelSource::Preset("pixels".into()), 3);
+        pixels.start(&mut OpContext::detached("vae")).unwrap();
+        // One 16x16 image: every pixel of channel c is 64 * c + 10.
+        let data: Vec<u8> = (0..3 * 256).map(|i| (i / 256 * 64 + 10) as u8).collect();
+        let batch = Batch::new()
+            .with("key", Column::I64(vec![5]))
+            .unwrap()
+            .with("pixels", Column::U8Tensor { shape: vec![3, 16, 16], data })
+            .unwrap();
+        let (shape, latents) = latents(&pixels.process(batch, &mut OpContext::detached("vae")).unwrap().unwrap());
+        assert_eq!(shape, [4, 2, 2]);
+        let torchvision = |x: f32| (x / 255.0 - 0.5) / 0.5;
+        for (c, plane) in latents.chunks(4).enumerate() {
+            // Sample mode adds no noise: the autoencoder is deterministic.
+            let want = if c < 3 { torchvision((64 * c + 10) as f32) } else { 0.0 };
+            assert!(plane.iter().all(|v| (v - want).abs() < 1e-6), "channel {c}: {plane:?}");
         }
     }
 

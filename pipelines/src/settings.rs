@@ -1,6 +1,7 @@
 //! What the three Stable Diffusion pipelines share: the sizes and models they run with. The
-//! defaults are the embedded demo (procedural images, `tiny` random models, a few minutes on a
-//! laptop); the `topologies/sd2-base-256/` files show the reference's real settings.
+//! defaults are the embedded demo (procedural images, the fixed `pixels` autoencoder, `tiny`
+//! random text encoder and UNet, a few minutes on a laptop); the `topologies/sd2-base-256/`
+//! files show the reference's real settings.
 
 use latentflow_engine::{Placement, TopologyBuilder};
 use latentflow_operators::training::TrainingOptions;
@@ -23,8 +24,11 @@ pub struct Settings {
     pub global_batch_size: usize,
     /// Crop size in pixels (latents are 1/8 of it).
     pub resolution: u32,
-    /// Model preset of the encoders and the UNet.
+    /// Model preset of the text encoder and the UNet.
     pub preset: String,
+    /// VAE preset: `pixels` (the demo's fixed autoencoder, so previews show what was learned)
+    /// or a model preset such as `tiny` (random weights: the real VAE's cost, for benchmarks).
+    pub autoencoder: String,
     /// VAE latents: sampled (as diffusers trains) or the posterior mean.
     pub latent_mode: LatentMode,
     /// Checkpoint every this many steps.
@@ -42,10 +46,17 @@ impl Default for Settings {
             global_batch_size: 16,
             resolution: 64,
             preset: "tiny".into(),
+            autoencoder: "pixels".into(),
             latent_mode: LatentMode::Sample,
             checkpoint_every: 50,
             sample_every: 50,
-            training: TrainingOptions { lr: 1e-3, warmup_steps: 10, max_grad_norm: Some(1.0), ..Default::default() },
+            training: TrainingOptions {
+                lr: 1e-3,
+                warmup_steps: 10,
+                max_grad_norm: Some(1.0),
+                caption_dropout: 0.1,
+                ..Default::default()
+            },
         }
     }
 }
@@ -80,7 +91,7 @@ impl Settings {
 
     fn vae(&self) -> VaeEncodeConfig {
         VaeEncodeConfig {
-            preset: Some(self.preset.clone()),
+            preset: Some(self.autoencoder.clone()),
             mode: self.latent_mode,
             batch_size: self.global_batch_size,
             ..VaeEncodeConfig::default()
@@ -91,9 +102,16 @@ impl Settings {
         TextEncodeConfig { preset: Some(self.preset.clone()), ..TextEncodeConfig::default() }
     }
 
-    pub(crate) fn train(&self) -> TrainConfig {
+    /// The trainer's config in the `online` and `train` jobs.
+    ///
+    /// ```
+    /// let train = latentflow_pipelines::Settings::default().train();
+    /// assert_eq!(train.vae_preset.as_deref(), Some("pixels"));
+    /// ```
+    pub fn train(&self) -> TrainConfig {
         TrainConfig {
             preset: Some(self.preset.clone()),
+            vae_preset: Some(self.autoencoder.clone()).filter(|a| *a != self.preset),
             global_batch_size: self.global_batch_size,
             checkpoint_every: self.checkpoint_every,
             keep_last: 2,

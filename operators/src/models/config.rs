@@ -615,3 +615,6 @@ pub fn read_config<T: DeserializeOwned>(dir: &Path) -> Result<(T, PathBuf)> {
 
 /// The preset names every model accepts.
 pub const PRESETS: [&str; 3] = ["tiny", "sd2-base", "sd1"];
+
+/// The presets an image autoencoder accepts: every model's, and the fixed demo `pixels`.
+pub const VAE_PRESETS: [&str; 4] = ["tiny", "sd2-base", "sd1", super::pixel_patches::PIXELS_PRESET];

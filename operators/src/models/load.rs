@@ -8,8 +8,9 @@ use serde::de::DeserializeOwned;
 
 use super::config::{read_config, ClipTextConfig, UNetConfig, VaeConfig, PRESETS};
 use super::error::{ModelError, Result};
+use super::pixel_patches::{PixelPatches, PIXELS_PRESET};
 use super::weights::Weights;
-use super::{AutoencoderKl, ClipTextModel, UNet};
+use super::{Autoencoder, AutoencoderKl, ClipTextModel, UNet};
 
 /// Where a model comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,6 +81,7 @@ pub fn check_part_config(dir: &Path, part: &str) -> Result<()> {
     }
     match part {
         "unet" => read_config::<UNetConfig>(dir).and_then(|(c, path)| c.check(&path)),
+        "vae" if PixelPatches::is_in(dir) => Ok(()),
         "vae" => read_config::<VaeConfig>(dir).and_then(|(c, path)| c.check(&path)),
         "text_encoder" => read_config::<ClipTextConfig>(dir).and_then(|(c, path)| c.check(&path)),
         other => Err(ModelError::Input(format!("no model part `{other}`"))),
@@ -93,8 +95,15 @@ pub fn load_unet(source: &ModelSource, device: &Device, trainable: bool, seed: u
     Ok((unet, weights))
 }
 
-/// The VAE (frozen). Old checkpoints' `query/key/value/proj_attn` names are accepted.
-pub fn load_vae(source: &ModelSource, device: &Device, seed: u64) -> Result<AutoencoderKl> {
+/// The image autoencoder (frozen): SD's VAE, or the fixed [`PixelPatches`] for the preset
+/// `pixels` or a folder whose config names it. Old checkpoints' `query/key/value/proj_attn`
+/// names are accepted.
+pub fn load_vae(source: &ModelSource, device: &Device, seed: u64) -> Result<Autoencoder> {
+    match source {
+        ModelSource::Preset(name) if name == PIXELS_PRESET => return Ok(Autoencoder::Pixels(PixelPatches)),
+        ModelSource::Folder(dir) if PixelPatches::is_in(dir) => return Ok(Autoencoder::Pixels(PixelPatches)),
+        _ => {}
+    }
     warn_random_encoder("vae", source);
     let (config, weights) = config_and_weights(source, device, false, seed, VaeConfig::preset, VaeConfig::check)?;
     let weights = weights
@@ -102,7 +111,7 @@ pub fn load_vae(source: &ModelSource, device: &Device, seed: u64) -> Result<Auto
         .with_alias("to_k", "key")
         .with_alias("to_v", "value")
         .with_alias("to_out.0", "proj_attn");
-    AutoencoderKl::new(&config, &weights)
+    Ok(Autoencoder::Kl(Box::new(AutoencoderKl::new(&config, &weights)?)))
 }
 
 /// The text encoder (frozen).

@@ -1,8 +1,10 @@
 //! The models of the Stable Diffusion family, in candle, with every op differentiable:
 //! [`ClipTextModel`], [`AutoencoderKl`] and [`UNet`] (per-sample timesteps). They load
 //! diffusers / transformers folders (`config.json` + safetensors in f32, f16 or bf16) or start
-//! from built-in presets with seeded random weights.
+//! from built-in presets with seeded random weights. The demo's [`PixelPatches`] stands in for
+//! the VAE where a fixed, readable autoencoder is wanted ([`Autoencoder`] is either).
 
+pub mod autoencoder;
 pub mod blocks;
 pub mod clip_text;
 pub mod config;
@@ -10,13 +12,16 @@ pub mod error;
 pub mod fused_attention;
 pub mod load;
 pub mod nn;
+pub mod pixel_patches;
 pub mod unet;
 pub mod vae;
 pub mod weights;
 
+pub use autoencoder::Autoencoder;
 pub use clip_text::ClipTextModel;
-pub use config::{ClipTextConfig, UNetConfig, VaeConfig, PRESETS};
+pub use config::{ClipTextConfig, UNetConfig, VaeConfig, PRESETS, VAE_PRESETS};
 pub use error::{ModelError, Result};
+pub use pixel_patches::{PixelPatches, PIXELS_PRESET};
 pub use unet::UNet;
 pub use vae::{AutoencoderKl, Posterior};
 pub use weights::{Init, Weights};

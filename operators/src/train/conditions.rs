@@ -8,18 +8,18 @@ use latentflow_engine::OpError;
 
 use super::TrainConfig;
 use crate::model_keys::{self, op_error};
+use crate::models::load::ModelSource;
 use crate::models::load::{load_text_encoder, load_vae};
-use crate::models::{AutoencoderKl, UNet};
+use crate::models::{Autoencoder, UNet};
 use crate::rng::Rng;
 use crate::tokenize::TokenizeConfig;
 use crate::training::pipeline_folder::FrozenParts;
 use crate::training::sampling::{write_grid, Ddim};
 use crate::training::NoiseSchedule;
-use crate::training::SchedulerConfig;
 
 /// What preview sampling needs: the decoder, the prompts' embeddings and the sampler.
 pub(super) struct Previews {
-    vae: AutoencoderKl,
+    vae: Autoencoder,
     context: Tensor,
     ddim: Ddim,
 }
@@ -40,7 +40,7 @@ impl Previews {
     ) -> Result<(), OpError> {
         let mut rng = Rng::new(seed, PREVIEW_STREAM);
         let latents = self.ddim.sample(unet, &self.context, uncond, guidance, (c, h, w), &mut rng).map_err(op_error)?;
-        let scale = self.vae.config().scaling_factor;
+        let scale = self.vae.scaling_factor();
         write_grid(path, &self.vae, &latents, scale).map_err(op_error)?;
         tracing::info!(path = %path.display(), "preview written");
         Ok(())
@@ -48,22 +48,26 @@ impl Previews {
 }
 
 impl TrainConfig {
+    /// The VAE the previews decode with and `final/vae` holds: `vae_preset`, else the `vae`
+    /// folder, `model/vae` or the preset.
+    fn vae_source(&self) -> Result<ModelSource, OpError> {
+        match &self.vae_preset {
+            Some(preset) => Ok(ModelSource::Preset(preset.clone())),
+            None => model_keys::source(self.model.as_deref(), self.vae.as_deref(), self.preset.as_deref(), "vae"),
+        }
+    }
+
     /// Where the frozen parts of `final/` come from: the folders or presets the previews and the
     /// empty caption use (`model`'s parts, the `vae` / `text_encoder` / `scheduler` keys, or the
     /// preset with the bundled vocabulary).
     pub(super) fn frozen_parts(&self, seed: u64) -> Result<FrozenParts, OpError> {
         let (model, preset) = (self.model.as_deref(), self.preset.as_deref());
-        let scheduler = self.scheduler.clone().or_else(|| model.map(|m| m.join("scheduler"))).filter(|d| d.is_dir());
-        let schedule = match &scheduler {
-            Some(dir) => {
-                let path = dir.join("scheduler_config.json");
-                let text = std::fs::read_to_string(&path).map_err(|e| OpError::io(&path, e))?;
-                serde_json::from_str(&text).map_err(|e| OpError::msg(format!("{}: {e}", path.display())))?
-            }
-            None => SchedulerConfig::default(),
-        };
+        let (folder, schedule) = self.scheduler_config()?;
+        let (_, as_read) = TrainConfig { prediction_type: None, ..self.clone() }.scheduler_config()?;
+        // A folder whose config the job changed (`prediction_type`) is written out, not linked.
+        let scheduler = folder.filter(|_| as_read == schedule);
         Ok(FrozenParts {
-            vae: model_keys::source(model, self.vae.as_deref(), preset, "vae")?,
+            vae: self.vae_source()?,
             text_encoder: model_keys::source(model, self.text_encoder.as_deref(), preset, "text_encoder")?,
             tokenizer: model.map(crate::clip::tokenizer_dir_of_model).filter(|d| d.is_dir()),
             scheduler,
@@ -117,8 +121,32 @@ impl TrainConfig {
         context: Option<Tensor>,
     ) -> Result<Option<Previews>, OpError> {
         let Some(context) = context else { return Ok(None) };
-        let source = model_keys::source(self.model.as_deref(), self.vae.as_deref(), self.preset.as_deref(), "vae")?;
-        let vae = load_vae(&source, device, seed).map_err(op_error)?;
+        let vae = load_vae(&self.vae_source()?, device, seed).map_err(op_error)?;
         Ok(Some(Previews { context, ddim: Ddim::new(schedule, self.sample_steps), vae }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::training::schedule::Prediction;
+
+    #[test]
+    fn prediction_type_overrides_the_scheduler_and_final_records_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let scheduler = dir.path().join("scheduler");
+        std::fs::create_dir_all(&scheduler).unwrap();
+        std::fs::write(scheduler.join("scheduler_config.json"), r#"{"beta_end": 0.02}"#).unwrap();
+        let plain =
+            TrainConfig { preset: Some("tiny".into()), scheduler: Some(scheduler.clone()), ..Default::default() };
+        let linked = plain.frozen_parts(0).unwrap();
+        assert_eq!(linked.scheduler.as_deref(), Some(scheduler.as_path()), "an unchanged folder is linked");
+        assert_eq!(linked.schedule.prediction_type, Prediction::Epsilon);
+
+        let v = TrainConfig { prediction_type: Some(Prediction::VPrediction), ..plain };
+        assert_eq!(v.schedule().unwrap().prediction, Prediction::VPrediction);
+        let written = v.frozen_parts(0).unwrap();
+        assert!(written.scheduler.is_none(), "a changed schedule is written out, not linked");
+        assert_eq!((written.schedule.prediction_type, written.schedule.beta_end), (Prediction::VPrediction, 0.02));
     }
 }

@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::Train;
 use crate::model_keys::{self, op_error};
+use crate::models::VAE_PRESETS;
+use crate::training::schedule::Prediction;
 use crate::training::{checkpoint, NoiseSchedule, SchedulerConfig, TrainingOptions};
 
 /// Config of `train`.
@@ -67,6 +69,16 @@ pub struct TrainConfig {
     /// A VAE folder for decoding previews; default `model/vae`, else the preset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vae: Option<PathBuf>,
+    /// What the UNet learns to predict, `epsilon` or `v_prediction`, instead of the scheduler's
+    /// (`final/scheduler` records it). v-prediction learns an image's overall colours from the
+    /// caption much sooner (its loss at high noise is about the image, not the noise), which is
+    /// why the demo uses it; SD2 768-v trains with it too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prediction_type: Option<Prediction>,
+    /// A VAE preset for the previews and `final/vae` instead of `vae` / `model` / `preset`:
+    /// `pixels` when `vae_encode` encodes with the demo's fixed autoencoder.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vae_preset: Option<String>,
     /// The training hyperparameters (`[nodes.ID.training]`).
     pub training: TrainingOptions,
 }
@@ -91,6 +103,8 @@ impl Default for TrainConfig {
             sample_steps: 20,
             guidance_scale: 7.5,
             vae: None,
+            prediction_type: None,
+            vae_preset: None,
             training: TrainingOptions::default(),
         }
     }
@@ -120,6 +134,8 @@ impl OperatorConfig for TrainConfig {
         ("sample_steps", "DDIM steps per preview (default 20)"),
         ("guidance_scale", "classifier-free guidance of the previews (default 7.5)"),
         ("vae", "VAE folder for decoding previews (default model/vae or the preset)"),
+        ("prediction_type", "\"epsilon\" or \"v_prediction\": what the UNet predicts, instead of the scheduler's (written to final/scheduler)"),
+        ("vae_preset", "a VAE preset for previews and final/vae instead (\"pixels\": the demo's fixed autoencoder, as its vae_encode uses)"),
         ("training", "table of training options: lr, warmup_steps, lr_decay, total_steps, adam_*, weight_decay, max_grad_norm, gradient_accumulation_steps, snr_gamma, noise_offset, caption_dropout, ema_decay, ema_start_step, precision, gradient_checkpointing, seed"),
     ];
 }
@@ -138,13 +154,29 @@ impl TrainConfig {
         }
     }
 
-    pub(super) fn schedule(&self) -> Result<NoiseSchedule, OpError> {
+    /// The scheduler folder (`scheduler`, else `model/scheduler`) if there is one, and the
+    /// schedule's config: the folder's (else SD's DDPM) with `prediction_type` applied.
+    pub(super) fn scheduler_config(&self) -> Result<(Option<PathBuf>, SchedulerConfig), OpError> {
         let folder = self.scheduler.clone().or_else(|| self.model.as_ref().map(|m| m.join("scheduler")));
-        match folder {
-            Some(dir) => NoiseSchedule::from_folder(&dir),
-            None => NoiseSchedule::new(&SchedulerConfig::default(), Path::new("the default SD schedule")),
+        let mut config = match &folder {
+            Some(dir) => {
+                let path = dir.join("scheduler_config.json");
+                let text = std::fs::read_to_string(&path).map_err(|e| OpError::io(&path, e))?;
+                serde_json::from_str(&text).map_err(|e| OpError::msg(format!("{}: {e}", path.display())))?
+            }
+            None => SchedulerConfig::default(),
+        };
+        if let Some(prediction) = self.prediction_type {
+            config.prediction_type = prediction;
         }
-        .map_err(op_error)
+        Ok((folder, config))
+    }
+
+    pub(super) fn schedule(&self) -> Result<NoiseSchedule, OpError> {
+        let (folder, config) = self.scheduler_config()?;
+        let origin =
+            folder.map_or_else(|| PathBuf::from("the default SD schedule"), |d| d.join("scheduler_config.json"));
+        NoiseSchedule::new(&config, &origin).map_err(op_error)
     }
 }
 
@@ -160,7 +192,17 @@ impl NodeSpec for TrainConfig {
             preset,
             "unet",
         ));
-        errors.extend(model_keys::check_config(model, ("vae", self.vae.as_deref()), preset, "vae"));
+        match (&self.vae, self.vae_preset.as_deref()) {
+            (Some(_), Some(_)) => {
+                errors.push(KeyError::new("vae_preset", "set `vae` (a folder) or `vae_preset`, not both"))
+            }
+            (_, Some(p)) if !VAE_PRESETS.contains(&p) => errors.push(KeyError::new(
+                "vae_preset",
+                format!("unknown VAE preset `{p}`; use one of {}", VAE_PRESETS.join(", ")),
+            )),
+            (_, Some(_)) => {}
+            (_, None) => errors.extend(model_keys::check_config(model, ("vae", self.vae.as_deref()), preset, "vae")),
+        }
         errors.extend(model_keys::check_config(
             model,
             ("text_encoder", self.text_encoder.as_deref()),
@@ -244,5 +286,16 @@ mod tests {
         };
         let keys: Vec<_> = config.validate().into_iter().map(|e| e.key).collect();
         assert_eq!(keys, ["preset", "global_batch_size", "training", "resume"]);
+    }
+
+    #[test]
+    fn vae_preset_is_a_known_vae_preset_and_excludes_a_vae_folder() {
+        let pixels =
+            TrainConfig { preset: Some("tiny".into()), vae_preset: Some("pixels".into()), ..Default::default() };
+        assert!(pixels.validate().is_empty());
+        let unknown = TrainConfig { vae_preset: Some("crayons".into()), ..pixels.clone() };
+        assert_eq!(unknown.validate()[0].key, "vae_preset");
+        let both = TrainConfig { vae: Some("vae".into()), ..pixels };
+        assert!(both.validate()[0].message.contains("not both"), "{:?}", both.validate());
     }
 }

@@ -15,6 +15,7 @@ use crate::clip::Vocab;
 use crate::models::config::{ClipTextConfig, VaeConfig};
 use crate::models::error::{ModelError, Result};
 use crate::models::load::ModelSource;
+use crate::models::pixel_patches::{PixelPatches, PIXELS_CLASS, PIXELS_PRESET};
 use crate::models::weights::Weights;
 use crate::models::{AutoencoderKl, ClipTextModel};
 
@@ -63,6 +64,13 @@ fn write_json(path: &Path, value: &Value) -> Result<()> {
 
 /// Writes the frozen parts and `model_index.json` into `dir` (which holds, or will hold, `unet/`).
 pub fn write_frozen_parts(dir: &Path, parts: &FrozenParts) -> Result<()> {
+    let pixels = match &parts.vae {
+        ModelSource::Preset(name) => name == PIXELS_PRESET,
+        ModelSource::Folder(from) => PixelPatches::is_in(from),
+    };
+    // The demo's fixed autoencoder is latentflow's own: the folder names it, and diffusers
+    // cannot load it (the README says so).
+    let vae_class = if pixels { json!(["latentflow", PIXELS_CLASS]) } else { json!(["diffusers", "AutoencoderKL"]) };
     match &parts.vae {
         ModelSource::Folder(from) => link_files(from, &dir.join("vae"))?,
         ModelSource::Preset(name) => write_preset_vae(&dir.join("vae"), name, parts.seed)?,
@@ -92,7 +100,7 @@ pub fn write_frozen_parts(dir: &Path, parts: &FrozenParts) -> Result<()> {
             "text_encoder": ["transformers", "CLIPTextModel"],
             "tokenizer": ["transformers", "CLIPTokenizer"],
             "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
+            "vae": vae_class,
         }),
     )
 }
@@ -125,6 +133,10 @@ fn created(weights: &Weights) -> HashMap<String, Tensor> {
 }
 
 fn write_preset_vae(dir: &Path, preset: &str, seed: u64) -> Result<()> {
+    if preset == PIXELS_PRESET {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        return write_json(&dir.join("config.json"), &PixelPatches::config_json());
+    }
     let config = VaeConfig::preset(preset).ok_or_else(|| ModelError::Input(format!("no VAE preset `{preset}`")))?;
     let weights = Weights::random(seed, &Device::Cpu, true);
     AutoencoderKl::new(&config, &weights)?;
@@ -220,5 +232,23 @@ mod tests {
             serde_json::from_str(&std::fs::read_to_string(dir.path().join("model_index.json")).unwrap()).unwrap();
         assert_eq!(index["vae"], json!(["diffusers", "AutoencoderKL"]));
         assert!(dir.path().join("scheduler/scheduler_config.json").is_file());
+    }
+
+    #[test]
+    fn the_pixels_autoencoder_is_written_as_a_config_that_loads_back_as_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = FrozenParts { vae: ModelSource::Preset(PIXELS_PRESET.into()), ..FrozenParts::of_preset("tiny", 7) };
+        write_frozen_parts(dir.path(), &parts).unwrap();
+        let vae = load_vae(&ModelSource::Folder(dir.path().join("vae")), &Device::Cpu, 0).unwrap();
+        assert!(matches!(vae, crate::models::Autoencoder::Pixels(_)));
+        assert!(!dir.path().join("vae/diffusion_pytorch_model.safetensors").exists(), "it has no weights");
+        let index: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("model_index.json")).unwrap()).unwrap();
+        assert_eq!(index["vae"], json!(["latentflow", PIXELS_CLASS]));
+        // A second phase that takes `final/vae` as its folder links the same config.
+        let again = tempfile::tempdir().unwrap();
+        let linked = FrozenParts { vae: ModelSource::Folder(dir.path().join("vae")), ..parts };
+        write_frozen_parts(again.path(), &linked).unwrap();
+        assert!(PixelPatches::is_in(&again.path().join("vae")));
     }
 }

@@ -12,7 +12,7 @@ use super::schedule::{NoiseSchedule, Prediction};
 use crate::models::config::UNetConfig;
 use crate::models::error::{ModelError, Result};
 use crate::models::weights::Weights;
-use crate::models::{AutoencoderKl, UNet};
+use crate::models::{Autoencoder, UNet};
 use crate::rng::Rng;
 
 /// A UNet over the trainer's current weights, detached: sampling with it builds no autograd
@@ -104,7 +104,7 @@ impl Ddim {
 
 /// Decodes `latents` (scaled by `scaling_factor`) with `vae` and writes them side by side as a
 /// PNG at `path`.
-pub fn write_grid(path: &Path, vae: &AutoencoderKl, latents: &Tensor, scaling_factor: f64) -> Result<()> {
+pub fn write_grid(path: &Path, vae: &Autoencoder, latents: &Tensor, scaling_factor: f64) -> Result<()> {
     let images = vae.decode(&(latents / scaling_factor)?)?;
     // [-1, 1] -> [0, 255], as diffusers' image processor does.
     let images = ((images.to_dtype(DType::F32)? + 1.0)? * 127.5)?.clamp(0f32, 255f32)?.to_device(&Device::Cpu)?;
