@@ -8,7 +8,7 @@ use latentflow_engine::{
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
-use crate::demo::demo_image;
+use crate::demo::{demo_image_in, SceneStyle};
 use crate::sharding::KeyShard;
 use crate::source_rows;
 
@@ -26,11 +26,14 @@ pub struct DemoSourceConfig {
     pub batch_size: Option<usize>,
     /// JPEG quality, 1-100.
     pub quality: u8,
+    /// `"varied"` (1-3 shapes on solid, gradient or noisy backgrounds) or `"simple"` (one
+    /// large shape on a solid background).
+    pub scenes: SceneStyle,
 }
 
 impl Default for DemoSourceConfig {
     fn default() -> Self {
-        DemoSourceConfig { count: 512, batch_size: None, quality: 90 }
+        DemoSourceConfig { count: 512, batch_size: None, quality: 90, scenes: SceneStyle::Varied }
     }
 }
 
@@ -43,6 +46,7 @@ impl OperatorConfig for DemoSourceConfig {
         ("count", "rows in total over all workers (default 512)"),
         ("batch_size", "rows per epoch on each worker (default 32; left out in a training job: the trainer's global_batch_size split over the source's workers)"),
         ("quality", "JPEG quality 1-100 (default 90)"),
+        ("scenes", "\"varied\" (default: 1-3 shapes on solid, gradient or noisy backgrounds) or \"simple\" (one large shape on a solid background, what the main job learns from)"),
     ];
 }
 
@@ -107,7 +111,8 @@ impl Source for DemoSource {
         if keys.is_empty() {
             return Ok(None);
         }
-        let rows: Vec<_> = keys.iter().map(|&k| demo_image(self.seed, k as u64, self.config.quality)).collect();
+        let rows: Vec<_> =
+            keys.iter().map(|&k| demo_image_in(self.seed, k as u64, self.config.quality, self.config.scenes)).collect();
         let (captions, images) = rows.into_iter().map(|r| (r.caption, ByteBuf::from(r.jpeg))).unzip();
         Ok(Some(source_rows::batch(keys, captions, images)?))
     }
@@ -124,10 +129,11 @@ impl Source for DemoSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::demo::demo_image;
 
     #[test]
     fn emits_captioned_jpegs_in_key_order() {
-        let mut source = DemoSource::new(DemoSourceConfig { count: 3, batch_size: Some(2), quality: 80 }, 0, 0, 1);
+        let mut source = DemoSource::new(DemoSourceConfig { count: 3, batch_size: Some(2), quality: 80, ..Default::default() }, 0, 0, 1);
         let mut ctx = OpContext::detached("read");
         let first = source.next_batch(&mut ctx).unwrap().unwrap();
         assert_eq!(first.i64s("key").unwrap(), &[0, 1]);

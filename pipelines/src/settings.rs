@@ -4,6 +4,7 @@
 //! files show the reference's real settings.
 
 use latentflow_engine::{Placement, TopologyBuilder};
+use latentflow_operators::training::schedule::Prediction;
 use latentflow_operators::training::TrainingOptions;
 use latentflow_operators::vae_encode::LatentMode;
 use latentflow_operators::{
@@ -35,6 +36,9 @@ pub struct Settings {
     pub checkpoint_every: u64,
     /// Write a DDIM preview grid every this many steps.
     pub sample_every: u64,
+    /// What the UNet predicts: the demo uses v-prediction, whose previews do not saturate
+    /// early in training as epsilon's do.
+    pub prediction_type: Option<Prediction>,
     /// Training hyperparameters.
     pub training: TrainingOptions,
 }
@@ -50,6 +54,7 @@ impl Default for Settings {
             latent_mode: LatentMode::Sample,
             checkpoint_every: 50,
             sample_every: 50,
+            prediction_type: Some(Prediction::VPrediction),
             training: TrainingOptions {
                 lr: 1e-3,
                 warmup_steps: 10,
@@ -112,6 +117,7 @@ impl Settings {
         TrainConfig {
             preset: Some(self.preset.clone()),
             vae_preset: Some(self.autoencoder.clone()).filter(|a| *a != self.preset),
+            prediction_type: self.prediction_type,
             global_batch_size: self.global_batch_size,
             checkpoint_every: self.checkpoint_every,
             keep_last: 2,

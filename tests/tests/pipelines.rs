@@ -5,7 +5,9 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use latentflow_engine::{Batch, Column, JobConfig, OpContext, Sink};
+use latentflow_engine::{Batch, Column, JobConfig, OpContext, Sink, Source};
+use latentflow_operators::demo::{demo_image_in, SceneStyle, COLOURS};
+use latentflow_operators::latents_source::{LatentsSource, LatentsSourceConfig};
 use latentflow_operators::models::load::{load_unet, ModelSource};
 use latentflow_operators::train::{Train, TrainConfig};
 use latentflow_tests::{fixture, kill_run_once_exists, latentflow, text, topology};
@@ -58,6 +60,44 @@ fn preprocess_then_train_gives_the_losses_of_online() {
         assert!(d.join(run).join("checkpoint-3/state.json").is_file(), "a checkpoint at the end");
     }
     assert!(!d.join("runs/online/latents").exists(), "online stores no latents");
+}
+
+/// The demo colour nearest `rgb` (0-255).
+fn nearest_colour(rgb: [f32; 3]) -> &'static str {
+    let distance = |c: &[u8; 3]| (0..3).map(|i| (rgb[i] - f32::from(c[i])).powi(2)).sum::<f32>();
+    COLOURS.iter().min_by(|a, b| distance(&a.1).total_cmp(&distance(&b.1))).unwrap().0
+}
+
+#[test]
+fn the_demos_pixels_latents_show_each_rows_caption() {
+    // Simple scenes: one large shape on a solid background, so each latent's top row of patches
+    // is the background the caption names. Through the whole preprocessing job and back.
+    let dir = tempfile::tempdir().unwrap();
+    let sets = ["nodes.read.count=64", "nodes.read.scenes=\"simple\"", "nodes.vae.mode=\"mean\""];
+    let sets: Vec<&str> = sets.iter().flat_map(|s| ["--set", s]).collect();
+    run_ok(dir.path(), &[&["run", &topo("preprocess.toml")][..], &sets].concat());
+    let latents = dir.path().join("runs/preprocess/latents");
+    let config = LatentsSourceConfig { path: latents.display().to_string(), ..Default::default() };
+    let mut source = LatentsSource::new(config, 0, 0, 1);
+    let mut ctx = OpContext::detached("read");
+    source.start(&mut ctx).unwrap();
+    let mut rows = 0;
+    while let Some(batch) = source.next_batch(&mut ctx).unwrap() {
+        let Column::F32Tensor { shape, data } = batch.column("latents").unwrap() else { panic!("f32 latents") };
+        assert_eq!(shape, &[4, 8, 8]);
+        for (i, &key) in batch.i64s("key").unwrap().iter().enumerate() {
+            let row = &data[i * 256..(i + 1) * 256];
+            let top = |c: usize| (row[c * 64..c * 64 + 8].iter().sum::<f32>() / 8.0 + 1.0) * 127.5;
+            let background = nearest_colour([top(0), top(1), top(2)]);
+            let caption = demo_image_in(0, key as u64, 90, SceneStyle::Simple).caption;
+            assert!(
+                caption.ends_with(&format!("on a {background} background")),
+                "row {key}: {caption}, top {background}"
+            );
+            rows += 1;
+        }
+    }
+    assert_eq!(rows, 64);
 }
 
 #[test]

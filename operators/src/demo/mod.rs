@@ -9,7 +9,7 @@ mod scene;
 use crate::rng::Rng;
 pub use parquet::{img2dataset_schema, write_demo_parquet, ROWS_PER_GROUP};
 pub use render::{encode_jpeg, render};
-pub use scene::{Background, Scene, Shape, ShapeKind, COLOURS};
+pub use scene::{Background, Scene, SceneStyle, Shape, ShapeKind, COLOURS};
 
 /// One demo row.
 #[derive(Clone, Debug, PartialEq)]
@@ -32,7 +32,18 @@ pub struct DemoImage {
 /// assert!(a.caption.contains(" on a "));
 /// ```
 pub fn demo_image(seed: u64, key: u64, quality: u8) -> DemoImage {
-    let scene = Scene::random(&mut Rng::new(seed, key));
+    demo_image_in(seed, key, quality, SceneStyle::Varied)
+}
+
+/// The demo row `key` of seed `seed` in `style`, as a JPEG of `quality`.
+///
+/// ```
+/// use latentflow_operators::demo::{demo_image_in, SceneStyle};
+/// let simple = demo_image_in(0, 7, 90, SceneStyle::Simple);
+/// assert!(simple.caption.starts_with("a large ") && !simple.caption.contains(" and "));
+/// ```
+pub fn demo_image_in(seed: u64, key: u64, quality: u8, style: SceneStyle) -> DemoImage {
+    let scene = Scene::random_in(&mut Rng::new(seed, key), style);
     let rgb = render(&scene);
     DemoImage {
         caption: scene.caption(),
@@ -45,6 +56,20 @@ pub fn demo_image(seed: u64, key: u64, quality: u8) -> DemoImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn simple_scenes_have_one_large_shape_on_a_solid_background() {
+        let mut backgrounds = std::collections::BTreeSet::new();
+        for key in 0..200 {
+            let scene = Scene::random_in(&mut Rng::new(3, key), SceneStyle::Simple);
+            assert!(matches!(scene.background, Background::Solid(_)), "{:?}", scene.background);
+            assert!(matches!(scene.shapes.as_slice(), [one] if one.large), "{:?}", scene.shapes);
+            let caption = scene.caption();
+            assert!(!caption.contains(" and ") && !caption.contains("gradient") && !caption.contains("noisy"));
+            backgrounds.insert(caption.rsplit(" on a ").next().unwrap().to_string());
+        }
+        assert_eq!(backgrounds.len(), COLOURS.len(), "every colour is some background: {backgrounds:?}");
+    }
 
     #[test]
     fn sizes_and_aspects_stay_in_range_and_captions_name_the_shapes() {

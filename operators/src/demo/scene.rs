@@ -93,6 +93,18 @@ pub enum Background {
     Noisy(Colour),
 }
 
+/// How varied the scenes are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SceneStyle {
+    /// 1-3 shapes, large or small, on a solid, gradient or noisy background.
+    #[default]
+    Varied,
+    /// One large shape on a solid background: captions a tiny model can learn from in minutes
+    /// ("a large red circle in the center on a blue background").
+    Simple,
+}
+
 /// A scene: image size, background and shapes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Scene {
@@ -109,8 +121,14 @@ pub struct Scene {
 }
 
 impl Scene {
-    /// A random scene of 256-800 px sides with aspect ratio 0.5-2.0.
+    /// A random varied scene of 256-800 px sides with aspect ratio 0.5-2.0.
     pub fn random(rng: &mut Rng) -> Scene {
+        Scene::random_in(rng, SceneStyle::Varied)
+    }
+
+    /// A random scene of `style`, 256-800 px sides with aspect ratio 0.5-2.0.
+    pub fn random_in(rng: &mut Rng, style: SceneStyle) -> Scene {
+        let simple = style == SceneStyle::Simple;
         let aspect = (rng.range(0.5f64.ln(), 2.0f64.ln())).exp();
         let (width, height) = loop {
             let w = rng.int(256, 800);
@@ -119,7 +137,7 @@ impl Scene {
                 break (w, h);
             }
         };
-        let background = match rng.int(0, 2) {
+        let background = match if simple { 0 } else { rng.int(0, 2) } {
             0 => Background::Solid(*rng.pick(&COLOURS)),
             1 => Background::Gradient(*rng.pick(&COLOURS), *rng.pick(&COLOURS)),
             _ => Background::Noisy(*rng.pick(&COLOURS)),
@@ -129,9 +147,9 @@ impl Scene {
             Background::Gradient(a, b) => vec![a.0, b.0],
         };
         let short = f64::from(width.min(height));
-        let shapes = (0..rng.int(1, 3))
+        let shapes = (0..if simple { 1 } else { rng.int(1, 3) })
             .map(|_| {
-                let large = rng.unit() < 0.5;
+                let large = simple || rng.unit() < 0.5;
                 let radius = short * if large { rng.range(0.18, 0.3) } else { rng.range(0.07, 0.14) };
                 // Shapes stand out: never the background's colour.
                 let colour = loop {
