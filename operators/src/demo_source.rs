@@ -133,7 +133,12 @@ mod tests {
 
     #[test]
     fn emits_captioned_jpegs_in_key_order() {
-        let mut source = DemoSource::new(DemoSourceConfig { count: 3, batch_size: Some(2), quality: 80, ..Default::default() }, 0, 0, 1);
+        let mut source = DemoSource::new(
+            DemoSourceConfig { count: 3, batch_size: Some(2), quality: 80, ..Default::default() },
+            0,
+            0,
+            1,
+        );
         let mut ctx = OpContext::detached("read");
         let first = source.next_batch(&mut ctx).unwrap().unwrap();
         assert_eq!(first.i64s("key").unwrap(), &[0, 1]);

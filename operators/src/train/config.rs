@@ -60,7 +60,7 @@ pub struct TrainConfig {
     pub log_keys: bool,
     /// Every this many steps, sample `sample_prompts` into `samples/step-N.png` (0: never).
     pub sample_every: u64,
-    /// The prompts of the preview grid.
+    /// The prompts of the preview grid (default: two in the demo captions' style).
     pub sample_prompts: Vec<String>,
     /// DDIM steps per preview.
     pub sample_steps: usize,
@@ -99,7 +99,11 @@ impl Default for TrainConfig {
             optimizer_from: None,
             log_keys: false,
             sample_every: 0,
-            sample_prompts: vec!["a red circle on a blue background".into(), "a yellow square".into()],
+            // In the demo captions' own words, so the main job's previews can be read against them.
+            sample_prompts: vec![
+                "a large red circle in the center on a blue background".into(),
+                "a large yellow square in the center on a green background".into(),
+            ],
             sample_steps: 20,
             guidance_scale: 7.5,
             vae: None,
