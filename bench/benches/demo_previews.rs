@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use latentflow_engine::{run, RunOptions};
 use latentflow_operators::demo::COLOURS;
-use latentflow_operators::models::load::{load_text_encoder, load_unet, load_vae, ModelSource};
+use latentflow_operators::models::load::{load_unet, load_vae, ModelSource};
+use latentflow_operators::models::TextEncoder;
 use latentflow_operators::rng::Rng;
 use latentflow_operators::tokenize::TokenizeConfig;
 use latentflow_operators::training::sampling::Ddim;
@@ -67,7 +68,7 @@ fn probe(run_dir: &Path, settings: &Settings) {
     let pipeline = run_dir.join("final");
     let part = |name: &str| ModelSource::Folder(pipeline.join(name));
     let (unet, _) = load_unet(&part("unet"), &device, false, 0).expect("final/unet");
-    let encoder = load_text_encoder(&part("text_encoder"), &device, 0).expect("final/text_encoder");
+    let encoder = TextEncoder::load(&part("text_encoder"), &device, 0).expect("final/text_encoder");
     let vae = load_vae(&part("vae"), &device, 0).expect("final/vae");
     let (tokenizer, padding, length) =
         TokenizeConfig { model: Some(pipeline.clone()), ..Default::default() }.build().expect("final/tokenizer");

@@ -1,5 +1,6 @@
 //! The three jobs on the embedded defaults (procedural images, `tiny` random models, 64 px,
-//! the `tiny` VAE in place of the demo's `pixels` so encoding costs what a VAE costs,
+//! the `tiny` VAE and CLIP in place of the demo's fixed `pixels` and `words`, so encoding costs
+//! what the real encoders cost,
 //! global batch 16), run through the Rust API as `latentflow run ... --profile` would:
 //!
 //! - `online`: images → encoders → trainer in one graph;
@@ -47,8 +48,8 @@ fn trained(run_dir: &Path, report: &RunReport) -> Trained {
 
 fn main() {
     let images: u64 = std::env::var("LATENTFLOW_BENCH_IMAGES").ok().and_then(|s| s.parse().ok()).unwrap_or(1600);
-    // The random `tiny` VAE, not the demo's free `pixels`: the encoders' real cost is measured.
-    let settings = Settings { images, autoencoder: "tiny".into(), ..Settings::default() };
+    // The random `tiny` VAE and CLIP, not the demo's free fixed ones: the encoders' real cost.
+    let settings = Settings { images, autoencoder: "tiny".into(), text_encoder: "tiny".into(), ..Settings::default() };
     let dir = tempfile::tempdir().expect("temp dir");
     let d = dir.path();
 

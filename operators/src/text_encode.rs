@@ -11,8 +11,8 @@ use latentflow_engine::{
 use serde::{Deserialize, Serialize};
 
 use crate::model_keys::{self, column_tensor, in_chunks, op_error};
-use crate::models::load::{load_text_encoder, ModelSource};
-use crate::models::ClipTextModel;
+use crate::models::load::ModelSource;
+use crate::models::{TextEncoder, TEXT_PRESETS};
 
 /// Config of `text_encode`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -47,7 +47,7 @@ impl OperatorConfig for TextEncodeConfig {
     const KEYS: &'static [(&'static str, &'static str)] = &[
         ("model", "a diffusers pipeline folder; its text_encoder/ is used"),
         ("path", "the text encoder's own folder (config.json + model.safetensors)"),
-        ("preset", "\"tiny\", \"sd2-base\" or \"sd1\" with random weights (benchmarks and tests only)"),
+        ("preset", "\"tiny\", \"sd2-base\" or \"sd1\" with random weights (benchmarks and tests only), or \"words\": the demo's fixed text encoder (every position holds the caption's words and word pairs)"),
         ("penultimate", "use the second-to-last layer with the final LayerNorm (CLIP skip; default false)"),
         ("batch_size", "captions per forward pass (default 32)"),
     ];
@@ -56,7 +56,7 @@ impl OperatorConfig for TextEncodeConfig {
 impl NodeSpec for TextEncodeConfig {
     fn validate(&self) -> Vec<KeyError> {
         let (model, path, preset) = (self.model.as_deref(), self.path.as_deref(), self.preset.as_deref());
-        let mut errors = model_keys::check_source(model, path, preset);
+        let mut errors = model_keys::check_source_among(model, path, preset, &TEXT_PRESETS);
         errors.extend(model_keys::check_config(model, ("path", path), preset, "text_encoder"));
         errors.extend(KeyError::check_range("batch_size", self.batch_size, 1, 65536));
         errors
@@ -82,7 +82,7 @@ pub struct TextEncode {
     config: TextEncodeConfig,
     source: ModelSource,
     seed: u64,
-    model: Option<(ClipTextModel, Device)>,
+    model: Option<(TextEncoder, Device)>,
 }
 
 impl TextEncode {
@@ -93,7 +93,7 @@ impl TextEncode {
 
     /// Loads the model on `device` (what `start` does with the worker's device).
     pub fn load(&mut self, device: &Device) -> Result<(), OpError> {
-        let model = load_text_encoder(&self.source, device, self.seed).map_err(op_error)?;
+        let model = TextEncoder::load(&self.source, device, self.seed).map_err(op_error)?;
         self.model = Some((model, device.clone()));
         Ok(())
     }
@@ -115,7 +115,7 @@ impl Stage for TextEncode {
         let ids = batch.remove("input_ids").ok_or_else(|| OpError::msg("missing column `input_ids`"))?;
         let ids = column_tensor(&ids, "input_ids", &Device::Cpu)?;
         let rows = ids.dims()[0];
-        let hidden = self.model.as_ref().map_or(0, |(m, _)| m.config().hidden_size);
+        let hidden = self.model.as_ref().map_or(0, |(m, _)| m.hidden_size());
         let embeddings = in_chunks(rows, self.config.batch_size, vec![ids.dims()[1], hidden], |start, n| {
             self.encode(&ids.narrow(0, start, n).map_err(op_error)?)
         })?;
@@ -145,5 +145,21 @@ mod tests {
         assert_eq!(shape, &[77, 32]);
         assert_eq!(data.len(), 2 * 77 * 32);
         assert!(data.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn the_words_preset_embeds_with_the_fixed_encoder() {
+        let config = TextEncodeConfig { preset: Some("words".into()), ..Default::default() };
+        assert!(config.validate().is_empty(), "{:?}", config.validate());
+        let mut stage = TextEncode::new(config, ModelSource::Preset("words".into()), 0);
+        stage.start(&mut OpContext::detached("text")).unwrap();
+        let mut ids = vec![0i64; 77];
+        ids[..4].copy_from_slice(&[49406, 736, 2760, 49407]);
+        let batch = Batch::new().with("input_ids", Column::I64Tensor { shape: vec![77], data: ids.clone() }).unwrap();
+        let out = stage.process(batch, &mut OpContext::detached("text")).unwrap().unwrap();
+        let Column::F32Tensor { shape, data } = out.column("caption_latents").unwrap() else { panic!() };
+        assert_eq!(shape, &[77, 32]);
+        let direct = crate::models::CaptionWords.forward(&Tensor::from_vec(ids, (1, 77), &Device::Cpu).unwrap());
+        assert_eq!(data, &direct.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
     }
 }

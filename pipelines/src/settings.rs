@@ -1,9 +1,10 @@
 //! What the three Stable Diffusion pipelines share: the sizes and models they run with. The
-//! defaults are the embedded demo (procedural images, the fixed `pixels` autoencoder, `tiny`
-//! random text encoder and UNet, a few minutes on a laptop); the `topologies/sd2-base-256/`
+//! defaults are the embedded demo (procedural images, the fixed `pixels` autoencoder and `words`
+//! text encoder, a `tiny` random UNet, a few minutes on a laptop); the `topologies/sd2-base-256/`
 //! files show the reference's real settings.
 
 use latentflow_engine::{Placement, TopologyBuilder};
+use latentflow_operators::demo::SceneStyle;
 use latentflow_operators::training::schedule::Prediction;
 use latentflow_operators::training::TrainingOptions;
 use latentflow_operators::vae_encode::LatentMode;
@@ -15,18 +16,23 @@ use latentflow_operators::{
 ///
 /// ```
 /// let s = latentflow_pipelines::Settings::default();
-/// assert_eq!((s.images, s.global_batch_size, s.resolution), (2400, 16, 64));
+/// assert_eq!((s.images, s.global_batch_size, s.resolution), (6400, 16, 64));
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
     /// Procedural demo images to read.
     pub images: u64,
+    /// How varied they are (the demo: simple scenes, one large shape on a solid background).
+    pub scenes: SceneStyle,
     /// Rows per epoch: the source's batch and the trainer's global batch.
     pub global_batch_size: usize,
     /// Crop size in pixels (latents are 1/8 of it).
     pub resolution: u32,
     /// Model preset of the text encoder and the UNet.
     pub preset: String,
+    /// Text encoder preset: `words` (the demo's fixed encoder, so the UNet learns the captions
+    /// in minutes) or a model preset such as `tiny` (random CLIP: the real cost, for benchmarks).
+    pub text_encoder: String,
     /// VAE preset: `pixels` (the demo's fixed autoencoder, so previews show what was learned)
     /// or a model preset such as `tiny` (random weights: the real VAE's cost, for benchmarks).
     pub autoencoder: String,
@@ -46,18 +52,21 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            images: 2400,
+            images: 6400,
+            scenes: SceneStyle::Simple,
             global_batch_size: 16,
             resolution: 64,
             preset: "tiny".into(),
+            text_encoder: "words".into(),
             autoencoder: "pixels".into(),
             latent_mode: LatentMode::Sample,
             checkpoint_every: 50,
-            sample_every: 50,
+            sample_every: 100,
             prediction_type: Some(Prediction::VPrediction),
             training: TrainingOptions {
-                lr: 1e-3,
+                lr: 2e-3,
                 warmup_steps: 10,
+                snr_gamma: Some(5.0),
                 max_grad_norm: Some(1.0),
                 caption_dropout: 0.1,
                 ..Default::default()
@@ -83,7 +92,7 @@ impl Settings {
     }
 
     fn read(&self, batch_size: Option<usize>) -> DemoSourceConfig {
-        DemoSourceConfig { count: self.images, batch_size, ..DemoSourceConfig::default() }
+        DemoSourceConfig { count: self.images, batch_size, scenes: self.scenes, ..DemoSourceConfig::default() }
     }
 
     fn transform(&self) -> ImageTransformConfig {
@@ -104,7 +113,7 @@ impl Settings {
     }
 
     fn text(&self) -> TextEncodeConfig {
-        TextEncodeConfig { preset: Some(self.preset.clone()), ..TextEncodeConfig::default() }
+        TextEncodeConfig { preset: Some(self.text_encoder.clone()), ..TextEncodeConfig::default() }
     }
 
     /// The trainer's config in the `online` and `train` jobs.
@@ -116,6 +125,7 @@ impl Settings {
     pub fn train(&self) -> TrainConfig {
         TrainConfig {
             preset: Some(self.preset.clone()),
+            text_encoder_preset: Some(self.text_encoder.clone()).filter(|t| *t != self.preset),
             vae_preset: Some(self.autoencoder.clone()).filter(|a| *a != self.preset),
             prediction_type: self.prediction_type,
             global_batch_size: self.global_batch_size,

@@ -616,5 +616,8 @@ pub fn read_config<T: DeserializeOwned>(dir: &Path) -> Result<(T, PathBuf)> {
 /// The preset names every model accepts.
 pub const PRESETS: [&str; 3] = ["tiny", "sd2-base", "sd1"];
 
+/// The presets a text encoder accepts: every model's, and the fixed demo `words`.
+pub const TEXT_PRESETS: [&str; 4] = ["tiny", "sd2-base", "sd1", super::caption_words::WORDS_PRESET];
+
 /// The presets an image autoencoder accepts: every model's, and the fixed demo `pixels`.
 pub const VAE_PRESETS: [&str; 4] = ["tiny", "sd2-base", "sd1", super::pixel_patches::PIXELS_PRESET];

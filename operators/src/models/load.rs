@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use serde::de::DeserializeOwned;
 
+use super::caption_words::CaptionWords;
 use super::config::{read_config, ClipTextConfig, UNetConfig, VaeConfig, PRESETS};
 use super::error::{ModelError, Result};
 use super::pixel_patches::{PixelPatches, PIXELS_PRESET};
@@ -83,6 +84,7 @@ pub fn check_part_config(dir: &Path, part: &str) -> Result<()> {
         "unet" => read_config::<UNetConfig>(dir).and_then(|(c, path)| c.check(&path)),
         "vae" if PixelPatches::is_in(dir) => Ok(()),
         "vae" => read_config::<VaeConfig>(dir).and_then(|(c, path)| c.check(&path)),
+        "text_encoder" if CaptionWords::is_in(dir) => Ok(()),
         "text_encoder" => read_config::<ClipTextConfig>(dir).and_then(|(c, path)| c.check(&path)),
         other => Err(ModelError::Input(format!("no model part `{other}`"))),
     }

@@ -6,6 +6,7 @@
 
 pub mod autoencoder;
 pub mod blocks;
+pub mod caption_words;
 pub mod clip_text;
 pub mod config;
 pub mod error;
@@ -13,15 +14,18 @@ pub mod fused_attention;
 pub mod load;
 pub mod nn;
 pub mod pixel_patches;
+pub mod text_encoder;
 pub mod unet;
 pub mod vae;
 pub mod weights;
 
 pub use autoencoder::Autoencoder;
+pub use caption_words::{CaptionWords, WORDS_PRESET};
 pub use clip_text::ClipTextModel;
-pub use config::{ClipTextConfig, UNetConfig, VaeConfig, PRESETS, VAE_PRESETS};
+pub use config::{ClipTextConfig, UNetConfig, VaeConfig, PRESETS, TEXT_PRESETS, VAE_PRESETS};
 pub use error::{ModelError, Result};
 pub use pixel_patches::{PixelPatches, PIXELS_PRESET};
+pub use text_encoder::TextEncoder;
 pub use unet::UNet;
 pub use vae::{AutoencoderKl, Posterior};
 pub use weights::{Init, Weights};

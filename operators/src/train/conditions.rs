@@ -8,9 +8,9 @@ use latentflow_engine::OpError;
 
 use super::TrainConfig;
 use crate::model_keys::{self, op_error};
+use crate::models::load::load_vae;
 use crate::models::load::ModelSource;
-use crate::models::load::{load_text_encoder, load_vae};
-use crate::models::{Autoencoder, UNet};
+use crate::models::{Autoencoder, TextEncoder, UNet};
 use crate::rng::Rng;
 use crate::tokenize::TokenizeConfig;
 use crate::training::pipeline_folder::FrozenParts;
@@ -57,18 +57,32 @@ impl TrainConfig {
         }
     }
 
+    /// The text encoder of the empty caption, the previews and `final/text_encoder`:
+    /// `text_encoder_preset`, else the `text_encoder` folder, `model/text_encoder` or the preset.
+    fn text_encoder_source(&self) -> Result<ModelSource, OpError> {
+        match &self.text_encoder_preset {
+            Some(preset) => Ok(ModelSource::Preset(preset.clone())),
+            None => model_keys::source(
+                self.model.as_deref(),
+                self.text_encoder.as_deref(),
+                self.preset.as_deref(),
+                "text_encoder",
+            ),
+        }
+    }
+
     /// Where the frozen parts of `final/` come from: the folders or presets the previews and the
     /// empty caption use (`model`'s parts, the `vae` / `text_encoder` / `scheduler` keys, or the
     /// preset with the bundled vocabulary).
     pub(super) fn frozen_parts(&self, seed: u64) -> Result<FrozenParts, OpError> {
-        let (model, preset) = (self.model.as_deref(), self.preset.as_deref());
+        let model = self.model.as_deref();
         let (folder, schedule) = self.scheduler_config()?;
         let (_, as_read) = TrainConfig { prediction_type: None, ..self.clone() }.scheduler_config()?;
         // A folder whose config the job changed (`prediction_type`) is written out, not linked.
         let scheduler = folder.filter(|_| as_read == schedule);
         Ok(FrozenParts {
             vae: self.vae_source()?,
-            text_encoder: model_keys::source(model, self.text_encoder.as_deref(), preset, "text_encoder")?,
+            text_encoder: self.text_encoder_source()?,
             tokenizer: model.map(crate::clip::tokenizer_dir_of_model).filter(|d| d.is_dir()),
             scheduler,
             schedule,
@@ -79,13 +93,7 @@ impl TrainConfig {
     /// Text embeddings [N, 77, D] of `texts`, with the text encoder and tokenizer of `model`
     /// (or `text_encoder`, or the preset and the bundled vocabulary).
     fn encode_texts(&self, texts: &[String], device: &Device, seed: u64) -> Result<Tensor, OpError> {
-        let source = model_keys::source(
-            self.model.as_deref(),
-            self.text_encoder.as_deref(),
-            self.preset.as_deref(),
-            "text_encoder",
-        )?;
-        let encoder = load_text_encoder(&source, device, seed).map_err(op_error)?;
+        let encoder = TextEncoder::load(&self.text_encoder_source()?, device, seed).map_err(op_error)?;
         let (tokenizer, padding, length) =
             TokenizeConfig { model: self.model.clone(), ..Default::default() }.build()?;
         let ids: Vec<i64> = texts.iter().flat_map(|t| tokenizer.input_ids(t, padding, length).0).collect();

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Train;
 use crate::model_keys::{self, op_error};
-use crate::models::VAE_PRESETS;
+use crate::models::{TEXT_PRESETS, VAE_PRESETS};
 use crate::training::schedule::Prediction;
 use crate::training::{checkpoint, NoiseSchedule, SchedulerConfig, TrainingOptions};
 
@@ -75,6 +75,11 @@ pub struct TrainConfig {
     /// why the demo uses it; SD2 768-v trains with it too.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prediction_type: Option<Prediction>,
+    /// A text encoder preset for the empty caption, the previews and `final/text_encoder`
+    /// instead of `text_encoder` / `model` / `preset`: `words` when `text_encode` uses the
+    /// demo's fixed encoder.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text_encoder_preset: Option<String>,
     /// A VAE preset for the previews and `final/vae` instead of `vae` / `model` / `preset`:
     /// `pixels` when `vae_encode` encodes with the demo's fixed autoencoder.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -108,6 +113,7 @@ impl Default for TrainConfig {
             guidance_scale: 7.5,
             vae: None,
             prediction_type: None,
+            text_encoder_preset: None,
             vae_preset: None,
             training: TrainingOptions::default(),
         }
@@ -139,6 +145,7 @@ impl OperatorConfig for TrainConfig {
         ("guidance_scale", "classifier-free guidance of the previews (default 7.5)"),
         ("vae", "VAE folder for decoding previews (default model/vae or the preset)"),
         ("prediction_type", "\"epsilon\" or \"v_prediction\": what the UNet predicts, instead of the scheduler's (written to final/scheduler)"),
+        ("text_encoder_preset", "a text encoder preset for the empty caption, previews and final/text_encoder instead (\"words\": the demo's fixed encoder, as its text_encode uses)"),
         ("vae_preset", "a VAE preset for previews and final/vae instead (\"pixels\": the demo's fixed autoencoder, as its vae_encode uses)"),
         ("training", "table of training options: lr, warmup_steps, lr_decay, total_steps, adam_*, weight_decay, max_grad_norm, gradient_accumulation_steps, snr_gamma, noise_offset, caption_dropout, ema_decay, ema_start_step, precision, gradient_checkpointing, seed"),
     ];
@@ -184,6 +191,24 @@ impl TrainConfig {
     }
 }
 
+/// A part's preset key (`vae_preset`, `text_encoder_preset`): one of `known`, and not beside
+/// the part's folder key.
+fn exclusive_preset(
+    (folder_key, folder_set): (&str, bool),
+    (preset_key, preset): (&str, Option<&str>),
+    known: &[&str],
+) -> Vec<KeyError> {
+    match preset {
+        Some(_) if folder_set => {
+            vec![KeyError::new(preset_key, format!("set `{folder_key}` (a folder) or `{preset_key}`, not both"))]
+        }
+        Some(p) if !known.contains(&p) => {
+            vec![KeyError::new(preset_key, format!("unknown preset `{p}`; use one of {}", known.join(", ")))]
+        }
+        _ => Vec::new(),
+    }
+}
+
 impl NodeSpec for TrainConfig {
     fn validate(&self) -> Vec<KeyError> {
         let (model, path, preset) = (self.model.as_deref(), self.path.as_deref(), self.preset.as_deref());
@@ -207,12 +232,19 @@ impl NodeSpec for TrainConfig {
             (_, Some(_)) => {}
             (_, None) => errors.extend(model_keys::check_config(model, ("vae", self.vae.as_deref()), preset, "vae")),
         }
-        errors.extend(model_keys::check_config(
-            model,
-            ("text_encoder", self.text_encoder.as_deref()),
-            preset,
-            "text_encoder",
+        errors.extend(exclusive_preset(
+            ("text_encoder", self.text_encoder.is_some()),
+            ("text_encoder_preset", self.text_encoder_preset.as_deref()),
+            &TEXT_PRESETS,
         ));
+        if self.text_encoder_preset.is_none() {
+            errors.extend(model_keys::check_config(
+                model,
+                ("text_encoder", self.text_encoder.as_deref()),
+                preset,
+                "text_encoder",
+            ));
+        }
         errors.extend(KeyError::check_range("global_batch_size", self.global_batch_size, 1, 1 << 24));
         if let Some(max) = self.max_steps {
             errors.extend(KeyError::check_range("max_steps", max, 1, u64::MAX));
@@ -299,7 +331,11 @@ mod tests {
         assert!(pixels.validate().is_empty());
         let unknown = TrainConfig { vae_preset: Some("crayons".into()), ..pixels.clone() };
         assert_eq!(unknown.validate()[0].key, "vae_preset");
-        let both = TrainConfig { vae: Some("vae".into()), ..pixels };
+        let both = TrainConfig { vae: Some("vae".into()), ..pixels.clone() };
         assert!(both.validate()[0].message.contains("not both"), "{:?}", both.validate());
+        let words = TrainConfig { text_encoder_preset: Some("words".into()), ..pixels.clone() };
+        assert!(words.validate().is_empty());
+        let unknown = TrainConfig { text_encoder_preset: Some("pixels".into()), ..pixels };
+        assert_eq!(unknown.validate()[0].key, "text_encoder_preset");
     }
 }

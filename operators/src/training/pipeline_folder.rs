@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use super::schedule::SchedulerConfig;
 use crate::clip::Vocab;
+use crate::models::caption_words::{CaptionWords, WORDS_CLASS, WORDS_PRESET};
 use crate::models::config::{ClipTextConfig, VaeConfig};
 use crate::models::error::{ModelError, Result};
 use crate::models::load::ModelSource;
@@ -70,6 +71,11 @@ pub fn write_frozen_parts(dir: &Path, parts: &FrozenParts) -> Result<()> {
     };
     // The demo's fixed autoencoder is latentflow's own: the folder names it, and diffusers
     // cannot load it (the README says so).
+    let words = match &parts.text_encoder {
+        ModelSource::Preset(name) => name == WORDS_PRESET,
+        ModelSource::Folder(from) => CaptionWords::is_in(from),
+    };
+    let text_class = if words { json!(["latentflow", WORDS_CLASS]) } else { json!(["transformers", "CLIPTextModel"]) };
     let vae_class = if pixels { json!(["latentflow", PIXELS_CLASS]) } else { json!(["diffusers", "AutoencoderKL"]) };
     match &parts.vae {
         ModelSource::Folder(from) => link_files(from, &dir.join("vae"))?,
@@ -97,7 +103,7 @@ pub fn write_frozen_parts(dir: &Path, parts: &FrozenParts) -> Result<()> {
             "requires_safety_checker": false,
             "safety_checker": [null, null],
             "scheduler": ["diffusers", "DDPMScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder": text_class,
             "tokenizer": ["transformers", "CLIPTokenizer"],
             "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": vae_class,
@@ -152,6 +158,10 @@ fn write_preset_vae(dir: &Path, preset: &str, seed: u64) -> Result<()> {
 }
 
 fn write_preset_text_encoder(dir: &Path, preset: &str, seed: u64) -> Result<()> {
+    if preset == WORDS_PRESET {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        return write_json(&dir.join("config.json"), &CaptionWords::config_json());
+    }
     let config = ClipTextConfig::preset(preset)
         .ok_or_else(|| ModelError::Input(format!("no text encoder preset `{preset}`")))?;
     let weights = Weights::random(seed, &Device::Cpu, true);
@@ -235,9 +245,13 @@ mod tests {
     }
 
     #[test]
-    fn the_pixels_autoencoder_is_written_as_a_config_that_loads_back_as_itself() {
+    fn the_demos_fixed_encoders_are_written_as_configs_that_load_back_as_themselves() {
         let dir = tempfile::tempdir().unwrap();
-        let parts = FrozenParts { vae: ModelSource::Preset(PIXELS_PRESET.into()), ..FrozenParts::of_preset("tiny", 7) };
+        let parts = FrozenParts {
+            vae: ModelSource::Preset(PIXELS_PRESET.into()),
+            text_encoder: ModelSource::Preset(WORDS_PRESET.into()),
+            ..FrozenParts::of_preset("tiny", 7)
+        };
         write_frozen_parts(dir.path(), &parts).unwrap();
         let vae = load_vae(&ModelSource::Folder(dir.path().join("vae")), &Device::Cpu, 0).unwrap();
         assert!(matches!(vae, crate::models::Autoencoder::Pixels(_)));
@@ -245,6 +259,10 @@ mod tests {
         let index: Value =
             serde_json::from_str(&std::fs::read_to_string(dir.path().join("model_index.json")).unwrap()).unwrap();
         assert_eq!(index["vae"], json!(["latentflow", PIXELS_CLASS]));
+        assert_eq!(index["text_encoder"], json!(["latentflow", WORDS_CLASS]));
+        let text =
+            crate::models::TextEncoder::load(&ModelSource::Folder(dir.path().join("text_encoder")), &Device::Cpu, 0);
+        assert!(matches!(text.unwrap(), crate::models::TextEncoder::Words(_)));
         // A second phase that takes `final/vae` as its folder links the same config.
         let again = tempfile::tempdir().unwrap();
         let linked = FrozenParts { vae: ModelSource::Folder(dir.path().join("vae")), ..parts };
