@@ -62,9 +62,7 @@ impl CaptionWords {
 
     /// Whether the part folder `dir` holds this encoder (its `config.json` names [`WORDS_CLASS`]).
     pub fn is_in(dir: &Path) -> bool {
-        let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else { return false };
-        serde_json::from_str::<serde_json::Value>(&text)
-            .is_ok_and(|config| config["_class_name"].as_str() == Some(WORDS_CLASS))
+        super::config::names_class(dir, WORDS_CLASS)
     }
 
     /// The `config.json` it leaves in a pipeline folder.

@@ -613,6 +613,12 @@ pub fn read_config<T: DeserializeOwned>(dir: &Path) -> Result<(T, PathBuf)> {
     Ok((config, path))
 }
 
+/// Whether `dir/config.json` names `class` as its `_class_name` (latentflow's fixed demo parts).
+pub fn names_class(dir: &Path, class: &str) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else { return false };
+    serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|config| config["_class_name"].as_str() == Some(class))
+}
+
 /// The preset names every model accepts.
 pub const PRESETS: [&str; 3] = ["tiny", "sd2-base", "sd1"];
 

@@ -76,10 +76,9 @@ impl TrainConfig {
     /// preset with the bundled vocabulary).
     pub(super) fn frozen_parts(&self, seed: u64) -> Result<FrozenParts, OpError> {
         let model = self.model.as_deref();
-        let (folder, schedule) = self.scheduler_config()?;
-        let (_, as_read) = TrainConfig { prediction_type: None, ..self.clone() }.scheduler_config()?;
+        let (folder, schedule, changed) = self.scheduler_config()?;
         // A folder whose config the job changed (`prediction_type`) is written out, not linked.
-        let scheduler = folder.filter(|_| as_read == schedule);
+        let scheduler = folder.filter(|_| !changed);
         Ok(FrozenParts {
             vae: self.vae_source()?,
             text_encoder: self.text_encoder_source()?,

@@ -167,9 +167,10 @@ impl TrainConfig {
 
     /// The scheduler folder (`scheduler`, else `model/scheduler`) if there is one, and the
     /// schedule's config: the folder's (else SD's DDPM) with `prediction_type` applied.
-    pub(super) fn scheduler_config(&self) -> Result<(Option<PathBuf>, SchedulerConfig), OpError> {
+    /// Also says whether `prediction_type` changed the folder's config.
+    pub(super) fn scheduler_config(&self) -> Result<(Option<PathBuf>, SchedulerConfig, bool), OpError> {
         let folder = self.scheduler.clone().or_else(|| self.model.as_ref().map(|m| m.join("scheduler")));
-        let mut config = match &folder {
+        let mut config: SchedulerConfig = match &folder {
             Some(dir) => {
                 let path = dir.join("scheduler_config.json");
                 let text = std::fs::read_to_string(&path).map_err(|e| OpError::io(&path, e))?;
@@ -177,14 +178,15 @@ impl TrainConfig {
             }
             None => SchedulerConfig::default(),
         };
+        let changed = self.prediction_type.is_some_and(|p| p != config.prediction_type);
         if let Some(prediction) = self.prediction_type {
             config.prediction_type = prediction;
         }
-        Ok((folder, config))
+        Ok((folder, config, changed))
     }
 
     pub(super) fn schedule(&self) -> Result<NoiseSchedule, OpError> {
-        let (folder, config) = self.scheduler_config()?;
+        let (folder, config, _) = self.scheduler_config()?;
         let origin =
             folder.map_or_else(|| PathBuf::from("the default SD schedule"), |d| d.join("scheduler_config.json"));
         NoiseSchedule::new(&config, &origin).map_err(op_error)
