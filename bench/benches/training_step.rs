@@ -3,8 +3,10 @@
 //! - one training step (forward, backward, clipping + AdamW) of the well-known tiny UNet
 //!   (`block_out_channels` (32, 64), 2 layers per block, cross-attention 32, 8 heads, 32 norm
 //!   groups, ~1.1 M parameters) at batch 8, latents 4x32x32, text 77x32. The baseline is
-//!   PyTorch 2.15 + diffusers on the same machine kind: a median of ~1.7 s per step (figure
-//!   from the issue; PyTorch is not installed here, so it cannot run in the same process);
+//!   PyTorch + diffusers running the same step from the same config
+//!   (`bench/gpu/pytorch_step.py --device cpu`) in the same run, when the Python interpreter
+//!   (`LATENTFLOW_PYTHON`, default `python3`) has `torch` and `diffusers`; the ratio is
+//!   latentflow's median step over PyTorch's;
 //! - VAE-encode images/s and text-encode captions/s at batch 8 for the `tiny` preset (64 px) and
 //!   the real SD2 sizes (512 px, OpenCLIP ViT-H text tower), random weights.
 //!
@@ -23,7 +25,6 @@ use latentflow_operators::models::{
 use latentflow_operators::rng::Rng;
 use latentflow_operators::training::{NoiseSchedule, SchedulerConfig, StepReport, Trainer, TrainingOptions};
 
-const PYTORCH_STEP_S: f64 = 1.7;
 const BATCH: usize = 8;
 
 fn tiny_unet_config() -> UNetConfig {
@@ -45,10 +46,42 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
+/// PyTorch + diffusers' median step for the same config, or why it could not run.
+fn pytorch_step(config: &UNetConfig, steps: usize) -> Result<(f64, String), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let path = dir.path().join("unet_config.json");
+    let mut json = serde_json::to_value(config).map_err(|e| e.to_string())?;
+    json["_class_name"] = "UNet2DConditionModel".into();
+    std::fs::write(&path, json.to_string()).map_err(|e| e.to_string())?;
+    let python = std::env::var("LATENTFLOW_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/gpu/pytorch_step.py");
+    let steps = steps.saturating_sub(2).max(1).to_string();
+    let batch = BATCH.to_string();
+    let args = ["--config", path.to_str().ok_or("path")?, "--device", "cpu", "--batches", &batch, "--steps", &steps];
+    let out = std::process::Command::new(&python)
+        .arg(script)
+        .args(args.iter().chain(&["--warmup", "2", "--latent-size", "32"]))
+        .output()
+        .map_err(|e| format!("cannot run {python}: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line: serde_json::Value = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .ok_or_else(|| format!("{python} printed no result: {}", String::from_utf8_lossy(&out.stderr)))?;
+    match line["step_s_median"].as_f64() {
+        Some(median) => {
+            Ok((median, format!("PyTorch {} ({} threads)", line["torch"].as_str().unwrap_or("?"), line["threads"])))
+        }
+        None => Err(line["error"].as_str().unwrap_or("no step_s_median").to_string()),
+    }
+}
+
 fn training_step() {
     let steps: usize = std::env::var("LATENTFLOW_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(12);
     let weights = Weights::random(1, &Device::Cpu, true);
-    let unet = UNet::new(&tiny_unet_config(), &weights).expect("unet");
+    let config = tiny_unet_config();
+    let unet = UNet::new(&config, &weights).expect("unet");
     let params: usize = weights.vars().values().map(|v| v.elem_count()).sum();
     let schedule = NoiseSchedule::new(&SchedulerConfig::default(), std::path::Path::new("default")).expect("schedule");
     let mut trainer = Trainer::new(unet, &weights, schedule, TrainingOptions::default()).expect("trainer");
@@ -74,13 +107,16 @@ fn training_step() {
     let forward = median(reports.iter().map(|(_, r)| r.forward_s).collect());
     let backward = median(reports.iter().map(|(_, r)| r.backward_s).collect());
     let optimizer = median(reports.iter().map(|(_, r)| r.optimizer_s).collect());
-    println!("tiny UNet training step ({params} parameters, batch {BATCH}, 4x32x32, fp32, 10 steps after 2 warm-up):");
-    println!("| median step | forward (+loss) | backward | clip + AdamW | PyTorch 2.15 | latentflow / PyTorch |");
+    let measured = reports.len();
+    let baseline = pytorch_step(&config, steps);
+    println!("tiny UNet training step ({params} parameters, batch {BATCH}, 4x32x32, fp32, median of {measured} steps after the warm-up):");
+    println!("| median step | forward (+loss) | backward | clip + AdamW | PyTorch + diffusers, same run | latentflow / PyTorch |");
     println!("| --- | --- | --- | --- | --- | --- |");
-    println!(
-        "| {total:.3} s | {forward:.3} s | {backward:.3} s | {optimizer:.3} s | ~{PYTORCH_STEP_S} s | **{:.2}** |",
-        total / PYTORCH_STEP_S
-    );
+    let (theirs, ratio) = match &baseline {
+        Ok((median, who)) => (format!("{median:.3} s ({who})"), format!("**{:.2}**", total / median)),
+        Err(why) => (format!("not measured: {why}"), "-".into()),
+    };
+    println!("| {total:.3} s | {forward:.3} s | {backward:.3} s | {optimizer:.3} s | {theirs} | {ratio} |");
 }
 
 fn rate(label: &str, batches: usize, mut run: impl FnMut()) {
@@ -114,7 +150,8 @@ fn encoders(preset: &str, resolution: usize, batches: usize) {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; nothing to parse.
+    // `cargo bench` passes `--bench`; nothing to parse. The allocator policy jobs run with.
+    latentflow_engine::memory::keep_freed_memory();
     training_step();
     println!("\nencoders at batch {BATCH} (fp32, random weights):");
     println!("| model | per batch | rate |");

@@ -23,6 +23,7 @@ pub mod catalog;
 pub mod collective;
 pub mod data;
 pub mod error;
+pub mod memory;
 pub mod metrics;
 pub mod operator;
 pub mod plan;

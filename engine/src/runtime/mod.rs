@@ -100,6 +100,7 @@ enum Event {
 /// # Ok(()) }
 /// ```
 pub fn run(plan: &Plan, options: &RunOptions) -> Result<RunReport, EngineError> {
+    crate::memory::keep_freed_memory();
     let threads = options.workers;
     if threads == 0 {
         return Err(EngineError::Options("--workers must be at least 1".into()));

@@ -5,8 +5,8 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use super::error::Result;
-use super::fused_attention;
 use super::weights::{Init, Scope};
+use super::{fused_attention, fused_norm};
 
 /// Casts a parameter to the compute dtype of `like` (a no-op when they match).
 fn cast(p: &Tensor, like: &Tensor) -> Result<Tensor> {
@@ -150,18 +150,30 @@ impl GroupNorm {
         })
     }
 
-    /// `silu(self.forward(x))`: one fused kernel on GPUs when no gradient is needed (encoding,
+    /// `silu(self.forward(x))`: one fused op with its own backward pass for f32 on the CPU
+    /// ([`fused_norm`]), one fused kernel on GPUs when no gradient is needed (encoding,
     /// sampling), candle ops otherwise.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() && !x.track_op() && !self.weight.track_op() {
             return Ok(crate::cuda::elementwise::group_norm_silu(x, &self.weight, &self.bias, self.groups, self.eps)?);
         }
-        silu(&self.forward(x)?)
+        if fused_norm::supported(x, &self.weight, &self.bias) {
+            return Ok(fused_norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, true)?);
+        }
+        silu(&self.composed(x)?)
     }
 
-    /// Normalises `x`.
+    /// Normalises `x` (one fused op for f32 on the CPU).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fused_norm::supported(x, &self.weight, &self.bias) {
+            return Ok(fused_norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false)?);
+        }
+        self.composed(x)
+    }
+
+    /// [`GroupNorm::forward`] from candle ops (any device and dtype).
+    fn composed(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
         let dtype = x.dtype();

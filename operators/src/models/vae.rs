@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use super::blocks::{Downsample, ResnetBlock, SpatialAttention, Upsample};
 use super::config::VaeConfig;
 use super::error::Result;
-use super::nn::{silu, Conv2d, GroupNorm};
+use super::nn::{Conv2d, GroupNorm};
 use super::weights::{Scope, Weights};
 use crate::rng::Rng;
 
@@ -146,7 +146,7 @@ impl AutoencoderKl {
             }
         }
         x = self.encoder_mid.forward(&x)?;
-        x = self.encoder_out.forward(&silu(&self.encoder_norm.forward(&x)?)?)?;
+        x = self.encoder_out.forward(&self.encoder_norm.forward_silu(&x)?)?;
         if let Some(q) = &self.quant_conv {
             x = q.forward(&x)?;
         }
@@ -173,6 +173,6 @@ impl AutoencoderKl {
                 x = u.forward(&x)?;
             }
         }
-        self.decoder_out.forward(&silu(&self.decoder_norm.forward(&x)?)?)
+        self.decoder_out.forward(&self.decoder_norm.forward_silu(&x)?)
     }
 }

@@ -85,7 +85,7 @@ impl UNet {
                 }
             }
             Segment::Upsample(b) => self.up[b].up.as_ref().expect("an upsampler").forward(x)?,
-            Segment::Out => self.conv_out.forward(&silu(&self.norm_out.forward(x)?)?)?,
+            Segment::Out => self.conv_out.forward(&self.norm_out.forward_silu(x)?)?,
         })
     }
 

@@ -170,6 +170,6 @@ impl UNet {
                 x = u.forward(&x)?;
             }
         }
-        self.conv_out.forward(&silu(&self.norm_out.forward(&x)?)?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&x)?)
     }
 }
