@@ -199,6 +199,139 @@ impl CustomOp3 for GroupNormOp {
     }
 }
 
+/// Layer normalisation over the last dimension: rows are handled in blocks (one rayon task
+/// per block, not per row), and each block sums its own weight and bias gradients.
+struct LayerNormOp {
+    eps: f64,
+    /// (mean, 1/std) per row, from the forward pass.
+    statistics: Mutex<Vec<(f32, f32)>>,
+}
+
+/// Rows per rayon task: about 16 K values.
+fn rows_per_task(dim: usize) -> usize {
+    (16_384 / dim.max(1)).max(1)
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (contiguous(xs, xl)?, contiguous(ws, wl)?, contiguous(bs, bl)?);
+        let dim = w.len();
+        let block = rows_per_task(dim) * dim;
+        let mut out = vec![0f32; x.len()];
+        let statistics: Vec<Vec<(f32, f32)>> = out
+            .par_chunks_mut(block)
+            .zip(x.par_chunks(block))
+            .map(|(out, x)| {
+                let mut stats = Vec::with_capacity(x.len() / dim);
+                for (out, x) in out.chunks_mut(dim).zip(x.chunks(dim)) {
+                    let (mean, rstd) = group_statistics(x, self.eps);
+                    for ((o, &v), (&w, &b)) in out.iter_mut().zip(x).zip(w.iter().zip(b)) {
+                        *o = (v - mean) * rstd * w + b;
+                    }
+                    stats.push((mean, rstd));
+                }
+                stats
+            })
+            .collect();
+        *self.statistics.lock().expect("statistics lock") = statistics.concat();
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _out: &Tensor,
+        grad_out: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dim = w.elem_count();
+        let block_rows = rows_per_task(dim);
+        let mut statistics = self.statistics.lock().expect("statistics lock").clone();
+        if statistics.len() != x.elem_count() / dim {
+            statistics = with_values(x, |x| x.par_chunks(dim).map(|r| group_statistics(r, self.eps)).collect())?;
+        }
+        let w_values = w.flatten_all()?.to_vec1::<f32>()?;
+        let (dx, sums) = with_values(x, |x| {
+            with_values(grad_out, |dy| {
+                let mut dx = vec![0f32; x.len()];
+                let sums: Vec<(Vec<f32>, Vec<f32>)> = dx
+                    .par_chunks_mut(block_rows * dim)
+                    .zip(x.par_chunks(block_rows * dim).zip(dy.par_chunks(block_rows * dim)))
+                    .zip(statistics.par_chunks(block_rows))
+                    .map(|((dx, (x, dy)), stats)| {
+                        let (mut dw, mut db) = (vec![0f32; dim], vec![0f32; dim]);
+                        for ((dx, (x, dy)), &(mean, rstd)) in
+                            dx.chunks_mut(dim).zip(x.chunks(dim).zip(dy.chunks(dim))).zip(stats)
+                        {
+                            // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w.
+                            let (mut sum_g, mut sum_g_xhat) = (0f32, 0f32);
+                            for c in 0..dim {
+                                let xhat = (x[c] - mean) * rstd;
+                                let g = dy[c] * w_values[c];
+                                dw[c] += dy[c] * xhat;
+                                db[c] += dy[c];
+                                sum_g += g;
+                                sum_g_xhat += g * xhat;
+                            }
+                            let n = dim as f32;
+                            let (mean_g, mean_g_xhat) = (sum_g / n, sum_g_xhat / n);
+                            for c in 0..dim {
+                                let xhat = (x[c] - mean) * rstd;
+                                dx[c] = rstd * (dy[c] * w_values[c] - mean_g - xhat * mean_g_xhat);
+                            }
+                        }
+                        (dw, db)
+                    })
+                    .collect();
+                (dx, sums)
+            })
+        })??;
+        let (mut dw, mut db) = (vec![0f32; dim], vec![0f32; dim]);
+        for (block_w, block_b) in &sums {
+            for c in 0..dim {
+                dw[c] += block_w[c];
+                db[c] += block_b[c];
+            }
+        }
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+            Some(Tensor::from_vec(db, b.shape(), b.device())?),
+        ))
+    }
+}
+
+/// `layer_norm(x) * weight + bias` over the last dimension of `x`, statistics in f64, with a
+/// fused backward pass (f32 on the CPU).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use latentflow_operators::models::fused_norm::layer_norm;
+///
+/// let x = Tensor::new(&[[1f32, 3.0], [2.0, 2.0]], &Device::Cpu)?;
+/// let (w, b) = (Tensor::new(&[2f32, 1.0], &Device::Cpu)?, Tensor::new(&[0f32, 1.0], &Device::Cpu)?);
+/// let y = layer_norm(&x, &w, &b, 1e-12)?.to_vec2::<f32>()?;
+/// assert_eq!(y, [[-2.0, 2.0], [0.0, 1.0]]); // a constant row normalises to zero: only the bias
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let op = LayerNormOp { eps, statistics: Mutex::new(Vec::new()) };
+    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
+}
+
 /// True when [`group_norm`] can run these inputs: f32 tensors on the CPU.
 pub fn supported(x: &Tensor, weight: &Tensor, bias: &Tensor) -> bool {
     [x, weight, bias].iter().all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
@@ -256,6 +389,42 @@ mod tests {
             silu(&y).unwrap()
         } else {
             y
+        }
+    }
+
+    #[test]
+    fn layer_norm_and_its_gradients_equal_the_composed_one() {
+        let mut rng = Rng::new(5, 2);
+        // 37 rows of 12 (blocks of rows end mid-way) and one long row.
+        for shape in [vec![37, 12], vec![2, 3, 2000]] {
+            let dim = *shape.last().unwrap();
+            let mut random = |shape: &[usize], scale: f32, shift: f32| {
+                let values: Vec<f32> =
+                    rng.normals(shape.iter().product()).into_iter().map(|v| v * scale + shift).collect();
+                Var::from_tensor(&Tensor::from_vec(values, shape, &Device::Cpu).unwrap()).unwrap()
+            };
+            let x = random(&shape, 3.0, -1.0);
+            let (w, b) = (random(&[dim], 0.5, 1.0), random(&[dim], 0.5, 0.0));
+            let upstream = random(&shape, 1.0, 0.0).as_tensor().detach();
+            let run = |fused: bool| {
+                let y = if fused {
+                    layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap()
+                } else {
+                    let mean = x.as_tensor().mean_keepdim(D::Minus1).unwrap();
+                    let centred = x.as_tensor().broadcast_sub(&mean).unwrap();
+                    let var = centred.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                    let normed = centred.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap()).unwrap();
+                    normed.broadcast_mul(w.as_tensor()).unwrap().broadcast_add(b.as_tensor()).unwrap()
+                };
+                let grads = (&y * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
+                let g = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
+                (y, g(&x), g(&w), g(&b))
+            };
+            let (fused, reference) = (run(true), run(false));
+            assert!(max_diff(&fused.0, &reference.0) < 1e-5, "output {shape:?}");
+            assert!(max_diff(&fused.1, &reference.1) < 1e-4, "dx {shape:?}");
+            assert!(max_diff(&fused.2, &reference.2) < 1e-3, "dw {shape:?}");
+            assert!(max_diff(&fused.3, &reference.3) < 1e-3, "db {shape:?}");
         }
     }
 

@@ -204,8 +204,11 @@ impl LayerNorm {
         Ok(LayerNorm { weight: s.get("weight", &[dim], Init::Ones)?, bias: s.get("bias", &[dim], Init::Zeros)?, eps })
     }
 
-    /// Normalises `x`.
+    /// Normalises `x`: one fused op for f32 on the CPU ([`fused_norm`]), candle ops otherwise.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fused_norm::supported(x, &self.weight, &self.bias) {
+            return Ok(fused_norm::layer_norm(x, &self.weight, &self.bias, self.eps)?);
+        }
         let dtype = x.dtype();
         let x32 = x.to_dtype(stats_dtype(dtype))?;
         let mean = x32.mean_keepdim(D::Minus1)?;

@@ -66,118 +66,175 @@ fn horizontal_max(v: __m256) -> f32 {
     lanes.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x))
 }
 
-/// `sum_c weights[c] * rows[c][j..j+8]` for `rows` [d, nk].
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-fn weighted_lanes(weights: &[__m256], rows: &[f32], nk: usize, j: usize) -> __m256 {
-    let mut acc = _mm256_setzero_ps();
-    for (c, &w) in weights.iter().enumerate() {
-        acc = _mm256_fmadd_ps(w, load(rows, c * nk + j), acc);
-    }
-    acc
-}
+/// Query rows handled together: each key and value vector loaded serves this many rows, and
+/// the key and value gradients are read and written once per block instead of once per row.
+const BLOCK: usize = 4;
 
-/// [`Head::forward`]: scores and their maximum, then exponentials, their sum and the weighted
-/// values in one sweep.
+/// [`Head::forward`]: per block of query rows, the scores and their maxima, then the
+/// exponentials, their sums and the weighted values in one sweep.
 #[target_feature(enable = "avx2,fma")]
 pub(super) fn forward(head: &Head) -> (Vec<f32>, Vec<f32>) {
+    let nq = head.q.len() / head.d;
+    let (mut out, mut lse) = (vec![0f32; nq * head.d], vec![0f32; nq]);
+    let mut rows = vec![0f32; BLOCK * head.nk()];
+    let full_blocks = nq / BLOCK * BLOCK;
+    for i in (0..full_blocks).step_by(BLOCK) {
+        forward_rows::<BLOCK>(head, i, &mut out, &mut lse, &mut rows);
+    }
+    for i in full_blocks..nq {
+        forward_rows::<1>(head, i, &mut out, &mut lse, &mut rows);
+    }
+    (out, lse)
+}
+
+/// Rows `first..first + R` of [`forward`]; `rows` is scratch of at least R * nk.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn forward_rows<const R: usize>(head: &Head, first: usize, out: &mut [f32], lse: &mut [f32], rows: &mut [f32]) {
     let (d, nk) = (head.d, head.nk());
-    let nq = head.q.len() / d;
     let full = nk / LANES * LANES;
-    let (mut out, mut lse) = (vec![0f32; nq * d], vec![0f32; nq]);
-    let mut row = vec![0f32; nk];
-    let (mut qs, mut qv, mut weighted) = (vec![0f32; d], vec![_mm256_setzero_ps(); d], vec![_mm256_setzero_ps(); d]);
-    for i in 0..nq {
+    let zero = _mm256_setzero_ps();
+    // Scaled queries: scalars for the tail, broadcast vectors [r * d + c] for the groups.
+    let qs: Vec<f32> = head.q[first * d..(first + R) * d].iter().map(|q| q * head.scale).collect();
+    let qv: Vec<__m256> = qs.iter().map(|&q| _mm256_set1_ps(q)).collect();
+    let mut top = [_mm256_set1_ps(f32::NEG_INFINITY); R];
+    for j in (0..full).step_by(LANES) {
+        let mut scores = [zero; R];
         for c in 0..d {
-            qs[c] = head.q[i * d + c] * head.scale;
-            qv[c] = _mm256_set1_ps(qs[c]);
-        }
-        let mut top = _mm256_set1_ps(f32::NEG_INFINITY);
-        for j in (0..full).step_by(LANES) {
-            let scores = weighted_lanes(&qv, &head.kt, nk, j);
-            top = _mm256_max_ps(top, scores);
-            store(&mut row, j, scores);
-        }
-        let mut top = horizontal_max(top);
-        for j in full..nk {
-            row[j] = score_one(&qs, &head.kt, nk, j);
-            top = top.max(row[j]);
-        }
-        let (top_v, mut sum) = (_mm256_set1_ps(top), _mm256_setzero_ps());
-        weighted.iter_mut().for_each(|w| *w = _mm256_setzero_ps());
-        for j in (0..full).step_by(LANES) {
-            let p = exp8(_mm256_sub_ps(load(&row, j), top_v));
-            sum = _mm256_add_ps(sum, p);
-            for (c, w) in weighted.iter_mut().enumerate() {
-                *w = _mm256_fmadd_ps(p, load(&head.vt, c * nk + j), *w);
+            let k = load(&head.kt, c * nk + j);
+            for r in 0..R {
+                scores[r] = _mm256_fmadd_ps(qv[r * d + c], k, scores[r]);
             }
         }
-        let mut total = horizontal_sum(sum);
+        for r in 0..R {
+            top[r] = _mm256_max_ps(top[r], scores[r]);
+            store(rows, r * nk + j, scores[r]);
+        }
+    }
+    let mut tops = [0f32; R];
+    for r in 0..R {
+        tops[r] = horizontal_max(top[r]);
+        for j in full..nk {
+            let score = score_one(&qs[r * d..(r + 1) * d], &head.kt, nk, j);
+            rows[r * nk + j] = score;
+            tops[r] = tops[r].max(score);
+        }
+    }
+    let top_v: [__m256; R] = std::array::from_fn(|r| _mm256_set1_ps(tops[r]));
+    let (mut sums, mut weighted) = ([zero; R], vec![zero; R * d]);
+    for j in (0..full).step_by(LANES) {
+        let mut p = [zero; R];
+        for r in 0..R {
+            p[r] = exp8(_mm256_sub_ps(load(rows, r * nk + j), top_v[r]));
+            sums[r] = _mm256_add_ps(sums[r], p[r]);
+        }
+        for c in 0..d {
+            let v = load(&head.vt, c * nk + j);
+            for r in 0..R {
+                weighted[r * d + c] = _mm256_fmadd_ps(p[r], v, weighted[r * d + c]);
+            }
+        }
+    }
+    for r in 0..R {
+        let mut total = horizontal_sum(sums[r]);
         let mut tail = vec![0f32; d];
         for j in full..nk {
-            let p = exp_nonpositive(row[j] - top);
+            let p = exp_nonpositive(rows[r * nk + j] - tops[r]);
             total += p;
             for (c, t) in tail.iter_mut().enumerate() {
                 *t += p * head.vt[c * nk + j];
             }
         }
-        let inv = 1.0 / total;
+        let (i, inv) = (first + r, 1.0 / total);
         for c in 0..d {
-            out[i * d + c] = (horizontal_sum(weighted[c]) + tail[c]) * inv;
+            out[i * d + c] = (horizontal_sum(weighted[r * d + c]) + tail[c]) * inv;
         }
-        lse[i] = top + total.ln();
+        lse[i] = tops[r] + total.ln();
     }
-    (out, lse)
 }
 
-/// [`Head::backward`]: one sweep over the keys per query.
+/// [`Head::backward`]: one sweep over the keys per block of query rows.
 #[target_feature(enable = "avx2,fma")]
 pub(super) fn backward(head: &Head, o: &[f32], go: &[f32], lse: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (d, nk) = (head.d, head.nk());
     let nq = head.q.len() / d;
+    let mut grads = Gradients { dq: vec![0f32; nq * d], dkt: vec![0f32; d * nk], dvt: vec![0f32; d * nk] };
+    let full_blocks = nq / BLOCK * BLOCK;
+    for i in (0..full_blocks).step_by(BLOCK) {
+        backward_rows::<BLOCK>(head, i, o, go, lse, &mut grads);
+    }
+    for i in full_blocks..nq {
+        backward_rows::<1>(head, i, o, go, lse, &mut grads);
+    }
+    (grads.dq, grads.dkt, grads.dvt)
+}
+
+/// What [`backward`] accumulates: dq [nq, d], dk and dv transposed [d, nk].
+struct Gradients {
+    dq: Vec<f32>,
+    dkt: Vec<f32>,
+    dvt: Vec<f32>,
+}
+
+/// Rows `first..first + R` of [`backward`].
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn backward_rows<const R: usize>(head: &Head, first: usize, o: &[f32], go: &[f32], lse: &[f32], grads: &mut Gradients) {
+    let (d, nk) = (head.d, head.nk());
     let full = nk / LANES * LANES;
-    let (mut dq, mut dkt, mut dvt) = (vec![0f32; nq * d], vec![0f32; d * nk], vec![0f32; d * nk]);
     let zero = _mm256_setzero_ps();
-    let (mut qs, mut qv, mut q_raw, mut gv, mut dq_lanes) =
-        (vec![0f32; d], vec![zero; d], vec![zero; d], vec![zero; d], vec![zero; d]);
+    let rows = first * d..(first + R) * d;
+    let (q, go) = (&head.q[rows.clone()], &go[rows.clone()]);
+    let qs: Vec<f32> = q.iter().map(|q| q * head.scale).collect();
+    let broadcast = |x: &[f32]| -> Vec<__m256> { x.iter().map(|&v| _mm256_set1_ps(v)).collect() };
+    let (qv, q_raw, gv) = (broadcast(&qs), broadcast(q), broadcast(go));
+    let mut dq_lanes = vec![zero; R * d];
+    // dS = P * (dP - rowsum(dO * O)) * scale, with dP = dO V^T and P = exp(S - lse).
+    let deltas: [f32; R] =
+        std::array::from_fn(|r| go[r * d..(r + 1) * d].iter().zip(&o[(first + r) * d..]).map(|(g, o)| g * o).sum());
+    let delta_v: [__m256; R] = std::array::from_fn(|r| _mm256_set1_ps(deltas[r]));
+    let lse_v: [__m256; R] = std::array::from_fn(|r| _mm256_set1_ps(lse[first + r]));
     let scale_v = _mm256_set1_ps(head.scale);
-    for i in 0..nq {
-        let (qi, oi, goi) = (&head.q[i * d..(i + 1) * d], &o[i * d..(i + 1) * d], &go[i * d..(i + 1) * d]);
+    for j in (0..full).step_by(LANES) {
+        let (mut scores, mut dp) = ([zero; R], [zero; R]);
         for c in 0..d {
-            qs[c] = qi[c] * head.scale;
-            qv[c] = _mm256_set1_ps(qs[c]);
-            q_raw[c] = _mm256_set1_ps(qi[c]);
-            gv[c] = _mm256_set1_ps(goi[c]);
-            dq_lanes[c] = zero;
-        }
-        // dS = P * (dP - rowsum(dO * O)) * scale, with dP = dO V^T and P = exp(S - lse).
-        let delta: f32 = goi.iter().zip(oi).map(|(g, o)| g * o).sum();
-        let (delta_v, lse_v) = (_mm256_set1_ps(delta), _mm256_set1_ps(lse[i]));
-        for j in (0..full).step_by(LANES) {
-            let p = exp8(_mm256_sub_ps(weighted_lanes(&qv, &head.kt, nk, j), lse_v));
-            let dp = weighted_lanes(&gv, &head.vt, nk, j);
-            let ds = _mm256_mul_ps(_mm256_mul_ps(p, _mm256_sub_ps(dp, delta_v)), scale_v);
-            for c in 0..d {
-                let at = c * nk + j;
-                dq_lanes[c] = _mm256_fmadd_ps(ds, load(&head.kt, at), dq_lanes[c]);
-                let (dk, dv) =
-                    (_mm256_fmadd_ps(q_raw[c], ds, load(&dkt, at)), _mm256_fmadd_ps(gv[c], p, load(&dvt, at)));
-                store(&mut dkt, at, dk);
-                store(&mut dvt, at, dv);
+            let (k, v) = (load(&head.kt, c * nk + j), load(&head.vt, c * nk + j));
+            for r in 0..R {
+                scores[r] = _mm256_fmadd_ps(qv[r * d + c], k, scores[r]);
+                dp[r] = _mm256_fmadd_ps(gv[r * d + c], v, dp[r]);
             }
         }
+        let (mut p, mut ds) = ([zero; R], [zero; R]);
+        for r in 0..R {
+            p[r] = exp8(_mm256_sub_ps(scores[r], lse_v[r]));
+            ds[r] = _mm256_mul_ps(_mm256_mul_ps(p[r], _mm256_sub_ps(dp[r], delta_v[r])), scale_v);
+        }
         for c in 0..d {
-            dq[i * d + c] = horizontal_sum(dq_lanes[c]);
+            let at = c * nk + j;
+            let k = load(&head.kt, at);
+            let (mut dk, mut dv) = (load(&grads.dkt, at), load(&grads.dvt, at));
+            for r in 0..R {
+                dq_lanes[r * d + c] = _mm256_fmadd_ps(ds[r], k, dq_lanes[r * d + c]);
+                dk = _mm256_fmadd_ps(q_raw[r * d + c], ds[r], dk);
+                dv = _mm256_fmadd_ps(gv[r * d + c], p[r], dv);
+            }
+            store(&mut grads.dkt, at, dk);
+            store(&mut grads.dvt, at, dv);
+        }
+    }
+    for r in 0..R {
+        let (i, qr, gr) = (first + r, &q[r * d..(r + 1) * d], &go[r * d..(r + 1) * d]);
+        for c in 0..d {
+            grads.dq[i * d + c] = horizontal_sum(dq_lanes[r * d + c]);
         }
         for j in full..nk {
-            let p = exp_nonpositive(score_one(&qs, &head.kt, nk, j) - lse[i]);
-            let ds = p * (score_one(goi, &head.vt, nk, j) - delta) * head.scale;
+            let p = exp_nonpositive(score_one(&qs[r * d..(r + 1) * d], &head.kt, nk, j) - lse[i]);
+            let ds = p * (score_one(gr, &head.vt, nk, j) - deltas[r]) * head.scale;
             for c in 0..d {
-                dq[i * d + c] += ds * head.kt[c * nk + j];
-                dkt[c * nk + j] += qi[c] * ds;
-                dvt[c * nk + j] += goi[c] * p;
+                grads.dq[i * d + c] += ds * head.kt[c * nk + j];
+                grads.dkt[c * nk + j] += qr[c] * ds;
+                grads.dvt[c * nk + j] += gr[c] * p;
             }
         }
     }
-    (dq, dkt, dvt)
 }
