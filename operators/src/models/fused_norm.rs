@@ -58,6 +58,21 @@ fn group_statistics(x: &[f32], eps: f64) -> (f32, f32) {
     (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
 }
 
+/// The forward pass's (mean, 1/std) per slice of `slice_len` values of `x`, or recomputed when
+/// the forward pass did not save them (it ran elsewhere than this op's CPU pass).
+fn saved_statistics(
+    saved: &Mutex<Vec<(f32, f32)>>,
+    x: &Tensor,
+    slice_len: usize,
+    eps: f64,
+) -> candle_core::Result<Vec<(f32, f32)>> {
+    let statistics = saved.lock().expect("statistics lock").clone();
+    if statistics.len() == x.elem_count() / slice_len {
+        return Ok(statistics);
+    }
+    with_values(x, |x| x.par_chunks(slice_len).map(|s| group_statistics(s, eps)).collect())
+}
+
 /// The op (see the module docs).
 struct GroupNormOp {
     groups: usize,
@@ -125,12 +140,7 @@ impl CustomOp3 for GroupNormOp {
         grad_out: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dims = Dims::of(x.shape(), self.groups)?;
-        let mut statistics = self.statistics.lock().expect("statistics lock").clone();
-        if statistics.len() != x.elem_count() / dims.group_len() {
-            // Not from this op's CPU forward pass: recompute them.
-            statistics =
-                with_values(x, |x| x.par_chunks(dims.group_len()).map(|g| group_statistics(g, self.eps)).collect())?;
-        }
+        let statistics = saved_statistics(&self.statistics, x, dims.group_len(), self.eps)?;
         let per_group = dims.channels / dims.groups;
         let (w_values, b_values) = (w.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
         // Per (sample, group): the input gradient, and per channel sum(dz * xhat) and sum(dz).
@@ -259,10 +269,7 @@ impl CustomOp3 for LayerNormOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dim = w.elem_count();
         let block_rows = rows_per_task(dim);
-        let mut statistics = self.statistics.lock().expect("statistics lock").clone();
-        if statistics.len() != x.elem_count() / dim {
-            statistics = with_values(x, |x| x.par_chunks(dim).map(|r| group_statistics(r, self.eps)).collect())?;
-        }
+        let statistics = saved_statistics(&self.statistics, x, dim, self.eps)?;
         let w_values = w.flatten_all()?.to_vec1::<f32>()?;
         let (dx, sums) = with_values(x, |x| {
             with_values(grad_out, |dy| {
