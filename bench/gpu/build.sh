@@ -37,3 +37,5 @@ strip "$dest"/*
 ls -la "$dest"
 tar -cJf bench/gpu/bin.tar.xz -C "$dest" .
 ls -la bench/gpu/bin.tar.xz
+# The Python wheels the GPU machine lacks (diffusers), checked against its package list.
+bench/gpu/fetch_wheels.sh

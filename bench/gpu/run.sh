@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of latentflow in one call, for a GPU machine with no Rust
 # toolchain: run it from the repository root with the binaries `bench/gpu/build.sh` made.
-#   bench/gpu/run.sh [BIN] [OUT_DIR]   BIN: a folder or build.sh's .tar.xz (default: bench/gpu/bin,
-#                                       else bench/gpu/bin.tar.xz); OUT_DIR: default $OUT or bench/gpu/out
+#   bench/gpu/run.sh [--dry-run] [BIN] [OUT_DIR]
+#     BIN: a folder or build.sh's .tar.xz (default: bench/gpu/bin, else bench/gpu/bin.tar.xz);
+#     OUT_DIR: default $OUT or bench/gpu/out. Carry bench/gpu/wheels (fetch_wheels.sh) with BIN:
+#     the machine has no diffusers; its wheels are installed to a temporary path first.
+#   --dry-run (on any machine, no GPU): installs the carried wheels the same way, checks their
+#     requirements against the machine's package list (check_carry.py), runs pytorch_step.py on
+#     the CPU with a tiny UNet (proving every import resolves), lists what the binaries link, and
+#     stops before the GPU parts.
 # 1. the kernel tests on the GPU (each NVRTC kernel against its CPU reference) and the NVRTC
 #    compile test; 2. the parity tests on CUDA (models against the diffusers/transformers
 #    goldens, one training step against PyTorch's); 3. the SD2-base UNet training step at 256 px
@@ -10,8 +16,13 @@
 #    4. the online topology with real-size encoders on one GPU. Writes OUT/summary.md and the raw
 #    outputs beside it; exits non-zero if any part failed (every part runs regardless).
 set -uo pipefail
+dry_run=0
+if [[ ${1:-} == --dry-run ]]; then dry_run=1; shift; fi
 bin=${1:-bench/gpu/bin}
 [[ -z ${1:-} && ! -d $bin && -f bench/gpu/bin.tar.xz ]] && bin=bench/gpu/bin.tar.xz
+if ((dry_run)) && [[ ! -e $bin ]]; then
+  bin=$(mktemp -d) # no binaries built here: the checks below say so
+fi
 if [[ -f $bin ]]; then
   unpacked=$(mktemp -d)
   tar -xJf "$bin" -C "$unpacked" || { echo "cannot unpack $bin" >&2; exit 1; }
@@ -41,6 +52,44 @@ step() { # step NAME TIMEOUT_S COMMAND...: runs, logs, records the exit status
   echo "$name rc=$rc seconds=$((SECONDS - started))" | tee -a "$out/log.txt"
   [[ $rc == 0 ]] || status=1
 }
+
+# The carried Python wheels (diffusers and what it needs that the machine lacks), installed to a
+# temporary path ahead of the machine's site-packages.
+wheels=$root/bench/gpu/wheels
+if compgen -G "$wheels/*.whl" >/dev/null; then
+  site_extra=$(mktemp -d)
+  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site_extra" "$wheels"/*.whl \
+    >"$out/wheels.txt" 2>&1; then
+    export PYTHONPATH=$site_extra${PYTHONPATH:+:$PYTHONPATH}
+    echo "installed $(ls "$wheels" | tr '\n' ' ')to $site_extra" | tee -a "$out/log.txt"
+  else
+    echo "cannot install the carried wheels (see wheels.txt)" | tee -a "$out/log.txt"; status=1
+  fi
+else
+  echo "no wheels in $wheels: run bench/gpu/fetch_wheels.sh and carry them (diffusers is not on the GPU machine)" \
+    | tee -a "$out/log.txt"
+fi
+
+if ((dry_run)); then
+  python3 "$root/bench/gpu/check_carry.py" "$wheels" | tee "$out/carry.txt"; [[ ${PIPESTATUS[0]} == 0 ]] || status=1
+  python=${LATENTFLOW_PYTHON:-python3}
+  note "pytorch_step.py on the CPU with $python (a tiny UNet, one step)"
+  "$python" -c "import diffusers; print('diffusers', diffusers.__version__, 'from', diffusers.__file__)" 2>&1 | tee -a "$out/log.txt"
+  "$python" "$root/bench/gpu/pytorch_step.py" --config "$root/bench/gpu/dry-run-unet.json" --device cpu \
+    --latent-size 16 --batches 2 --steps 1 --warmup 0 2>&1 | tee "$out/pytorch_step_cpu.txt"
+  grep -q step_s_median "$out/pytorch_step_cpu.txt" || status=1
+  note "what the binaries link (cudarc opens the CUDA libraries at run time)"
+  found=0
+  for f in "$bin"/*; do
+    [[ -f $f && -x $f ]] || continue
+    found=1
+    echo "$(basename "$f"): $(readelf -d "$f" 2>/dev/null | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' | tr '\n' ' ')" \
+      | tee -a "$out/log.txt"
+  done
+  ((found)) || echo "no binaries in $bin (bench/gpu/build.sh builds them)" | tee -a "$out/log.txt"
+  echo "dry run: status $status" | tee -a "$out/log.txt"
+  exit $status
+fi
 
 # CUDA libraries: PyTorch's pip packages (cuBLAS, cuRAND, NVRTC, runtime) and the driver.
 site=$(python3 -c "import nvidia, os; print(os.path.dirname(list(nvidia.__path__)[0]))" 2>/dev/null || true)
