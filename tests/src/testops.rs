@@ -30,6 +30,8 @@ pub struct Probe {
     pub finishes: AtomicU64,
     /// Epochs seen by `probe_sink` with the keys in them.
     pub epoch_keys: Mutex<BTreeMap<u64, BTreeSet<i64>>>,
+    /// The rayon pools `epoch_sum` ran in: (on a pool thread, that pool's thread count).
+    pub stage_pools: Mutex<BTreeSet<(bool, usize)>>,
 }
 
 /// The probe named `name` (created on first use).
@@ -246,6 +248,9 @@ pub struct EpochSumConfig {
     /// Panic there.
     #[serde(default)]
     pub panic_in: Option<PanicIn>,
+    /// Record the rayon pool each batch ran in under this probe.
+    #[serde(default)]
+    pub probe: Option<String>,
 }
 
 impl OperatorConfig for EpochSumConfig {
@@ -253,8 +258,11 @@ impl OperatorConfig for EpochSumConfig {
     const KIND: OperatorKind = OperatorKind::Stage;
     const SUMMARY: &'static str = "test: per-epoch sums of `key`, total at finish";
     const EXAMPLE: &'static str = "";
-    const KEYS: &'static [(&'static str, &'static str)] =
-        &[("stop_after", "request a stop after this many rows"), ("panic_in", "where to panic")];
+    const KEYS: &'static [(&'static str, &'static str)] = &[
+        ("stop_after", "request a stop after this many rows"),
+        ("panic_in", "where to panic"),
+        ("probe", "probe name"),
+    ];
 }
 
 impl NodeSpec for EpochSumConfig {
@@ -267,8 +275,8 @@ impl NodeSpec for EpochSumConfig {
     }
 
     fn instantiate(&self, _ctx: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> {
-        let (stop_after, panic_in) = (self.stop_after, self.panic_in);
-        Ok(OperatorImpl::Stage(Box::new(EpochSum { stop_after, panic_in, ..EpochSum::default() })))
+        let (stop_after, panic_in, probe) = (self.stop_after, self.panic_in, self.probe.as_deref().map(probe));
+        Ok(OperatorImpl::Stage(Box::new(EpochSum { stop_after, panic_in, probe, ..EpochSum::default() })))
     }
 }
 
@@ -276,6 +284,7 @@ impl NodeSpec for EpochSumConfig {
 struct EpochSum {
     stop_after: Option<u64>,
     panic_in: Option<PanicIn>,
+    probe: Option<Arc<Probe>>,
     batches: u64,
     rows: u64,
     epoch_sum: i64,
@@ -292,6 +301,10 @@ impl Stage for EpochSum {
         self.batches += 1;
         if self.batches == 2 {
             panic_if(self.panic_in, PanicIn::Process);
+        }
+        if let Some(p) = &self.probe {
+            let pool = (rayon::current_thread_index().is_some(), rayon::current_num_threads());
+            p.stage_pools.lock().expect("probe").insert(pool);
         }
         let keys = batch.i64s("key")?;
         self.epoch_sum += keys.iter().sum::<i64>();

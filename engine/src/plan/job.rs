@@ -30,7 +30,8 @@ pub struct JobConfig {
     pub max_bytes_in_flight: Option<ByteSize>,
     /// Seed for everything random (shuffles, noise, initialisation).
     pub seed: u64,
-    /// Threads of the pool that runs map operators, per process; all cores by default.
+    /// The job's CPU thread budget per process (all cores by default): one pool runs the map
+    /// operators and every stage's parallel kernels (attention, norms, matrix products).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_threads: Option<usize>,
     /// Devices owned by worker threads: thread `i` of each process owns `devices[i]`.
@@ -68,7 +69,7 @@ impl JobConfig {
         self.output_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&self.name))
     }
 
-    /// Threads for the map pool.
+    /// Threads of the job's pool.
     pub fn cpu_threads(&self) -> usize {
         self.cpu_threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
     }

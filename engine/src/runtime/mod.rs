@@ -5,6 +5,7 @@ mod dataflow;
 mod distinct_op;
 mod map_op;
 mod panics;
+mod pool;
 mod positions;
 mod reject_log;
 mod shared;
@@ -131,11 +132,7 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<RunReport, EngineError> 
         }
     }
     let source_batches = plan.source_batches(threads, processes).map_err(|e| EngineError::Options(e.join("\n")))?;
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(plan.job.cpu_threads())
-        .thread_name(|i| format!("lf-pool-{i}"))
-        .build()
-        .map_err(|e| EngineError::Options(format!("cannot start the thread pool: {e}")))?;
+    let pool = pool::JobPool::new(plan.job.cpu_threads())?;
     let start = Instant::now();
     let resume = resume_positions(plan, threads, processes)?;
     let reject_logs = reject_log::open_all(plan, process, processes, resume.is_resuming())?;

@@ -100,7 +100,7 @@ pub(crate) struct JobShared {
     pub stop: Arc<StopSignal>,
     pub metrics: Arc<MetricsRegistry>,
     pub status: Arc<JobStatus>,
-    pub pool: rayon::ThreadPool,
+    pub pool: super::pool::JobPool,
     pub trace: Option<Arc<TraceRecorder>>,
     pub failure: Mutex<Option<EngineError>>,
     /// Every source's position after each recent epoch (what checkpoints save).
