@@ -8,8 +8,9 @@ use super::ColumnType;
 /// The values of one column, one entry per row.
 ///
 /// Tensor columns hold a fixed per-row `shape` and the rows' values back to back, so a batch of
-/// image crops is one allocation. Byte payloads use `serde_bytes` so they cross processes as raw
-/// bytes rather than as a list of numbers.
+/// image crops is one allocation. Byte payloads and f32 tensors are serialized as byte strings
+/// (`serde_bytes`, `f32_bytes`) so they cross processes as raw bytes rather than as a list of
+/// numbers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Column {
     /// 64-bit integers (keys, sizes).
@@ -32,7 +33,8 @@ pub enum Column {
     F32Tensor {
         /// Shape of one row.
         shape: Vec<usize>,
-        /// Row-major values of every row, back to back.
+        /// Row-major values of every row, back to back (crossing processes as bytes).
+        #[serde(with = "super::f32_bytes")]
         data: Vec<f32>,
     },
     /// An `i64` tensor per row (token ids).

@@ -2,6 +2,7 @@
 
 mod batch;
 mod column;
+mod f32_bytes;
 mod schema;
 
 pub use batch::{Batch, DataError};
