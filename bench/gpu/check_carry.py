@@ -60,14 +60,17 @@ def main(wheel_dir):
             if req.marker and not req.marker.evaluate({**env, "extra": ""}):
                 continue
             name = canonicalize_name(req.name)
-            have = carried.get(name, device.get(name, "missing") if name in device else "missing")
-            if have == "missing":
-                problems.append(f"{wheel.name} needs {req}: neither carried nor on the GPU machine")
-            elif have is not None and req.specifier and Version(have) not in req.specifier:
-                problems.append(f"{wheel.name} needs {req}: the GPU machine has {have}")
+            if name in carried:
+                have, where = carried[name], "carried"
+            elif name in device:
+                have, where = device[name], "on the machine"  # None: version not known
             else:
-                print(f"ok: {wheel.name.split('-')[0]} needs {req}: {'carried' if name in carried else 'on the machine'}"
-                      + (f" ({have})" if have else ""))
+                problems.append(f"{wheel.name} needs {req}: neither carried nor on the GPU machine")
+                continue
+            if have is not None and req.specifier and Version(have) not in req.specifier:
+                problems.append(f"{wheel.name} needs {req}: {where} is {have}")
+            else:
+                print(f"ok: {wheel.name.split('-')[0]} needs {req}: {where}" + (f" ({have})" if have else ""))
     for p in problems:
         print("MISSING:", p)
     print(f"{len(wheels)} wheels, {len(problems)} problems")

@@ -70,7 +70,7 @@ fn saved_statistics(
     if statistics.len() == x.elem_count() / slice_len {
         return Ok(statistics);
     }
-    with_values(x, |x| x.par_chunks(slice_len).map(|s| group_statistics(s, eps)).collect())
+    with_values([x], |[x]| x.par_chunks(slice_len).map(|s| group_statistics(s, eps)).collect())
 }
 
 /// The op (see the module docs).
@@ -142,57 +142,52 @@ impl CustomOp3 for GroupNormOp {
         let dims = Dims::of(x.shape(), self.groups)?;
         let statistics = saved_statistics(&self.statistics, x, dims.group_len(), self.eps)?;
         let per_group = dims.channels / dims.groups;
-        let (w_values, b_values) = (w.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
         // Per (sample, group): the input gradient, and per channel sum(dz * xhat) and sum(dz).
-        let (dx, sums) = with_values(x, |x| {
-            with_values(grad_out, |dy| {
-                let mut dx = vec![0f32; x.len()];
-                let sums: Vec<Vec<(f64, f64)>> = dx
-                    .par_chunks_mut(dims.group_len())
-                    .zip(x.par_chunks(dims.group_len()).zip(dy.par_chunks(dims.group_len())))
-                    .enumerate()
-                    .map(|(bg, (dx, (x, dy)))| {
-                        let (mean, rstd) = statistics[bg];
-                        let first_channel = (bg % dims.groups) * per_group;
-                        let mut channel_sums = Vec::with_capacity(per_group);
-                        // dx holds dz first (the gradient before the affine scale).
-                        let (mut sum_g, mut sum_g_xhat) = (0f64, 0f64);
-                        for (j, (dz, (x, dy))) in dx
-                            .chunks_mut(dims.spatial)
-                            .zip(x.chunks(dims.spatial).zip(dy.chunks(dims.spatial)))
-                            .enumerate()
-                        {
-                            let channel = first_channel + j;
-                            let (a, c) = Self::affine(&w_values, &b_values, channel, (mean, rstd));
-                            let (mut dw, mut db) = (0f32, 0f32);
-                            for (dz, (&v, &g)) in dz.iter_mut().zip(x.iter().zip(dy)) {
-                                let grad = if self.silu { g * silu_and_slope(v * a + c).1 } else { g };
-                                *dz = grad;
-                                dw += grad * ((v - mean) * rstd);
-                                db += grad;
-                            }
-                            let (dw, db) = (dw as f64, db as f64);
-                            channel_sums.push((dw, db));
-                            let wc = w_values[channel] as f64;
-                            sum_g += db * wc;
-                            sum_g_xhat += dw * wc;
+        let (dx, sums) = with_values([x, w, b, grad_out], |[x, w_values, b_values, dy]| {
+            let mut dx = vec![0f32; x.len()];
+            let sums: Vec<Vec<(f64, f64)>> = dx
+                .par_chunks_mut(dims.group_len())
+                .zip(x.par_chunks(dims.group_len()).zip(dy.par_chunks(dims.group_len())))
+                .enumerate()
+                .map(|(bg, (dx, (x, dy)))| {
+                    let (mean, rstd) = statistics[bg];
+                    let first_channel = (bg % dims.groups) * per_group;
+                    let mut channel_sums = Vec::with_capacity(per_group);
+                    // dx holds dz first (the gradient before the affine scale).
+                    let (mut sum_g, mut sum_g_xhat) = (0f64, 0f64);
+                    for (j, (dz, (x, dy))) in
+                        dx.chunks_mut(dims.spatial).zip(x.chunks(dims.spatial).zip(dy.chunks(dims.spatial))).enumerate()
+                    {
+                        let channel = first_channel + j;
+                        let (a, c) = Self::affine(w_values, b_values, channel, (mean, rstd));
+                        let (mut dw, mut db) = (0f32, 0f32);
+                        for (dz, (&v, &g)) in dz.iter_mut().zip(x.iter().zip(dy)) {
+                            let grad = if self.silu { g * silu_and_slope(v * a + c).1 } else { g };
+                            *dz = grad;
+                            dw += grad * ((v - mean) * rstd);
+                            db += grad;
                         }
-                        // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dz * w.
-                        let n = dx.len() as f64;
-                        let (mean_g, mean_g_xhat) = ((sum_g / n) as f32, (sum_g_xhat / n) as f32);
-                        for (j, (dx, x)) in dx.chunks_mut(dims.spatial).zip(x.chunks(dims.spatial)).enumerate() {
-                            let wc = w_values[first_channel + j];
-                            for (d, &v) in dx.iter_mut().zip(x) {
-                                let xhat = (v - mean) * rstd;
-                                *d = rstd * (*d * wc - mean_g - xhat * mean_g_xhat);
-                            }
+                        let (dw, db) = (dw as f64, db as f64);
+                        channel_sums.push((dw, db));
+                        let wc = w_values[channel] as f64;
+                        sum_g += db * wc;
+                        sum_g_xhat += dw * wc;
+                    }
+                    // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dz * w.
+                    let n = dx.len() as f64;
+                    let (mean_g, mean_g_xhat) = ((sum_g / n) as f32, (sum_g_xhat / n) as f32);
+                    for (j, (dx, x)) in dx.chunks_mut(dims.spatial).zip(x.chunks(dims.spatial)).enumerate() {
+                        let wc = w_values[first_channel + j];
+                        for (d, &v) in dx.iter_mut().zip(x) {
+                            let xhat = (v - mean) * rstd;
+                            *d = rstd * (*d * wc - mean_g - xhat * mean_g_xhat);
                         }
-                        channel_sums
-                    })
-                    .collect();
-                (dx, sums)
-            })
-        })??;
+                    }
+                    channel_sums
+                })
+                .collect();
+            (dx, sums)
+        })?;
         // Channel sums over the samples.
         let (mut dw, mut db) = (vec![0f64; dims.channels], vec![0f64; dims.channels]);
         for (bg, channel_sums) in sums.iter().enumerate() {
@@ -270,42 +265,39 @@ impl CustomOp3 for LayerNormOp {
         let dim = w.elem_count();
         let block_rows = rows_per_task(dim);
         let statistics = saved_statistics(&self.statistics, x, dim, self.eps)?;
-        let w_values = w.flatten_all()?.to_vec1::<f32>()?;
-        let (dx, sums) = with_values(x, |x| {
-            with_values(grad_out, |dy| {
-                let mut dx = vec![0f32; x.len()];
-                let sums: Vec<(Vec<f32>, Vec<f32>)> = dx
-                    .par_chunks_mut(block_rows * dim)
-                    .zip(x.par_chunks(block_rows * dim).zip(dy.par_chunks(block_rows * dim)))
-                    .zip(statistics.par_chunks(block_rows))
-                    .map(|((dx, (x, dy)), stats)| {
-                        let (mut dw, mut db) = (vec![0f32; dim], vec![0f32; dim]);
-                        for ((dx, (x, dy)), &(mean, rstd)) in
-                            dx.chunks_mut(dim).zip(x.chunks(dim).zip(dy.chunks(dim))).zip(stats)
-                        {
-                            // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w.
-                            let (mut sum_g, mut sum_g_xhat) = (0f32, 0f32);
-                            for c in 0..dim {
-                                let xhat = (x[c] - mean) * rstd;
-                                let g = dy[c] * w_values[c];
-                                dw[c] += dy[c] * xhat;
-                                db[c] += dy[c];
-                                sum_g += g;
-                                sum_g_xhat += g * xhat;
-                            }
-                            let n = dim as f32;
-                            let (mean_g, mean_g_xhat) = (sum_g / n, sum_g_xhat / n);
-                            for c in 0..dim {
-                                let xhat = (x[c] - mean) * rstd;
-                                dx[c] = rstd * (dy[c] * w_values[c] - mean_g - xhat * mean_g_xhat);
-                            }
+        let (dx, sums) = with_values([x, w, grad_out], |[x, w_values, dy]| {
+            let mut dx = vec![0f32; x.len()];
+            let sums: Vec<(Vec<f32>, Vec<f32>)> = dx
+                .par_chunks_mut(block_rows * dim)
+                .zip(x.par_chunks(block_rows * dim).zip(dy.par_chunks(block_rows * dim)))
+                .zip(statistics.par_chunks(block_rows))
+                .map(|((dx, (x, dy)), stats)| {
+                    let (mut dw, mut db) = (vec![0f32; dim], vec![0f32; dim]);
+                    for ((dx, (x, dy)), &(mean, rstd)) in
+                        dx.chunks_mut(dim).zip(x.chunks(dim).zip(dy.chunks(dim))).zip(stats)
+                    {
+                        // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w.
+                        let (mut sum_g, mut sum_g_xhat) = (0f32, 0f32);
+                        for c in 0..dim {
+                            let xhat = (x[c] - mean) * rstd;
+                            let g = dy[c] * w_values[c];
+                            dw[c] += dy[c] * xhat;
+                            db[c] += dy[c];
+                            sum_g += g;
+                            sum_g_xhat += g * xhat;
                         }
-                        (dw, db)
-                    })
-                    .collect();
-                (dx, sums)
-            })
-        })??;
+                        let n = dim as f32;
+                        let (mean_g, mean_g_xhat) = (sum_g / n, sum_g_xhat / n);
+                        for c in 0..dim {
+                            let xhat = (x[c] - mean) * rstd;
+                            dx[c] = rstd * (dy[c] * w_values[c] - mean_g - xhat * mean_g_xhat);
+                        }
+                    }
+                    (dw, db)
+                })
+                .collect();
+            (dx, sums)
+        })?;
         let (mut dw, mut db) = (vec![0f32; dim], vec![0f32; dim]);
         for (block_w, block_b) in &sums {
             for c in 0..dim {
@@ -373,25 +365,12 @@ pub fn group_norm(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::nn::silu;
+    use crate::models::nn::{composed_group_norm, composed_layer_norm, silu};
     use crate::rng::Rng;
-    use candle_core::{Device, Var, D};
+    use candle_core::{Device, Var};
 
     fn composed(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, eps: f64, with_silu: bool) -> Tensor {
-        let dims = x.dims().to_vec();
-        let grouped = x.reshape((dims[0], groups, ())).unwrap();
-        let mean = grouped.mean_keepdim(D::Minus1).unwrap();
-        let centred = grouped.broadcast_sub(&mean).unwrap();
-        let var = centred.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-        let normed =
-            centred.broadcast_div(&(var + eps).unwrap().sqrt().unwrap()).unwrap().reshape(dims.clone()).unwrap();
-        let mut shape = vec![1, dims[1]];
-        shape.resize(dims.len(), 1);
-        let y = normed
-            .broadcast_mul(&w.reshape(shape.clone()).unwrap())
-            .unwrap()
-            .broadcast_add(&b.reshape(shape).unwrap())
-            .unwrap();
+        let y = composed_group_norm(x, w, b, groups, eps).unwrap();
         if with_silu {
             silu(&y).unwrap()
         } else {
@@ -417,11 +396,7 @@ mod tests {
                 let y = if fused {
                     layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap()
                 } else {
-                    let mean = x.as_tensor().mean_keepdim(D::Minus1).unwrap();
-                    let centred = x.as_tensor().broadcast_sub(&mean).unwrap();
-                    let var = centred.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-                    let normed = centred.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap()).unwrap();
-                    normed.broadcast_mul(w.as_tensor()).unwrap().broadcast_add(b.as_tensor()).unwrap()
+                    composed_layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap()
                 };
                 let grads = (&y * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
                 let g = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();

@@ -172,21 +172,9 @@ impl GroupNorm {
         self.composed(x)
     }
 
-    /// [`GroupNorm::forward`] from candle ops (any device and dtype).
+    /// [`GroupNorm::forward`] from candle ops.
     fn composed(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let (b, c) = (dims[0], dims[1]);
-        let dtype = x.dtype();
-        let grouped = x.to_dtype(stats_dtype(dtype))?.reshape((b, self.groups, ()))?;
-        let mean = grouped.mean_keepdim(D::Minus1)?;
-        let centred = grouped.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?.reshape(dims.clone())?.to_dtype(dtype)?;
-        let mut shape = vec![1, c];
-        shape.resize(dims.len(), 1);
-        let w = cast(&self.weight, x)?.reshape(shape.clone())?;
-        let bias = cast(&self.bias, x)?.reshape(shape)?;
-        Ok(normed.broadcast_mul(&w)?.broadcast_add(&bias)?)
+        composed_group_norm(x, &self.weight, &self.bias, self.groups, self.eps)
     }
 }
 
@@ -209,14 +197,38 @@ impl LayerNorm {
         if fused_norm::supported(x, &self.weight, &self.bias) {
             return Ok(fused_norm::layer_norm(x, &self.weight, &self.bias, self.eps)?);
         }
-        let dtype = x.dtype();
-        let x32 = x.to_dtype(stats_dtype(dtype))?;
-        let mean = x32.mean_keepdim(D::Minus1)?;
-        let centred = x32.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
-        Ok(normed.broadcast_mul(&cast(&self.weight, x)?)?.broadcast_add(&cast(&self.bias, x)?)?)
+        composed_layer_norm(x, &self.weight, &self.bias, self.eps)
     }
+}
+
+/// Group normalisation of `x` [B, C, ...] from candle ops (any device and dtype; statistics in
+/// f32), what [`fused_norm::group_norm`] computes in one op.
+pub fn composed_group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps: f64) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (b, c) = (dims[0], dims[1]);
+    let dtype = x.dtype();
+    let grouped = x.to_dtype(stats_dtype(dtype))?.reshape((b, groups, ()))?;
+    let mean = grouped.mean_keepdim(D::Minus1)?;
+    let centred = grouped.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?.reshape(dims.clone())?.to_dtype(dtype)?;
+    let mut shape = vec![1, c];
+    shape.resize(dims.len(), 1);
+    let w = cast(weight, x)?.reshape(shape.clone())?;
+    let bias = cast(bias, x)?.reshape(shape)?;
+    Ok(normed.broadcast_mul(&w)?.broadcast_add(&bias)?)
+}
+
+/// Layer normalisation over the last dimension from candle ops (any device and dtype;
+/// statistics in f32), what [`fused_norm::layer_norm`] computes in one op.
+pub fn composed_layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(stats_dtype(dtype))?;
+    let mean = x32.mean_keepdim(D::Minus1)?;
+    let centred = x32.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?;
+    Ok(normed.broadcast_mul(&cast(weight, x)?)?.broadcast_add(&cast(bias, x)?)?)
 }
 
 /// Differentiable softmax over the last dimension, computed in f32.

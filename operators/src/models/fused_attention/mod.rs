@@ -418,21 +418,13 @@ impl CustomOp3 for FusedAttention {
         }
         let dims = self.dims(q.shape(), k.shape())?;
         let scale = self.scale(dims);
-        let (dq, dk, dv) = with_values(q, |q| {
-            with_values(k, |k| {
-                with_values(v, |v| {
-                    with_values(out, |o| {
-                        with_values(grad_out, |go| {
-                            let mut lse = self.lse.lock().expect("lse lock").clone();
-                            if lse.len() != dims.b * dims.heads * dims.nq {
-                                lse = forward(q, k, v, dims, scale).1; // not from this op's CPU forward
-                            }
-                            backward(&Saved { q, k, v, o, go }, &lse, dims, scale)
-                        })
-                    })
-                })
-            })
-        })?????;
+        let (dq, dk, dv) = with_values([q, k, v, out, grad_out], |[q, k, v, o, go]| {
+            let mut lse = self.lse.lock().expect("lse lock").clone();
+            if lse.len() != dims.b * dims.heads * dims.nq {
+                lse = forward(q, k, v, dims, scale).1; // not from this op's CPU forward
+            }
+            backward(&Saved { q, k, v, o, go }, &lse, dims, scale)
+        })?;
         let device = q.device();
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), device)?),
