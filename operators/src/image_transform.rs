@@ -185,6 +185,20 @@ impl ImageTransform {
 
     /// Transforms one encoded image; `key` seeds its random crop and flip.
     pub fn apply(&self, bytes: &[u8], key: i64) -> Result<Transformed, crate::pixels::Rejected> {
+        let crop = self.crop(bytes, key)?;
+        let mut pixels = vec![0u8; crop.hwc.len()];
+        crop.write_chw(&mut pixels);
+        Ok(Transformed {
+            pixels,
+            size: crop.size,
+            original_size: crop.original_size,
+            crop_top_left: crop.crop_top_left,
+        })
+    }
+
+    /// Decodes, resizes and crops one image, leaving it interleaved: the batch's rows are
+    /// written CHW straight into the batch's column (`Crop::write_chw`).
+    fn crop(&self, bytes: &[u8], key: i64) -> Result<Crop, crate::pixels::Rejected> {
         let c = &self.config;
         let options = DecodeOptions {
             exif_transpose: c.exif_transpose,
@@ -217,8 +231,9 @@ impl ImageTransform {
         let plan = CropPlan { resized: (rw, rh), offset: (left, top), size: (bw, bh) };
         let hwc = resize_crop(&image, &plan, filter);
         let flip = c.hflip_prob > 0.0 && unit_random(self.seed, key, 3) < c.hflip_prob;
-        Ok(Transformed {
-            pixels: hwc_to_chw(&hwc, (bw as usize, bh as usize), flip),
+        Ok(Crop {
+            hwc,
+            flip,
             size: (bw, bh),
             original_size: [i64::from(h), i64::from(w)],
             crop_top_left: [i64::from(top), i64::from(left)],
@@ -232,20 +247,34 @@ fn per_row<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
     (0..n).into_par_iter().map(f).collect()
 }
 
-/// Interleaved RGB rows (`width x height`) to planar channels, mirrored left to right when
-/// `flip`.
-fn hwc_to_chw(hwc: &[u8], (width, height): (usize, usize), flip: bool) -> Vec<u8> {
-    let plane = width * height;
-    let mut chw = vec![0u8; 3 * plane];
-    for y in 0..height {
-        for x in 0..width {
-            let src = (y * width + if flip { width - 1 - x } else { x }) * 3;
-            for c in 0..3 {
-                chw[c * plane + y * width + x] = hwc[src + c];
+/// One image cropped to its size, still interleaved RGB.
+struct Crop {
+    hwc: Vec<u8>,
+    /// Mirrored left to right when written.
+    flip: bool,
+    size: (u32, u32),
+    original_size: [i64; 2],
+    crop_top_left: [i64; 2],
+}
+
+impl Crop {
+    /// Writes the crop as planar channels into `chw` (`3 x height x width`), mirrored when
+    /// `flip`.
+    fn write_chw(&self, chw: &mut [u8]) {
+        let (width, height) = (self.size.0 as usize, self.size.1 as usize);
+        let plane = width * height;
+        debug_assert_eq!(chw.len(), 3 * plane);
+        let (red, rest) = chw.split_at_mut(plane);
+        let (green, blue) = rest.split_at_mut(plane);
+        for (y, source) in self.hwc.chunks_exact(3 * width).take(height).enumerate() {
+            let row = y * width..(y + 1) * width;
+            let (r, g, b) = (&mut red[row.clone()], &mut green[row.clone()], &mut blue[row]);
+            for (x, rgb) in source.chunks_exact(3).enumerate() {
+                let x = if self.flip { width - 1 - x } else { x };
+                (r[x], g[x], b[x]) = (rgb[0], rgb[1], rgb[2]);
             }
         }
     }
-    chw
 }
 
 impl Map for ImageTransform {
@@ -268,7 +297,7 @@ impl Map for ImageTransform {
         };
         // The rows of one batch decode in parallel on the pool this map runs on, so decoding
         // uses every pool thread however few batches are in flight.
-        let results = per_row(images.len(), |row| self.apply(&images[row], keys[row]));
+        let results = per_row(images.len(), |row| self.crop(&images[row], keys[row]));
         let mut kept = Vec::with_capacity(results.len());
         for (row, result) in results.into_iter().enumerate() {
             match result {
@@ -298,8 +327,11 @@ impl Map for ImageTransform {
             let in_group: Vec<bool> = kept.iter().map(|t| t.as_ref().is_some_and(|t| t.size == (w, h))).collect();
             let mut group = if i + 1 == sizes.len() { std::mem::take(&mut batch) } else { batch.clone() };
             group.retain_rows(&in_group);
-            let rows: Vec<&Transformed> = kept.iter().flatten().filter(|t| t.size == (w, h)).collect();
-            let pixels = rows.iter().flat_map(|t| t.pixels.iter().copied()).collect();
+            let rows: Vec<&Crop> = kept.iter().flatten().filter(|t| t.size == (w, h)).collect();
+            // Each row is written CHW straight into the column, in parallel, with no copy between.
+            let row_len = 3 * h as usize * w as usize;
+            let mut pixels = vec![0u8; rows.len() * row_len];
+            pixels.par_chunks_mut(row_len.max(1)).zip(&rows).for_each(|(chw, crop)| crop.write_chw(chw));
             let original = rows.iter().flat_map(|t| t.original_size).collect();
             let offsets = rows.iter().flat_map(|t| t.crop_top_left).collect();
             group.insert("pixels", Column::U8Tensor { shape: vec![3, h as usize, w as usize], data: pixels })?;
@@ -394,6 +426,11 @@ mod tests {
             .collect();
         // Buckets in aspect order (tall, square, wide), rows in their input order.
         assert_eq!(got, [(vec![3, 24, 8], vec![2]), (vec![3, 16, 16], vec![1, 4]), (vec![3, 8, 24], vec![0, 3])]);
+        // Each row's pixels in its batch are what `apply` gives for it alone.
+        let Column::U8Tensor { data, .. } = groups[2].column("pixels").unwrap() else { panic!() };
+        let alone: Vec<u8> =
+            [0, 3].iter().flat_map(|&k| t.apply(&png(sizes[k].0, sizes[k].1), k as i64).unwrap().pixels).collect();
+        assert_eq!(data, &alone);
         let Column::I64Tensor { data, .. } = groups[0].column("crop_top_left").unwrap() else { panic!() };
         assert_eq!(data, &[0, 0], "30x90 resizes to 8x24 exactly");
         let Column::I64Tensor { data, .. } = groups[1].column("crop_top_left").unwrap() else { panic!() };

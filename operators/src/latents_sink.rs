@@ -64,7 +64,7 @@ impl OperatorConfig for LatentsSinkConfig {
     const EXAMPLE: &'static str = "rows_per_file = 1000";
     const KEYS: &'static [(&'static str, &'static str)] = &[
         ("dir", "folder for the files (default OUTPUT_DIR/latents)"),
-        ("rows_per_file", "rows per parquet file (default 1000); each batch is one row group"),
+        ("rows_per_file", "rows per parquet file (default 1000), written as one row group"),
         ("layout", "tensor columns as \"ray\" (default: Ray Data's arrow_tensor_v2 on large_list<float>, what ray.data.read_parquet reads), \"fixed_shape_tensor\" (Arrow's canonical extension) or \"bytes\" (little-endian f32)"),
     ];
 }
@@ -189,8 +189,9 @@ impl Sink for LatentsSink {
                 tensors::column(self.layout, &embeddings[row * c..(row + n) * c], c).map_err(OpError::msg)?,
             ];
             let record = RecordBatch::try_new(open.schema.clone(), columns).map_err(|e| OpError::msg(e.to_string()))?;
+            // The file's rows make one row group (readers decode a row group at a time; a group
+            // per incoming batch made them small): the writer holds the encoded rows until then.
             open.writer.write(&record).map_err(OpError::msg)?;
-            open.writer.end_row_group().map_err(OpError::msg)?;
             open.rows += n;
             row += n;
             if open.rows == self.rows_per_file {

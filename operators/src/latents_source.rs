@@ -500,6 +500,19 @@ mod tests {
     }
 
     #[test]
+    fn the_sink_writes_each_file_as_one_row_group_of_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path()); // batches of 3 and 7 rows into files of 4
+        let mut files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        let groups: Vec<Vec<i64>> = files
+            .iter()
+            .map(|f| open_metadata(f).unwrap().metadata().row_groups().iter().map(|g| g.num_rows()).collect())
+            .collect();
+        assert_eq!(groups, [vec![4], vec![4], vec![2]], "{files:?}");
+    }
+
+    #[test]
     fn rows_of_several_shapes_come_back_in_their_epochs_one_batch_per_shape() {
         let dir = tempfile::tempdir().unwrap();
         let mut sink = LatentsSink::new(dir.path().to_path_buf(), 100, 0);

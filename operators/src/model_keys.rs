@@ -126,12 +126,25 @@ pub fn op_error(e: impl Into<crate::models::ModelError>) -> OpError {
 }
 
 /// A tensor column as a `[rows, ...shape]` tensor on `device` (u8 and i64 keep their type).
-pub fn column_tensor(column: &Column, name: &str, device: &Device) -> Result<Tensor, OpError> {
+///
+/// The column is the caller's (stages remove it from their batch), so on the CPU its values
+/// become the tensor's storage without a copy; on a GPU they are copied to the device once.
+///
+/// ```
+/// use candle_core::Device;
+/// use latentflow_engine::Column;
+/// use latentflow_operators::model_keys::column_tensor;
+///
+/// let pixels = Column::U8Tensor { shape: vec![3, 2, 2], data: vec![7; 24] };
+/// let tensor = column_tensor(pixels, "pixels", &Device::Cpu).unwrap();
+/// assert_eq!(tensor.dims(), [2, 3, 2, 2]);
+/// ```
+pub fn column_tensor(column: Column, name: &str, device: &Device) -> Result<Tensor, OpError> {
     let rows = column.len();
     let tensor = match column {
-        Column::U8Tensor { shape, data } => Tensor::from_slice(data, dims(rows, shape), device),
-        Column::F32Tensor { shape, data } => Tensor::from_slice(data, dims(rows, shape), device),
-        Column::I64Tensor { shape, data } => Tensor::from_slice(data, dims(rows, shape), device),
+        Column::U8Tensor { shape, data } => Tensor::from_vec(data, dims(rows, &shape), device),
+        Column::F32Tensor { shape, data } => Tensor::from_vec(data, dims(rows, &shape), device),
+        Column::I64Tensor { shape, data } => Tensor::from_vec(data, dims(rows, &shape), device),
         other => return Err(OpError::msg(format!("`{name}` is a {} column, not a tensor", other.column_type()))),
     };
     tensor.map_err(op_error)
@@ -194,10 +207,10 @@ mod tests {
     #[test]
     fn tensor_columns_round_trip() {
         let column = Column::F32Tensor { shape: vec![2, 2], data: (0..8).map(|v| v as f32).collect() };
-        let t = column_tensor(&column, "x", &Device::Cpu).unwrap();
+        let t = column_tensor(column.clone(), "x", &Device::Cpu).unwrap();
         assert_eq!(t.dims(), [2, 2, 2]);
         assert_eq!(tensor_column(&t).unwrap(), column);
-        let err = column_tensor(&Column::I64(vec![1]), "key", &Device::Cpu).unwrap_err();
+        let err = column_tensor(Column::I64(vec![1]), "key", &Device::Cpu).unwrap_err();
         assert_eq!(err.to_string(), "`key` is a i64 column, not a tensor");
     }
 }

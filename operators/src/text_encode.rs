@@ -113,7 +113,7 @@ impl Stage for TextEncode {
 
     fn process(&mut self, mut batch: Batch, _ctx: &mut OpContext) -> Result<Option<Batch>, OpError> {
         let ids = batch.remove("input_ids").ok_or_else(|| OpError::msg("missing column `input_ids`"))?;
-        let ids = column_tensor(&ids, "input_ids", &Device::Cpu)?;
+        let ids = column_tensor(ids, "input_ids", &Device::Cpu)?;
         let rows = ids.dims()[0];
         let hidden = self.model.as_ref().map_or(0, |(m, _)| m.hidden_size());
         let embeddings = in_chunks(rows, self.config.batch_size, vec![ids.dims()[1], hidden], |start, n| {

@@ -199,7 +199,7 @@ impl Stage for VaeEncode {
                 "`pixels` rows have shape {shape:?}; the VAE needs [3, H, W] with H and W multiples of 8"
             )));
         }
-        let all = column_tensor(&pixels, "pixels", &Device::Cpu)?;
+        let all = column_tensor(pixels, "pixels", &Device::Cpu)?;
         let keys = batch.i64s("key")?.to_vec();
         let empty_shape = vec![4, shape[1] / 8, shape[2] / 8];
         let latents = in_chunks(keys.len(), self.config.batch_size, empty_shape, |start, n| {

@@ -13,7 +13,7 @@ mod config;
 mod metrics;
 mod queue;
 mod replicas;
-mod rows;
+pub mod rows;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -32,7 +32,7 @@ use conditions::Previews;
 use metrics::MetricsLog;
 use queue::{BucketQueue, PlannedStep};
 use replicas::{Replicas, FINISHED};
-use rows::{Row, RowBuffer, Shapes};
+use rows::{Row, RowBuffer, RowValues, Shapes};
 
 /// The `train` sink.
 pub struct Train {
@@ -332,8 +332,8 @@ fn save_waiting(queue: &BucketQueue, rows: Vec<Row>) -> Result<checkpoint::Waiti
     let index = serde_json::to_value(queue).map_err(|e| OpError::msg(e.to_string()))?;
     let mut tensors = HashMap::new();
     for ((_, w), row) in queue.waiting().zip(rows) {
-        let latents = Tensor::from_vec(row.latents, row.shapes.0, &Device::Cpu).map_err(op_error)?;
-        let caption = Tensor::from_vec(row.caption, row.shapes.1, &Device::Cpu).map_err(op_error)?;
+        let latents = Tensor::from_slice(row.latents.as_slice(), row.shapes.0, &Device::Cpu).map_err(op_error)?;
+        let caption = Tensor::from_slice(row.caption.as_slice(), row.shapes.1, &Device::Cpu).map_err(op_error)?;
         tensors.insert(format!("latents.{}", w.id), latents);
         tensors.insert(format!("caption.{}", w.id), caption);
     }
@@ -362,8 +362,8 @@ fn restore_waiting(
         let row = Row {
             key: w.key,
             shapes: shapes.clone(),
-            latents: values(format!("latents.{}", w.id))?,
-            caption: values(format!("caption.{}", w.id))?,
+            latents: RowValues::owned(values(format!("latents.{}", w.id))?),
+            caption: RowValues::owned(values(format!("caption.{}", w.id))?),
         };
         held.insert(w.id, row);
     }
@@ -395,7 +395,7 @@ impl Sink for Train {
             return Ok(());
         }
         let run = self.run_mut()?;
-        run.rows.push(&batch)?;
+        run.rows.push(batch)?;
         run.busy_in_writes += began.elapsed();
         Ok(())
     }

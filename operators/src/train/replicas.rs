@@ -21,7 +21,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 
 use super::queue::{BucketQueue, PlannedStep};
-use super::rows::{Row, Shapes};
+use super::rows::{Row, RowValues, Shapes};
 use crate::training::Trainer;
 
 /// The epoch a finished trainer announces.
@@ -267,7 +267,7 @@ impl Replicas {
 /// A row on the wire: its key and values (the shapes are known to both sides).
 fn encode_row(out: &mut Vec<u8>, row: &Row) {
     out.extend_from_slice(&row.key.to_le_bytes());
-    for v in row.latents.iter().chain(&row.caption) {
+    for v in row.latents.as_slice().iter().chain(row.caption.as_slice()) {
         out.extend_from_slice(&v.to_le_bytes());
     }
 }
@@ -281,7 +281,12 @@ fn decode_row(bytes: &[u8], offset: &mut usize, shapes: &Shapes) -> Option<Row> 
     let key = i64::from_le_bytes(raw[..8].try_into().ok()?);
     let floats = latentflow_engine::collective::from_bytes(&raw[8..]);
     let (latents, caption) = floats.split_at(latent_len);
-    Some(Row { key, shapes: shapes.clone(), latents: latents.to_vec(), caption: caption.to_vec() })
+    Some(Row {
+        key,
+        shapes: shapes.clone(),
+        latents: RowValues::owned(latents.to_vec()),
+        caption: RowValues::owned(caption.to_vec()),
+    })
 }
 
 /// Sums gradients over the replicas (the engine's collective or NCCL), timing what it does.
@@ -333,7 +338,12 @@ mod tests {
     }
 
     fn row(key: i64) -> Row {
-        Row { key, shapes: shapes(), latents: vec![key as f32; 4], caption: vec![-key as f32; 2] }
+        Row {
+            key,
+            shapes: shapes(),
+            latents: RowValues::owned(vec![key as f32; 4]),
+            caption: RowValues::owned(vec![-key as f32; 2]),
+        }
     }
 
     /// On every rank of a local group: announces `epochs` with `rows`, adds the arrivals to a
