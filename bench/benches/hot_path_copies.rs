@@ -23,6 +23,7 @@ use latentflow_operators::demo::demo_image;
 use latentflow_operators::image_transform::{ImageTransform, ImageTransformConfig};
 use latentflow_operators::latents_sink::LatentsSink;
 use latentflow_operators::latents_source::{LatentsSource, LatentsSourceConfig};
+use latentflow_operators::tables::files::open_metadata;
 use latentflow_operators::train::rows::{stack, RowBuffer};
 use serde_bytes::ByteBuf;
 
@@ -133,13 +134,7 @@ fn latents_sink(dir: &std::path::Path) -> (f64, Vec<usize>) {
     });
     let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
     files.sort();
-    let groups = files
-        .iter()
-        .map(|f| {
-            let reader = parquet::file::reader::SerializedFileReader::new(std::fs::File::open(f).unwrap()).unwrap();
-            parquet::file::reader::FileReader::metadata(&reader).num_row_groups()
-        })
-        .collect();
+    let groups = files.iter().map(|f| open_metadata(f).unwrap().metadata().num_row_groups()).collect();
     (time, groups)
 }
 
