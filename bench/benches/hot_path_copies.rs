@@ -9,7 +9,8 @@
 //! - `latents_sink`: 512 such rows in batches of 32 into files of `rows_per_file` 256: time and
 //!   row groups per file;
 //! - `latents_source` on 4 and 16 workers: the time each takes to read its share of those
-//!   files, all together against one worker reading them all (1.0x: nothing read twice).
+//!   files and the bytes of the files it reads, all together against one worker reading them
+//!   all (1.0x: nothing read twice).
 //!
 //! `cargo bench -p latentflow-bench --bench hot_path_copies`
 
@@ -138,10 +139,11 @@ fn latents_sink(dir: &std::path::Path) -> (f64, Vec<usize>) {
     (time, groups)
 }
 
-/// Seconds for shard `shard` of `shards` to read all its rows.
-fn read_shard(dir: &std::path::Path, shard: usize, shards: usize) -> f64 {
+/// Seconds for shard `shard` of `shards` to read all its rows, and the bytes of the files it read.
+fn read_shard(dir: &std::path::Path, shard: usize, shards: usize) -> (f64, u64) {
     let config = LatentsSourceConfig { path: dir.display().to_string(), batch_size: Some(BATCH), ..Default::default() };
-    median_s(3, || {
+    let mut bytes = 0;
+    let time = median_s(3, || {
         let mut source = LatentsSource::new(config.clone(), 0, shard, shards);
         let mut ctx = OpContext::detached("read");
         source.start(&mut ctx).unwrap();
@@ -150,7 +152,9 @@ fn read_shard(dir: &std::path::Path, shard: usize, shards: usize) -> f64 {
             rows += batch.rows();
         }
         assert_eq!(rows, (SINK_ROWS + shards - 1 - shard) / shards);
-    })
+        bytes = ctx.take_counts().iter().filter(|(name, _)| name == "file_bytes_read").map(|(_, n)| n).sum();
+    });
+    (time, bytes)
 }
 
 fn main() {
@@ -173,19 +177,22 @@ fn main() {
         "| latents_sink, {SINK_ROWS} rows in batches of {BATCH}, rows_per_file {ROWS_PER_FILE} | {:.1} ms, row groups per file {groups:?} |",
         sink * 1e3
     );
-    let one = read_shard(dir.path(), 0, 1);
-    println!("| latents_source, 1 worker | {:.1} ms |", one * 1e3);
+    let (one, one_bytes) = read_shard(dir.path(), 0, 1);
+    println!("| latents_source, 1 worker | {:.1} ms, {:.1} MB of the files read |", one * 1e3, one_bytes as f64 / 1e6);
     for shards in [4, 16] {
-        let per_worker: Vec<f64> = (0..shards).map(|shard| read_shard(dir.path(), shard, shards)).collect();
-        let sum: f64 = per_worker.iter().sum();
-        let (least, most) =
-            (per_worker.iter().copied().fold(f64::MAX, f64::min), per_worker.iter().copied().fold(0.0, f64::max));
+        let per_worker: Vec<(f64, u64)> = (0..shards).map(|shard| read_shard(dir.path(), shard, shards)).collect();
+        let sum: f64 = per_worker.iter().map(|(t, _)| t).sum();
+        let bytes: u64 = per_worker.iter().map(|(_, b)| b).sum();
+        let times = per_worker.iter().map(|(t, _)| *t);
+        let (least, most) = (times.clone().fold(f64::MAX, f64::min), times.fold(0.0, f64::max));
         println!(
-            "| latents_source, {shards} workers | each {:.1}-{:.1} ms, all together {:.1} ms: {:.2}x one worker's |",
+            "| latents_source, {shards} workers | each {:.1}-{:.1} ms, all together {:.1} ms: {:.2}x one worker's; \
+             {:.2}x its bytes read |",
             least * 1e3,
             most * 1e3,
             sum * 1e3,
-            sum / one
+            sum / one,
+            bytes as f64 / one_bytes as f64
         );
     }
 }

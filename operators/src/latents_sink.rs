@@ -17,7 +17,7 @@ use latentflow_engine::{
 use serde::{Deserialize, Serialize};
 
 use crate::tables::tensors::{self, TensorLayout};
-use crate::tables::AtomicParquetWriter;
+use crate::tables::{AtomicParquetWriter, Pages};
 
 /// Key-value metadata entry with the per-row shape of the image latents (JSON array).
 pub const LATENTS_SHAPE_KEY: &str = "latentflow.latents_shape";
@@ -134,7 +134,8 @@ impl LatentsSink {
         ));
         let path = self.dir.join(format!("part-{:05}-{:05}.parquet", self.worker, self.files));
         self.files += 1;
-        let writer = AtomicParquetWriter::create(&path, schema.clone(), &metadata).map_err(OpError::msg)?;
+        let writer = AtomicParquetWriter::create_with_pages(&path, schema.clone(), &metadata, Pages::RowSized)
+            .map_err(OpError::msg)?;
         Ok(OpenFile { writer, schema, rows: 0, shapes: (latents.to_vec(), caption.to_vec()) })
     }
 

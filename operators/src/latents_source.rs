@@ -2,7 +2,6 @@
 //! the same columns) back as `key`, `caption`, `latents` and `caption_latents`: split across
 //! workers row by row, optionally shuffled with the job's seed, resumable at an exact row.
 
-use std::fs::File;
 use std::path::PathBuf;
 
 use arrow_array::{Array, RecordBatch, StringArray};
@@ -11,7 +10,9 @@ use latentflow_engine::{
     Batch, Column, InstanceContext, KeyError, NodeSpec, OpContext, OpError, OperatorConfig, OperatorImpl, OperatorKind,
     Ports, Source,
 };
-use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ParquetRecordBatchReaderBuilder, RowSelection, RowSelectionPolicy,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::keys::KeyHasher;
@@ -19,7 +20,8 @@ use crate::latents_sink::{latents_fields, CAPTION_LATENTS_SHAPE_KEY, DTYPE, DTYP
 use crate::rng::Rng;
 use crate::source_rows;
 use crate::tables::columns::key_values;
-use crate::tables::files::{expand, open_metadata, unless_corrupt};
+use crate::tables::counted_file::CountedFile;
+use crate::tables::files::{expand, open_metadata, open_metadata_with_page_index, unless_corrupt};
 use crate::tables::tensors;
 
 /// Config of `latents_source`.
@@ -134,6 +136,8 @@ struct Decoded {
     captions: Vec<String>,
     latents: Vec<Vec<f32>>,
     embeddings: Vec<Vec<f32>>,
+    /// Bytes of the file read to decode them.
+    bytes_read: u64,
 }
 
 /// The `latents_source` source.
@@ -206,7 +210,7 @@ impl LatentsSource {
         self.files = expand(&self.config.path, &["parquet"]).map_err(OpError::msg)?;
         let mut units = Vec::new();
         for (file, path) in self.files.iter().enumerate() {
-            let footer = open_metadata(path).map_err(OpError::msg)?;
+            let footer = open_metadata_with_page_index(path).map_err(OpError::msg)?;
             // Files may differ in shape (resolution buckets): an epoch's rows come out as one
             // batch per shape.
             let layout = FileLayout::of(&footer).map_err(|e| OpError::msg(format!("{}: {e}", path.display())))?;
@@ -234,11 +238,6 @@ impl LatentsSource {
         let path = &self.files[unit.file];
         let at =
             |e: &dyn std::fmt::Display| OpError::msg(format!("{}: row group {}: {e}", path.display(), unit.row_group));
-        let file = File::open(path).map_err(|e| OpError::io(path, e))?;
-        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.footers[unit.file].clone())
-            .with_row_groups(vec![unit.row_group])
-            .build()
-            .map_err(|e| at(&e))?;
         let mut order: Vec<usize> = (0..unit.rows as usize).collect();
         if self.config.shuffle {
             let key = ((unit.file as u64) << 32) | unit.row_group as u64;
@@ -252,6 +251,20 @@ impl LatentsSource {
                 mine += 1;
             }
         }
+        // The reader decodes this worker's rows only, and with the file's page index skips the
+        // pages that hold none of them (latents_sink writes a page or more per row).
+        let wanted: Vec<usize> = (0..order.len()).filter(|&row| slot_of_row[row] != NOT_MINE).collect();
+        let file = CountedFile::open(path).map_err(|e| OpError::io(path, e))?;
+        let bytes_read = file.counter();
+        let mut reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.footers[unit.file].clone())
+            .with_row_groups(vec![unit.row_group]);
+        if wanted.len() < order.len() {
+            // Selectors, not a mask: a mask decodes every row and filters.
+            reader = reader
+                .with_row_selection(selection_of(&wanted, order.len()))
+                .with_row_selection_policy(RowSelectionPolicy::Selectors);
+        }
+        let reader = reader.build().map_err(|e| at(&e))?;
         let mut d = Decoded {
             unit: index,
             by_stream,
@@ -259,25 +272,28 @@ impl LatentsSource {
             captions: vec![String::new(); mine],
             latents: vec![Vec::new(); mine],
             embeddings: vec![Vec::new(); mine],
+            bytes_read: 0,
         };
         // The parquet crate panics on some corrupt pages (found by tests/tests/fuzz.rs).
         unless_corrupt(path, || {
-            let mut first_row = 0;
-            // The group's first row in its file, for numbering rows of files without keys.
+            let mut read = 0;
+            // Rows of files without keys are numbered by their place in the file.
             let groups = self.footers[unit.file].metadata().row_groups();
             let group_start: u64 = groups[..unit.row_group].iter().map(|g| g.num_rows() as u64).sum();
+            let base = ((unit.file as i64) << 40) | group_start as i64;
             for batch in reader {
                 let batch = batch.map_err(|e| format!("{}: {e}", path.display()))?;
-                let rows = slot_of_row.get(first_row..first_row + batch.num_rows()).unwrap_or_default();
-                let base = ((unit.file as i64) << 40) | (group_start + first_row as u64) as i64;
+                let rows = wanted.get(read..read + batch.num_rows()).ok_or("more rows than selected")?;
+                let slots = Slots { file_rows: rows, slot_of_row: &slot_of_row, base };
                 let mut keys = self.keys.lock().expect("keys lock");
-                read_columns(&batch, rows, base, &self.layouts[unit.file], &mut keys, &mut d)
+                read_columns(&batch, slots, &self.layouts[unit.file], &mut keys, &mut d)
                     .map_err(|e| format!("{}: {e}", path.display()))?;
-                first_row += batch.num_rows();
+                read += batch.num_rows();
             }
             Ok(())
         })
         .map_err(|e| OpError::msg(format!("{e} (row group {})", unit.row_group)))?;
+        d.bytes_read = bytes_read.load(std::sync::atomic::Ordering::Relaxed);
         Ok(d)
     }
 }
@@ -285,11 +301,31 @@ impl LatentsSource {
 /// Marks a row another worker takes.
 const NOT_MINE: usize = usize::MAX;
 
-/// Copies the rows of `batch` that `slots` gives a place (this worker's) into `d`.
+/// The selection of `rows` (ascending) among a row group's `total` rows, as runs of rows.
+fn selection_of(rows: &[usize], total: usize) -> RowSelection {
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for &row in rows {
+        match runs.last_mut() {
+            Some(run) if run.end == row => run.end += 1,
+            _ => runs.push(row..row + 1),
+        }
+    }
+    RowSelection::from_consecutive_ranges(runs.into_iter(), total)
+}
+
+/// Where the rows of a record batch go: `file_rows[i]` is the row group's row the batch's
+/// `i`-th row is, `slot_of_row` its place in [`Decoded`], `base` the key of the group's row 0
+/// for files without keys.
+struct Slots<'a> {
+    file_rows: &'a [usize],
+    slot_of_row: &'a [usize],
+    base: i64,
+}
+
+/// Copies the rows of `batch` into their slots in `d`.
 fn read_columns(
     batch: &RecordBatch,
-    slots: &[usize],
-    base: i64,
+    slots: Slots<'_>,
     layout: &FileLayout,
     key_hasher: &mut KeyHasher,
     d: &mut Decoded,
@@ -306,8 +342,9 @@ fn read_columns(
     let captions = captions.as_ref().map(|c| c.as_any().downcast_ref::<StringArray>().expect("cast to utf8"));
     let latents = column(&layout.latents.0)?;
     let embeddings = column(&layout.caption_latents.0)?;
-    for (row, &slot) in slots.iter().enumerate().filter(|(_, s)| **s != NOT_MINE) {
-        d.keys[slot] = keys.as_ref().and_then(|k| k[row]).unwrap_or(base + row as i64);
+    for (row, &file_row) in slots.file_rows.iter().enumerate() {
+        let slot = slots.slot_of_row[file_row];
+        d.keys[slot] = keys.as_ref().and_then(|k| k[row]).unwrap_or(slots.base + file_row as i64);
         d.captions[slot] = captions.filter(|c| !c.is_null(row)).map(|c| c.value(row).to_string()).unwrap_or_default();
         d.latents[slot] = tensors::row_values(latents, row)?.unwrap_or_default();
         d.embeddings[slot] = tensors::row_values(embeddings, row)?.unwrap_or_default();
@@ -426,7 +463,9 @@ impl Source for LatentsSource {
             taken += 1;
             let unit = self.units.partition_point(|u| u.stream_start + u.rows <= s);
             if self.current.as_ref().is_none_or(|d| d.unit != unit) {
-                self.current = Some(self.decode(unit)?);
+                let decoded = self.decode(unit)?;
+                ctx.count("file_bytes_read", decoded.bytes_read);
+                self.current = Some(decoded);
             }
             let layout = &self.layouts[self.units[unit].file];
             let shapes = (layout.latents.1.clone(), layout.caption_latents.1.clone());
@@ -642,6 +681,57 @@ mod tests {
         let rest: Vec<i64> = read_all(&mut resumed).iter().flat_map(|b| b.i64s("key").unwrap().to_vec()).collect();
         let joined: Vec<i64> = head.i64s("key").unwrap().iter().copied().chain(rest).collect();
         assert_eq!(joined, all);
+    }
+
+    /// Bytes of the files and rows each of `shards` workers read, reading everything.
+    fn bytes_and_keys_per_shard(config: &LatentsSourceConfig, shards: usize) -> Vec<(u64, Vec<i64>)> {
+        (0..shards)
+            .map(|shard| {
+                let mut source = LatentsSource::new(config.clone(), 3, shard, shards);
+                let mut ctx = OpContext::detached("read");
+                source.start(&mut ctx).unwrap();
+                let mut keys = Vec::new();
+                while let Some(batch) = source.next_batch(&mut ctx).unwrap() {
+                    keys.extend(batch.i64s("key").unwrap());
+                }
+                let counts = ctx.take_counts();
+                let bytes = counts.iter().filter(|(name, _)| name == "file_bytes_read").map(|(_, n)| n).sum();
+                (bytes, keys)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_worker_reads_its_own_rows_pages_not_the_whole_row_group() {
+        use crate::tables::tensors::TensorLayout;
+        for layout in [TensorLayout::Ray, TensorLayout::FixedShapeTensor, TensorLayout::Bytes] {
+            // Rows as large as the real ones' embeddings (77 x 256 floats, 79 kB): a page or more each.
+            let dir = tempfile::tempdir().unwrap();
+            let mut sink = LatentsSink::new(dir.path().to_path_buf(), 48, 0).with_layout(layout);
+            let mut ctx = OpContext::detached("latents");
+            sink.start(&mut ctx).unwrap();
+            for first in [0, 24, 48, 72] {
+                let mut batch = rows(first..first + 24);
+                let data = Rng::new(first as u64, 0).normals(24 * 77 * 256);
+                batch.insert("caption_latents", Column::F32Tensor { shape: vec![77, 256], data }).unwrap();
+                sink.write(batch, &mut ctx).unwrap();
+            }
+            sink.finish(&mut ctx).unwrap();
+            for shuffle in [false, true] {
+                let config =
+                    LatentsSourceConfig { path: dir.path().display().to_string(), batch_size: Some(4), shuffle };
+                let one = bytes_and_keys_per_shard(&config, 1);
+                let four = bytes_and_keys_per_shard(&config, 4);
+                let mut keys: Vec<i64> = four.iter().flat_map(|(_, k)| k.clone()).collect();
+                keys.sort_unstable();
+                assert_eq!(keys, (0..96).collect::<Vec<_>>(), "every row once");
+                let total: u64 = four.iter().map(|(b, _)| b).sum();
+                // Every worker decoding every row group would read 4x one worker's bytes.
+                let ratio = total as f64 / one[0].0 as f64;
+                assert!(one[0].0 > 96 * 77 * 256 * 4, "one worker reads every row: {}", one[0].0);
+                assert!(ratio < 1.3, "{layout:?}, shuffle {shuffle}: 4 workers read {ratio:.2}x one worker's bytes");
+            }
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
+use parquet::file::metadata::PageIndexPolicy;
 
 /// The files `path` names, sorted: a file itself, the files under a folder (recursively) whose
 /// extension is one of `extensions`, or the files a glob pattern matches.
@@ -49,9 +50,19 @@ fn walk(dir: &Path, extensions: &[&str], out: &mut Vec<PathBuf>) -> std::io::Res
 /// A parquet file's footer (schema, row groups, key-value metadata), read once and reused for
 /// every row group read from the file.
 pub fn open_metadata(path: &Path) -> Result<ArrowReaderMetadata, String> {
+    load_metadata(path, ArrowReaderOptions::new())
+}
+
+/// [`open_metadata`] with the file's page index when it has one: where each data page starts
+/// and how many rows it holds, so that a read of some rows skips the pages of the others.
+pub fn open_metadata_with_page_index(path: &Path) -> Result<ArrowReaderMetadata, String> {
+    load_metadata(path, ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Optional))
+}
+
+fn load_metadata(path: &Path, options: ArrowReaderOptions) -> Result<ArrowReaderMetadata, String> {
     let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     unless_corrupt(path, || {
-        ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
+        ArrowReaderMetadata::load(&file, options)
             .map_err(|e| format!("{}: not a readable parquet file: {e}", path.display()))
     })
 }

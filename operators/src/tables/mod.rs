@@ -2,9 +2,10 @@
 //! atomic writing.
 
 pub mod columns;
+pub mod counted_file;
 pub mod files;
 pub mod tensors;
 pub mod writer;
 
 pub use columns::{extract, resolve, ColumnNames, Resolved, Rows};
-pub use writer::AtomicParquetWriter;
+pub use writer::{AtomicParquetWriter, Pages};
