@@ -5,10 +5,12 @@
 //! the VAE where a fixed, readable autoencoder is wanted ([`Autoencoder`] is either).
 
 pub mod autoencoder;
+pub mod bias_add;
 pub mod blocks;
 pub mod caption_words;
 pub mod clip_text;
 pub mod config;
+pub mod conv_patches;
 mod cpu_values;
 pub mod error;
 pub mod fused_attention;

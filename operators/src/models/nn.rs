@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::error::Result;
 use super::weights::{Init, Scope};
-use super::{fused_attention, fused_norm};
+use super::{bias_add, conv_patches, fused_attention, fused_norm};
 
 /// Casts a parameter to the compute dtype of `like` (a no-op when they match).
 fn cast(p: &Tensor, like: &Tensor) -> Result<Tensor> {
@@ -46,12 +46,23 @@ impl Linear {
         let w = cast(&self.weight, x)?;
         let mut y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(&cast(b, x)?)?;
+            y = add_bias(&y, &cast(b, x)?, 1)?;
         }
         let mut out = dims;
         *out.last_mut().expect("non-empty") = self.weight.dim(0)?;
         Ok(y.reshape(out)?)
     }
+}
+
+/// `y + bias` along dimension `channel_dim` of `y`: one fused op for f32 on the CPU (its
+/// backward sums the bias gradient in parallel), a broadcast add otherwise.
+fn add_bias(y: &Tensor, bias: &Tensor, channel_dim: usize) -> Result<Tensor> {
+    if bias_add::supported(y, bias) {
+        return Ok(bias_add::bias_add(y, bias, channel_dim)?);
+    }
+    let mut view = vec![1; y.rank()];
+    view[channel_dim] = bias.elem_count();
+    Ok(y.broadcast_add(&bias.reshape(view)?)?)
 }
 
 /// A 2-D convolution with square kernel, stride and symmetric padding.
@@ -88,14 +99,14 @@ impl Conv2d {
             x.conv2d(&weight, self.padding, self.stride, 1, 1)?
         };
         Ok(match &self.bias {
-            Some(b) => y.broadcast_add(&cast(b, x)?.reshape((1, (), 1, 1))?)?,
+            Some(b) => add_bias(&y, &cast(b, x)?, 1)?,
             None => y,
         })
     }
 }
 
-/// A convolution as patches times weights, from candle ops whose backward passes are matrix
-/// products. On the CPU candle's own `conv2d` backward runs a naive transposed convolution and
+/// A convolution as patches times weights, from ops whose backward passes are matrix products
+/// (the patches one fused op for f32 on the CPU, [`conv_patches`]). On the CPU candle's own `conv2d` backward runs a naive transposed convolution and
 /// a convolution with an image-sized kernel, which made it most of a training step.
 pub fn conv2d_by_matmul(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
@@ -105,6 +116,10 @@ pub fn conv2d_by_matmul(x: &Tensor, weight: &Tensor, stride: usize, padding: usi
     if k == 1 && stride == 1 && padding == 0 {
         let y = kernel.broadcast_matmul(&x.reshape((b, c, h * w))?)?;
         return Ok(y.reshape((b, out_ch, h, w))?);
+    }
+    if conv_patches::supported(x) {
+        let columns = conv_patches::patches(x, k, stride, padding)?;
+        return Ok(kernel.broadcast_matmul(&columns)?.reshape((b, out_ch, oh, ow))?);
     }
     // Zero padding, plus stride - 1 at the end so every strided window below fits.
     let pad_end = padding + stride - 1;
