@@ -48,16 +48,25 @@ impl CustomOp2 for BiasAdd {
         if bias.len() != channels {
             candle_core::bail!("bias add: {} biases for {channels} channels", bias.len());
         }
-        let mut out = vec![0f32; y.len()];
         // Tasks of whole [channels, inner] rows (one or more), each adding the bias row.
         let row = channels * inner;
-        let rows_per_task = (TASK_VALUES / row.max(1)).max(1);
-        out.par_chunks_mut(row * rows_per_task).zip(y.par_chunks(row * rows_per_task)).for_each(|(out, y)| {
-            // A task starts at a row's start, so its `i`-th run of `inner` values is channel i % C.
-            for (i, (out, y)) in out.chunks_mut(inner).zip(y.chunks(inner)).enumerate() {
-                let b = bias[i % channels];
-                for (o, &v) in out.iter_mut().zip(y) {
-                    *o = v + b;
+        let task = row * (TASK_VALUES / row.max(1)).max(1);
+        let mut out = vec![0f32; y.len()];
+        out.par_chunks_mut(task).zip(y.par_chunks(task)).for_each(|(out, y)| {
+            if inner == 1 {
+                // [rows, C] (linear layers): the bias row against each row.
+                for (out, y) in out.chunks_mut(channels).zip(y.chunks(channels)) {
+                    for ((o, &v), &b) in out.iter_mut().zip(y).zip(bias) {
+                        *o = v + b;
+                    }
+                }
+            } else {
+                // A task starts at a row's start: its `i`-th run of `inner` values is channel i % C.
+                for (i, (out, y)) in out.chunks_mut(inner).zip(y.chunks(inner)).enumerate() {
+                    let b = bias[i % channels];
+                    for (o, &v) in out.iter_mut().zip(y) {
+                        *o = v + b;
+                    }
                 }
             }
         });
@@ -73,13 +82,21 @@ impl CustomOp2 for BiasAdd {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (_, channels, inner) = split(y.shape(), self.channel_dim)?;
         let row = channels * inner;
-        let rows_per_task = (TASK_VALUES / row.max(1)).max(1);
+        let task = row * (TASK_VALUES / row.max(1)).max(1);
         let sums = with_values([grad], |[grad]| {
-            grad.par_chunks(row * rows_per_task)
+            grad.par_chunks(task)
                 .map(|rows| {
                     let mut sums = vec![0f64; channels];
-                    for (i, values) in rows.chunks(inner).enumerate() {
-                        sums[i % channels] += values.iter().map(|&v| v as f64).sum::<f64>();
+                    if inner == 1 {
+                        for row in rows.chunks(channels) {
+                            for (sum, &v) in sums.iter_mut().zip(row) {
+                                *sum += v as f64;
+                            }
+                        }
+                    } else {
+                        for (i, run) in rows.chunks(inner).enumerate() {
+                            sums[i % channels] += run.iter().map(|&v| v as f64).sum::<f64>();
+                        }
                     }
                     sums
                 })

@@ -104,8 +104,13 @@ impl CustomOp1 for Patches {
             g.for_each_segment(|ky, kx, oy, iy, range| {
                 let row = &mut rows[(ky * g.kernel + kx) * oh * ow + oy * ow..][..ow];
                 let input = &x[iy * g.width..][..g.width];
-                for ox in range {
-                    row[ox] = input[ox * g.stride + kx - g.padding];
+                if g.stride == 1 {
+                    let shift = kx + range.start - g.padding;
+                    row[range.clone()].copy_from_slice(&input[shift..shift + range.len()]);
+                } else {
+                    for ox in range {
+                        row[ox] = input[ox * g.stride + kx - g.padding];
+                    }
                 }
             });
         });
@@ -123,8 +128,15 @@ impl CustomOp1 for Patches {
                 g.for_each_segment(|ky, kx, oy, iy, range| {
                     let row = &rows[(ky * g.kernel + kx) * oh * ow + oy * ow..][..ow];
                     let input = &mut dx[iy * g.width..][..g.width];
-                    for ox in range {
-                        input[ox * g.stride + kx - g.padding] += row[ox];
+                    if g.stride == 1 {
+                        let shift = kx + range.start - g.padding;
+                        for (d, &v) in input[shift..shift + range.len()].iter_mut().zip(&row[range]) {
+                            *d += v;
+                        }
+                    } else {
+                        for ox in range {
+                            input[ox * g.stride + kx - g.padding] += row[ox];
+                        }
                     }
                 });
             });
