@@ -6,6 +6,8 @@
 //!   column the stage owns against a copy of it (the way before), in the same run;
 //! - `train` rows: two batches of 32 SD2-size rows (latents 4x32x32, text embeddings 77x1024)
 //!   taken in and stacked into the step's tensors;
+//! - encoder outputs into `train`: the same rows as the encoders' output tensors, copied out to
+//!   host columns (the way before) against left where they were computed, in the same run;
 //! - `latents_sink`: 512 such rows in batches of 32 into files of `rows_per_file` 256: time and
 //!   row groups per file;
 //! - `latents_source` on 4 and 16 workers: the time each takes to read its share of those
@@ -21,6 +23,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use latentflow_engine::{Batch, Column, Map, OpContext, Sink, Source};
 use latentflow_operators::demo::demo_image;
+use latentflow_operators::device_column::device_column;
 use latentflow_operators::image_transform::{ImageTransform, ImageTransformConfig};
 use latentflow_operators::latents_sink::LatentsSink;
 use latentflow_operators::latents_source::{LatentsSource, LatentsSourceConfig};
@@ -119,6 +122,45 @@ fn train_rows() -> f64 {
     )
 }
 
+/// Two batches of 32 encoder outputs at SD2 sizes into one 64-row step: as host columns (the
+/// tensors copied out, what encoders emitted before) and left where the encoder computed them
+/// (`device_column`), in the same run.
+fn encoder_to_train() -> (f64, f64) {
+    let tensor = |dims: &[usize], salt: f32| {
+        let n: usize = dims.iter().product();
+        Tensor::from_vec((0..n).map(|i| ((i as f32) * 0.37 + salt).sin()).collect::<Vec<f32>>(), dims, &Device::Cpu)
+            .unwrap()
+    };
+    let outputs: Vec<(Tensor, Tensor)> = (0..2)
+        .map(|b| (tensor(&[BATCH, 4, 32, 32], b as f32), tensor(&[BATCH, CAPTION[0], CAPTION[1]], 1.0 + b as f32)))
+        .collect();
+    let shapes = (LATENT.to_vec(), CAPTION.to_vec());
+    let run = |on_device: bool| {
+        median_s(11, || {
+            let mut buffer = RowBuffer::default();
+            for (b, (latents, captions)) in outputs.iter().enumerate() {
+                let column = |t: &Tensor| {
+                    if on_device {
+                        device_column(t).unwrap()
+                    } else {
+                        let data = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                        Column::F32Tensor { shape: t.dims()[1..].to_vec(), data }
+                    }
+                };
+                let keys = Column::I64((0..BATCH as i64).map(|k| k + (b * BATCH) as i64).collect());
+                let batch = Batch::new().with("key", keys).unwrap();
+                let batch = batch.with("latents", column(latents)).unwrap();
+                buffer.push(batch.with("caption_latents", column(captions)).unwrap()).unwrap();
+            }
+            let mut rows = buffer.take();
+            rows.sort_by_key(|r| std::cmp::Reverse(r.key));
+            let (latents, captions) = stack(&rows, &shapes, &Device::Cpu).unwrap();
+            assert_eq!(latents.dims()[0] + captions.dims()[0], 4 * BATCH);
+        })
+    };
+    (run(false), run(true))
+}
+
 /// Writes the sink's files into `dir`; returns the time and the row groups of each file.
 fn latents_sink(dir: &std::path::Path) -> (f64, Vec<usize>) {
     let batches: Vec<Batch> = (0..SINK_ROWS / BATCH).map(|b| latent_batch((b * BATCH) as i64, BATCH)).collect();
@@ -171,6 +213,13 @@ fn main() {
     );
     let train = train_rows();
     println!("| train rows, 2 x {BATCH} SD2-size rows in, one step stacked | {:.2} ms |", train * 1e3);
+    let (host, device) = encoder_to_train();
+    println!(
+        "| encoder outputs -> train, 2 x {BATCH} SD2-size rows, one step stacked | host columns {:.2} ms, left on the \
+         device {:.2} ms |",
+        host * 1e3,
+        device * 1e3
+    );
     let dir = tempfile::tempdir().unwrap();
     let (sink, groups) = latents_sink(dir.path());
     println!(

@@ -31,7 +31,7 @@ pub mod runtime;
 
 pub use catalog::{Catalog, DeviceCheck, OperatorEntry};
 pub use collective::{Collective, CollectiveError};
-pub use data::{Batch, Column, ColumnType, DataError, Field, Ports, Schema};
+pub use data::{Batch, Column, ColumnType, DataError, DeviceTensor, DeviceValues, Field, Ports, Schema};
 pub use error::{EngineError, OpError};
 pub use metrics::{OperatorProfile, Profile, ProgressMode};
 pub use operator::{

@@ -107,7 +107,10 @@ fn cell(column: &Column, row: usize) -> Value {
         Column::F64(v) => json!(v[row]),
         Column::Str(v) => json!(v[row]),
         Column::Bytes(v) => json!({ "len": v[row].len() }),
-        Column::U8Tensor { shape, .. } | Column::F32Tensor { shape, .. } | Column::I64Tensor { shape, .. } => {
+        Column::U8Tensor { shape, .. }
+        | Column::F32Tensor { shape, .. }
+        | Column::I64Tensor { shape, .. }
+        | Column::F32Device { shape, .. } => {
             json!({ "shape": shape })
         }
     }

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field as ArrowField, Schema as ArrowSchema};
 use latentflow_engine::{
-    Batch, Column, ColumnType, Field, InstanceContext, KeyError, NodeSpec, OpContext, OpError, OperatorConfig,
-    OperatorImpl, OperatorKind, Ports, Sink,
+    Batch, ColumnType, Field, InstanceContext, KeyError, NodeSpec, OpContext, OpError, OperatorConfig, OperatorImpl,
+    OperatorKind, Ports, Sink,
 };
 use serde::{Deserialize, Serialize};
 
@@ -148,13 +148,6 @@ impl LatentsSink {
     }
 }
 
-fn tensor<'a>(batch: &'a Batch, name: &str) -> Result<(&'a [usize], &'a [f32]), OpError> {
-    match batch.column(name)? {
-        Column::F32Tensor { shape, data } => Ok((shape, data)),
-        other => Err(OpError::msg(format!("`{name}` is a {} column, not f32", other.column_type()))),
-    }
-}
-
 impl Sink for LatentsSink {
     fn start(&mut self, _ctx: &mut OpContext) -> Result<(), OpError> {
         // This worker's files a killed run left unfinished (other workers sweep their own).
@@ -167,8 +160,9 @@ impl Sink for LatentsSink {
     fn write(&mut self, batch: Batch, _ctx: &mut OpContext) -> Result<(), OpError> {
         let keys = batch.i64s("key")?;
         let captions = batch.strs("caption")?;
-        let (latent_shape, latents) = tensor(&batch, "latents")?;
-        let (caption_shape, embeddings) = tensor(&batch, "caption_latents")?;
+        // Values an encoder left on its device come to the host here, once.
+        let (latent_shape, latents) = batch.f32_tensor("latents")?;
+        let (caption_shape, embeddings) = batch.f32_tensor("caption_latents")?;
         let mut row = 0;
         while row < keys.len() {
             if let Some(open) = &self.open {

@@ -12,6 +12,7 @@ pub mod cuda;
 pub mod dedup;
 pub mod demo;
 pub mod demo_source;
+pub mod device_column;
 pub mod durable;
 pub mod folder_source;
 pub mod http;

@@ -4,9 +4,10 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use latentflow_engine::{Column, KeyError, OpContext, OpError};
 
+use crate::device_column::device_column;
 use crate::models::config::PRESETS;
 use crate::models::load::ModelSource;
 
@@ -145,6 +146,13 @@ pub fn column_tensor(column: Column, name: &str, device: &Device) -> Result<Tens
         Column::U8Tensor { shape, data } => Tensor::from_vec(data, dims(rows, &shape), device),
         Column::F32Tensor { shape, data } => Tensor::from_vec(data, dims(rows, &shape), device),
         Column::I64Tensor { shape, data } => Tensor::from_vec(data, dims(rows, &shape), device),
+        Column::F32Device { shape, values } => match crate::device_column::rows_tensor(&values) {
+            Some(tensor) => tensor.reshape(dims(rows, &shape)).and_then(|t| t.to_device(device)),
+            None => {
+                let data = values.to_host().map_err(|e| OpError::msg(format!("`{name}`: {e}")))?;
+                Tensor::from_vec(data, dims(rows, &shape), device)
+            }
+        },
         other => return Err(OpError::msg(format!("`{name}` is a {} column, not a tensor", other.column_type()))),
     };
     tensor.map_err(op_error)
@@ -155,7 +163,8 @@ fn dims(rows: usize, shape: &[usize]) -> Vec<usize> {
 }
 
 /// Runs `forward` on `rows` rows in chunks of at most `batch_size` (`forward(start, n)`) and
-/// returns the outputs as one f32 column, or `empty_shape` with no rows when there are none.
+/// returns the outputs as one f32 column kept on their device ([`device_column`]), or
+/// `empty_shape` with no rows when there are none.
 pub fn in_chunks(
     rows: usize,
     batch_size: usize,
@@ -169,14 +178,7 @@ pub fn in_chunks(
     if chunks.is_empty() {
         return Ok(Column::F32Tensor { shape: empty_shape, data: Vec::new() });
     }
-    tensor_column(&Tensor::cat(&chunks, 0).map_err(op_error)?)
-}
-
-/// A `[rows, ...]` tensor as an f32 tensor column (one row per entry of the first dimension).
-pub fn tensor_column(tensor: &Tensor) -> Result<Column, OpError> {
-    let shape = tensor.dims()[1..].to_vec();
-    let data = tensor.to_dtype(DType::F32).and_then(|t| t.flatten_all()?.to_vec1::<f32>()).map_err(op_error)?;
-    Ok(Column::F32Tensor { shape, data })
+    device_column(&Tensor::cat(&chunks, 0).map_err(op_error)?)
 }
 
 #[cfg(test)]
@@ -209,7 +211,10 @@ mod tests {
         let column = Column::F32Tensor { shape: vec![2, 2], data: (0..8).map(|v| v as f32).collect() };
         let t = column_tensor(column.clone(), "x", &Device::Cpu).unwrap();
         assert_eq!(t.dims(), [2, 2, 2]);
-        assert_eq!(tensor_column(&t).unwrap(), column);
+        let on_device = device_column(&t).unwrap();
+        assert_eq!(on_device.clone().into_host().unwrap(), column);
+        let back = column_tensor(on_device, "x", &Device::Cpu).unwrap();
+        assert_eq!(back.to_vec3::<f32>().unwrap(), t.to_vec3::<f32>().unwrap());
         let err = column_tensor(Column::I64(vec![1]), "key", &Device::Cpu).unwrap_err();
         assert_eq!(err.to_string(), "`key` is a i64 column, not a tensor");
     }

@@ -231,10 +231,8 @@ mod tests {
     }
 
     fn latents(batch: &Batch) -> (Vec<usize>, Vec<f32>) {
-        match batch.column("latents").unwrap() {
-            Column::F32Tensor { shape, data } => (shape.clone(), data.clone()),
-            other => panic!("{other:?}"),
-        }
+        let (shape, data) = batch.f32_tensor("latents").unwrap();
+        (shape.to_vec(), data.into_owned())
     }
 
     #[test]

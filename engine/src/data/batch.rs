@@ -1,5 +1,7 @@
 //! [`Batch`]: the unit of data that flows between operators.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
@@ -25,6 +27,14 @@ pub enum DataError {
         expected: ColumnType,
         /// The type it has.
         found: ColumnType,
+    },
+    /// A column's values could not be copied from their device.
+    #[error("column `{name}`: its values could not leave their device: {message}")]
+    Device {
+        /// The column.
+        name: String,
+        /// What the device said.
+        message: String,
     },
     /// A column's row count differs from the batch's.
     #[error("column `{name}` has {found} rows but the batch has {expected}")]
@@ -141,6 +151,15 @@ impl Batch {
         match self.column(name)? {
             Column::Bytes(v) => Ok(v),
             other => Err(wrong_type(name, ColumnType::Bytes, other)),
+        }
+    }
+
+    /// An f32 tensor column's per-row shape and values on the host (device values copied).
+    pub fn f32_tensor(&self, name: &str) -> Result<(&[usize], Cow<'_, [f32]>), DataError> {
+        let column = self.column(name)?;
+        match column.f32_values() {
+            Some(values) => values.map_err(|message| DataError::Device { name: name.to_string(), message }),
+            None => Err(wrong_type(name, ColumnType::F32Tensor, column)),
         }
     }
 

@@ -332,8 +332,8 @@ fn save_waiting(queue: &BucketQueue, rows: Vec<Row>) -> Result<checkpoint::Waiti
     let index = serde_json::to_value(queue).map_err(|e| OpError::msg(e.to_string()))?;
     let mut tensors = HashMap::new();
     for ((_, w), row) in queue.waiting().zip(rows) {
-        let latents = Tensor::from_slice(row.latents.as_slice(), row.shapes.0, &Device::Cpu).map_err(op_error)?;
-        let caption = Tensor::from_slice(row.caption.as_slice(), row.shapes.1, &Device::Cpu).map_err(op_error)?;
+        let latents = Tensor::from_slice(&row.latents.to_host()?, row.shapes.0, &Device::Cpu).map_err(op_error)?;
+        let caption = Tensor::from_slice(&row.caption.to_host()?, row.shapes.1, &Device::Cpu).map_err(op_error)?;
         tensors.insert(format!("latents.{}", w.id), latents);
         tensors.insert(format!("caption.{}", w.id), caption);
     }

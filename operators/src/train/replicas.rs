@@ -197,7 +197,7 @@ impl Replicas {
             let row = take(w.id)?;
             match owner(position) {
                 to if to == rank => kept.push((position, row)),
-                to => encode_row(&mut outgoing[to], &row),
+                to => encode_row(&mut outgoing[to], &row)?,
             }
         }
         let Some(collective) = self.collective.as_mut() else {
@@ -234,7 +234,7 @@ impl Replicas {
         let mut outgoing = vec![Vec::new(); collective.size()];
         if rank != 0 {
             for (_, w) in queue.waiting().filter(|(_, w)| w.holder == rank) {
-                encode_row(&mut outgoing[0], &find(w.id)?);
+                encode_row(&mut outgoing[0], &find(w.id)?)?;
             }
         }
         let incoming = collective.exchange(outgoing)?;
@@ -265,11 +265,12 @@ impl Replicas {
 }
 
 /// A row on the wire: its key and values (the shapes are known to both sides).
-fn encode_row(out: &mut Vec<u8>, row: &Row) {
+fn encode_row(out: &mut Vec<u8>, row: &Row) -> Result<(), OpError> {
     out.extend_from_slice(&row.key.to_le_bytes());
-    for v in row.latents.as_slice().iter().chain(row.caption.as_slice()) {
+    for v in row.latents.to_host()?.iter().chain(row.caption.to_host()?.iter()) {
         out.extend_from_slice(&v.to_le_bytes());
     }
+    Ok(())
 }
 
 fn decode_row(bytes: &[u8], offset: &mut usize, shapes: &Shapes) -> Option<Row> {

@@ -1,5 +1,6 @@
 //! The rows of the current epoch as they arrive, and their stacking into the step's tensors.
 
+use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -12,30 +13,48 @@ use crate::model_keys::op_error;
 /// resolution bucket).
 pub type Shapes = (Vec<usize>, Vec<usize>);
 
-/// A row's values: its range of the batch column it arrived in, shared by the batch's rows, so
-/// taking a batch in copies nothing and a step copies each row once, into the step's tensor.
+/// A row's values where they arrived: its range of the batch's host column, or its row of the
+/// batch's device tensor (an encoder's output), shared by the batch's rows, so taking a batch in
+/// copies nothing and a step copies each row once, into the step's tensor.
 #[derive(Clone, Debug)]
-pub struct RowValues {
-    column: Arc<Vec<f32>>,
-    range: Range<usize>,
+pub struct RowValues(Values);
+
+#[derive(Clone, Debug)]
+enum Values {
+    Host {
+        column: Arc<Vec<f32>>,
+        range: Range<usize>,
+    },
+    /// Row `row` of a `[rows, values]` tensor.
+    Device {
+        rows: Tensor,
+        row: usize,
+    },
 }
 
 impl RowValues {
     /// Values of their own (a row restored from a checkpoint or sent by another replica).
     pub fn owned(values: Vec<f32>) -> Self {
         let range = 0..values.len();
-        RowValues { column: Arc::new(values), range }
+        RowValues(Values::Host { column: Arc::new(values), range })
     }
 
-    /// The values.
-    pub fn as_slice(&self) -> &[f32] {
-        &self.column[self.range.clone()]
+    /// The values on the host: borrowed, or copied from their device.
+    pub fn to_host(&self) -> Result<Cow<'_, [f32]>, OpError> {
+        match &self.0 {
+            Values::Host { column, range } => Ok(Cow::Borrowed(&column[range.clone()])),
+            Values::Device { rows, row } => Ok(Cow::Owned(rows.get(*row).and_then(|r| r.to_vec1()).map_err(op_error)?)),
+        }
+    }
+
+    fn is_host(&self) -> bool {
+        matches!(self.0, Values::Host { .. })
     }
 }
 
 impl PartialEq for RowValues {
     fn eq(&self, other: &Self) -> bool {
-        self.as_slice() == other.as_slice()
+        matches!((self.to_host(), other.to_host()), (Ok(a), Ok(b)) if a == b)
     }
 }
 
@@ -77,11 +96,47 @@ pub struct RowBuffer {
     rows: Vec<Row>,
 }
 
-fn f32_rows(batch: &mut Batch, name: &str) -> Result<(Vec<usize>, Arc<Vec<f32>>), OpError> {
+/// A batch column's per-row shape and its rows' values: a host column, or a device tensor
+/// reshaped to `[rows, values]`.
+fn f32_rows(batch: &mut Batch, name: &str) -> Result<(Vec<usize>, Column32), OpError> {
     match batch.remove(name) {
-        Some(Column::F32Tensor { shape, data }) => Ok((shape, Arc::new(data))),
+        Some(Column::F32Tensor { shape, data }) => Ok((shape, Column32::Host(Arc::new(data)))),
+        Some(Column::F32Device { shape, values }) => {
+            let per_row = shape.iter().product::<usize>();
+            let rows = match crate::device_column::rows_tensor(&values) {
+                Some(tensor) => tensor.reshape((values.len() / per_row.max(1), per_row)).map_err(op_error)?,
+                None => {
+                    let host = values.to_host().map_err(|e| OpError::msg(format!("`{name}`: {e}")))?;
+                    return Ok((shape, Column32::Host(Arc::new(host))));
+                }
+            };
+            Ok((shape, Column32::Device(rows)))
+        }
         Some(other) => Err(OpError::msg(format!("`{name}` is a {} column, not f32", other.column_type()))),
         None => Err(OpError::msg(format!("missing column `{name}`"))),
+    }
+}
+
+/// A batch's f32 column as [`RowBuffer::push`] takes it apart.
+enum Column32 {
+    Host(Arc<Vec<f32>>),
+    Device(Tensor),
+}
+
+impl Column32 {
+    fn len(&self) -> usize {
+        match self {
+            Column32::Host(values) => values.len(),
+            Column32::Device(rows) => rows.elem_count(),
+        }
+    }
+
+    /// Row `i` of rows of `per_row` values.
+    fn row(&self, i: usize, per_row: usize) -> RowValues {
+        RowValues(match self {
+            Column32::Host(column) => Values::Host { column: column.clone(), range: i * per_row..(i + 1) * per_row },
+            Column32::Device(rows) => Values::Device { rows: rows.clone(), row: i },
+        })
     }
 }
 
@@ -106,8 +161,8 @@ impl RowBuffer {
             self.rows.push(Row {
                 key,
                 shapes: shapes.clone(),
-                latents: RowValues { column: latents.clone(), range: i * l..(i + 1) * l },
-                caption: RowValues { column: captions.clone(), range: i * c..(i + 1) * c },
+                latents: latents.row(i, l),
+                caption: captions.row(i, c),
             });
         }
         Ok(())
@@ -120,7 +175,8 @@ impl RowBuffer {
 }
 
 /// `rows` (all of `shapes`) stacked into latents `[n, ...]` and captions `[n, ...]` on `device`
-/// (n may be 0): one copy of each row, into the step's buffer, in the order given.
+/// (n may be 0): one copy of each row, into the step's tensor, in the order given. Rows from
+/// host columns are gathered on the host; rows still on a device are concatenated there.
 pub fn stack(rows: &[Row], shapes: &Shapes, device: &Device) -> Result<(Tensor, Tensor), OpError> {
     let n = rows.len();
     if let Some(row) = rows.iter().find(|r| &r.shapes != shapes) {
@@ -128,10 +184,83 @@ pub fn stack(rows: &[Row], shapes: &Shapes, device: &Device) -> Result<(Tensor, 
     }
     let one = |shape: &[usize], pick: fn(&Row) -> &RowValues| -> Result<Tensor, OpError> {
         let per_row = shape.iter().product::<usize>();
-        let mut data = Vec::with_capacity(n * per_row);
-        rows.iter().for_each(|r| data.extend_from_slice(pick(r).as_slice()));
         let dims: Vec<usize> = std::iter::once(n).chain(shape.iter().copied()).collect();
-        Tensor::from_vec(data, dims, device).map_err(op_error)
+        if rows.iter().all(|r| pick(r).is_host()) {
+            let mut data = Vec::with_capacity(n * per_row);
+            for r in rows {
+                data.extend_from_slice(&pick(r).to_host()?);
+            }
+            return Tensor::from_vec(data, dims, device).map_err(op_error);
+        }
+        // Runs of host rows as one tensor each, device rows as views of their batch's tensor.
+        let mut pieces: Vec<Tensor> = Vec::new();
+        let mut host: Vec<f32> = Vec::new();
+        let flush = |host: &mut Vec<f32>, pieces: &mut Vec<Tensor>| -> Result<(), OpError> {
+            if !host.is_empty() {
+                let run = host.len() / per_row.max(1);
+                pieces.push(Tensor::from_vec(std::mem::take(host), (run, per_row), device).map_err(op_error)?);
+            }
+            Ok(())
+        };
+        for r in rows {
+            match &pick(r).0 {
+                Values::Host { column, range } => host.extend_from_slice(&column[range.clone()]),
+                Values::Device { rows, row } => {
+                    flush(&mut host, &mut pieces)?;
+                    pieces.push(rows.narrow(0, *row, 1).and_then(|t| t.to_device(device)).map_err(op_error)?);
+                }
+            }
+        }
+        flush(&mut host, &mut pieces)?;
+        Tensor::cat(&pieces, 0).and_then(|t| t.reshape(dims)).map_err(op_error)
     };
     Ok((one(&shapes.0, |r| &r.latents)?, one(&shapes.1, |r| &r.caption)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device_column::device_column;
+
+    /// A batch of `keys` whose latents are `[key, key + 0.5]` and captions `[-key]`, on the
+    /// host or as an encoder leaves them (on its device).
+    fn batch(keys: &[i64], on_device: bool) -> Batch {
+        let latents: Vec<f32> = keys.iter().flat_map(|&k| [k as f32, k as f32 + 0.5]).collect();
+        let captions: Vec<f32> = keys.iter().map(|&k| -k as f32).collect();
+        let column = |data: Vec<f32>, shape: Vec<usize>| {
+            if on_device {
+                let dims: Vec<usize> = std::iter::once(keys.len()).chain(shape.iter().copied()).collect();
+                device_column(&Tensor::from_vec(data, dims, &Device::Cpu).unwrap()).unwrap()
+            } else {
+                Column::F32Tensor { shape, data }
+            }
+        };
+        Batch::new()
+            .with("key", Column::I64(keys.to_vec()))
+            .unwrap()
+            .with("latents", column(latents, vec![2]))
+            .unwrap()
+            .with("caption_latents", column(captions, vec![1]))
+            .unwrap()
+    }
+
+    #[test]
+    fn rows_left_on_the_device_stack_in_the_steps_order_with_host_rows() {
+        for devices in [[true, true, true], [true, false, true], [false, false, false]] {
+            let mut buffer = RowBuffer::default();
+            for (keys, on_device) in [(&[5, 1][..], devices[0]), (&[4, 2][..], devices[1]), (&[3][..], devices[2])] {
+                buffer.push(batch(keys, on_device)).unwrap();
+            }
+            let mut rows = buffer.take();
+            let on_device: usize = [2, 2, 1].iter().zip(devices).filter(|(_, d)| *d).map(|(n, _)| n).sum();
+            assert_eq!(rows.iter().filter(|r| !r.latents.is_host()).count(), on_device, "kept on the device");
+            rows.sort_by_key(|r| r.key);
+            let (latents, captions) = stack(&rows, &(vec![2], vec![1]), &Device::Cpu).unwrap();
+            let want: Vec<Vec<f32>> = (1..=5).map(|k| vec![k as f32, k as f32 + 0.5]).collect();
+            assert_eq!(latents.to_vec2::<f32>().unwrap(), want, "{devices:?}");
+            assert_eq!(captions.to_vec2::<f32>().unwrap(), (1..=5).map(|k| vec![-k as f32]).collect::<Vec<_>>());
+            // Checkpoints and other replicas read a row's values on the host.
+            assert_eq!(rows[2].latents.to_host().unwrap().as_ref(), &[3.0, 3.5]);
+        }
+    }
 }
