@@ -528,6 +528,22 @@ mod tests {
             .unwrap()
     }
 
+    /// Writes `batches` through a `latents_sink` of `rows_per_file` rows a file, in `layout`.
+    fn sink_batches(
+        dir: &std::path::Path,
+        rows_per_file: usize,
+        layout: crate::tables::tensors::TensorLayout,
+        batches: impl IntoIterator<Item = Batch>,
+    ) {
+        let mut sink = LatentsSink::new(dir.to_path_buf(), rows_per_file, 0).with_layout(layout);
+        let mut ctx = OpContext::detached("latents");
+        sink.start(&mut ctx).unwrap();
+        for batch in batches {
+            sink.write(batch, &mut ctx).unwrap();
+        }
+        sink.finish(&mut ctx).unwrap();
+    }
+
     fn write(dir: &std::path::Path) {
         let mut sink = LatentsSink::new(dir.to_path_buf(), 4, 0);
         let mut ctx = OpContext::detached("latents");
@@ -554,9 +570,6 @@ mod tests {
     #[test]
     fn rows_of_several_shapes_come_back_in_their_epochs_one_batch_per_shape() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sink = LatentsSink::new(dir.path().to_path_buf(), 100, 0);
-        let mut ctx = OpContext::detached("latents");
-        sink.start(&mut ctx).unwrap();
         let wide = |keys: std::ops::Range<i64>| {
             let n = (keys.end - keys.start) as usize;
             let mut b = rows(keys);
@@ -564,11 +577,9 @@ mod tests {
             b
         };
         // Epochs of 4 as an online run of two buckets writes them: 0..2 square, 2..4 wide, ...
-        for (square, tall) in [(0..2, 2..4), (4..7, 7..8)] {
-            sink.write(rows(square), &mut ctx).unwrap();
-            sink.write(wide(tall), &mut ctx).unwrap();
-        }
-        sink.finish(&mut ctx).unwrap();
+        let batches = [(0..2, 2..4), (4..7, 7..8)].into_iter().flat_map(|(square, tall)| [rows(square), wide(tall)]);
+        sink_batches(dir.path(), 100, Default::default(), batches);
+        let mut ctx = OpContext::detached("read");
         let config =
             LatentsSourceConfig { path: dir.path().display().to_string(), batch_size: Some(4), shuffle: false };
         let mut source = LatentsSource::new(config, 0, 0, 1);
@@ -707,16 +718,13 @@ mod tests {
         for layout in [TensorLayout::Ray, TensorLayout::FixedShapeTensor, TensorLayout::Bytes] {
             // Rows as large as the real ones' embeddings (77 x 256 floats, 79 kB): a page or more each.
             let dir = tempfile::tempdir().unwrap();
-            let mut sink = LatentsSink::new(dir.path().to_path_buf(), 48, 0).with_layout(layout);
-            let mut ctx = OpContext::detached("latents");
-            sink.start(&mut ctx).unwrap();
-            for first in [0, 24, 48, 72] {
+            let batches = [0, 24, 48, 72].map(|first| {
                 let mut batch = rows(first..first + 24);
                 let data = Rng::new(first as u64, 0).normals(24 * 77 * 256);
                 batch.insert("caption_latents", Column::F32Tensor { shape: vec![77, 256], data }).unwrap();
-                sink.write(batch, &mut ctx).unwrap();
-            }
-            sink.finish(&mut ctx).unwrap();
+                batch
+            });
+            sink_batches(dir.path(), 48, layout, batches);
             for shuffle in [false, true] {
                 let config =
                     LatentsSourceConfig { path: dir.path().display().to_string(), batch_size: Some(4), shuffle };
@@ -752,11 +760,8 @@ mod tests {
         use crate::tables::tensors::TensorLayout;
         for layout in [TensorLayout::Ray, TensorLayout::FixedShapeTensor, TensorLayout::Bytes] {
             let dir = tempfile::tempdir().unwrap();
-            let mut sink = LatentsSink::new(dir.path().to_path_buf(), 100, 0).with_layout(layout);
-            let mut ctx = OpContext::detached("latents");
-            sink.start(&mut ctx).unwrap();
-            sink.write(rows(0..5), &mut ctx).unwrap();
-            sink.finish(&mut ctx).unwrap();
+            sink_batches(dir.path(), 100, layout, [rows(0..5)]);
+            let mut ctx = OpContext::detached("read");
             let file = std::fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().path();
             let footer = open_metadata(&file).unwrap();
             // The shapes are in the arrow schema too, not only in the footer.

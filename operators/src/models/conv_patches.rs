@@ -169,36 +169,50 @@ pub fn patches(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> cand
     x.contiguous()?.apply_op1(Patches { kernel, stride, padding })
 }
 
+/// The same patches as [`patches`] from candle ops, for any device and dtype: two zero
+/// paddings, the k*k strided windows and a stack (see the module docs for what that costs).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use latentflow_operators::models::conv_patches::{composed_patches, patches};
+///
+/// let x = Tensor::arange(0f32, 18.0, &Device::Cpu)?.reshape((1, 2, 3, 3))?;
+/// let (fused, composed) = (patches(&x, 3, 2, 1)?, composed_patches(&x, 3, 2, 1)?);
+/// assert_eq!(composed.to_vec3::<f32>()?, fused.to_vec3::<f32>()?);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn composed_patches(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let k = kernel;
+    let (oh, ow) = ((h + 2 * padding - k) / stride + 1, (w + 2 * padding - k) / stride + 1);
+    // Zero padding, plus stride - 1 at the end so every strided window below fits.
+    let pad_end = padding + stride - 1;
+    let padded = x.pad_with_zeros(2, padding, pad_end)?.pad_with_zeros(3, padding, pad_end)?;
+    let mut windows = Vec::with_capacity(k * k);
+    for ky in 0..k {
+        for kx in 0..k {
+            let window = padded.narrow(2, ky, oh * stride)?.narrow(3, kx, ow * stride)?;
+            let window = if stride == 1 {
+                window
+            } else {
+                window
+                    .reshape((b, c, oh, stride, ow, stride))?
+                    .narrow(3, 0, 1)?
+                    .narrow(5, 0, 1)?
+                    .reshape((b, c, oh, ow))?
+            };
+            windows.push(window);
+        }
+    }
+    // [B, C, k*k, oh, ow] flattens in the weight's (c, ky, kx) order.
+    Tensor::stack(&windows, 2)?.reshape((b, c * k * k, oh * ow))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::rng::Rng;
     use candle_core::{Device, Var};
-
-    /// The patches from candle ops (what `conv2d_by_matmul` composes).
-    fn composed(x: &Tensor, k: usize, stride: usize, padding: usize) -> Tensor {
-        let (b, c, h, w) = x.dims4().unwrap();
-        let (oh, ow) = ((h + 2 * padding - k) / stride + 1, (w + 2 * padding - k) / stride + 1);
-        let pad_end = padding + stride - 1;
-        let padded = x.pad_with_zeros(2, padding, pad_end).unwrap().pad_with_zeros(3, padding, pad_end).unwrap();
-        let mut windows = Vec::new();
-        for ky in 0..k {
-            for kx in 0..k {
-                let window = padded.narrow(2, ky, oh * stride).unwrap().narrow(3, kx, ow * stride).unwrap();
-                let window = window
-                    .reshape((b, c, oh, stride, ow, stride))
-                    .unwrap()
-                    .narrow(3, 0, 1)
-                    .unwrap()
-                    .narrow(5, 0, 1)
-                    .unwrap()
-                    .reshape((b, c, oh, ow))
-                    .unwrap();
-                windows.push(window);
-            }
-        }
-        Tensor::stack(&windows, 2).unwrap().reshape((b, c * k * k, oh * ow)).unwrap()
-    }
 
     #[test]
     fn patches_and_their_gradients_match_the_composed_ops() {
@@ -215,7 +229,7 @@ mod tests {
         ] {
             let x = Var::from_vec(rng.normals(b * c * h * w), (b, c, h, w), &Device::Cpu).unwrap();
             let fused = patches(x.as_tensor(), k, stride, padding).unwrap();
-            let expected = composed(x.as_tensor(), k, stride, padding);
+            let expected = composed_patches(x.as_tensor(), k, stride, padding).unwrap();
             let case = format!("{:?}", (b, c, h, w, k, stride, padding));
             assert_eq!(fused.dims(), expected.dims(), "{case}");
             let diff = (&fused - &expected).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();

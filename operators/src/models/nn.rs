@@ -106,8 +106,9 @@ impl Conv2d {
 }
 
 /// A convolution as patches times weights, from ops whose backward passes are matrix products
-/// (the patches one fused op for f32 on the CPU, [`conv_patches`]). On the CPU candle's own `conv2d` backward runs a naive transposed convolution and
-/// a convolution with an image-sized kernel, which made it most of a training step.
+/// (the patches one fused op for f32 on the CPU, [`conv_patches`]). On the CPU candle's own
+/// `conv2d` backward runs a naive transposed convolution and a convolution with an image-sized
+/// kernel, which made it most of a training step.
 pub fn conv2d_by_matmul(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let (out_ch, _, k, _) = weight.dims4()?;
@@ -117,31 +118,11 @@ pub fn conv2d_by_matmul(x: &Tensor, weight: &Tensor, stride: usize, padding: usi
         let y = kernel.broadcast_matmul(&x.reshape((b, c, h * w))?)?;
         return Ok(y.reshape((b, out_ch, h, w))?);
     }
-    if conv_patches::supported(x) {
-        let columns = conv_patches::patches(x, k, stride, padding)?;
-        return Ok(kernel.broadcast_matmul(&columns)?.reshape((b, out_ch, oh, ow))?);
-    }
-    // Zero padding, plus stride - 1 at the end so every strided window below fits.
-    let pad_end = padding + stride - 1;
-    let padded = x.pad_with_zeros(2, padding, pad_end)?.pad_with_zeros(3, padding, pad_end)?;
-    let mut patches = Vec::with_capacity(k * k);
-    for ky in 0..k {
-        for kx in 0..k {
-            let window = padded.narrow(2, ky, oh * stride)?.narrow(3, kx, ow * stride)?;
-            let window = if stride == 1 {
-                window
-            } else {
-                window
-                    .reshape((b, c, oh, stride, ow, stride))?
-                    .narrow(3, 0, 1)?
-                    .narrow(5, 0, 1)?
-                    .reshape((b, c, oh, ow))?
-            };
-            patches.push(window);
-        }
-    }
-    // [B, C, k*k, oh, ow] flattens in the weight's (c, ky, kx) order.
-    let columns = Tensor::stack(&patches, 2)?.reshape((b, c * k * k, oh * ow))?;
+    let columns = if conv_patches::supported(x) {
+        conv_patches::patches(x, k, stride, padding)?
+    } else {
+        conv_patches::composed_patches(x, k, stride, padding)?
+    };
     Ok(kernel.broadcast_matmul(&columns)?.reshape((b, out_ch, oh, ow))?)
 }
 

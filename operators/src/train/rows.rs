@@ -46,10 +46,6 @@ impl RowValues {
             Values::Device { rows, row } => Ok(Cow::Owned(rows.get(*row).and_then(|r| r.to_vec1()).map_err(op_error)?)),
         }
     }
-
-    fn is_host(&self) -> bool {
-        matches!(self.0, Values::Host { .. })
-    }
 }
 
 impl PartialEq for RowValues {
@@ -185,16 +181,10 @@ pub fn stack(rows: &[Row], shapes: &Shapes, device: &Device) -> Result<(Tensor, 
     let one = |shape: &[usize], pick: fn(&Row) -> &RowValues| -> Result<Tensor, OpError> {
         let per_row = shape.iter().product::<usize>();
         let dims: Vec<usize> = std::iter::once(n).chain(shape.iter().copied()).collect();
-        if rows.iter().all(|r| pick(r).is_host()) {
-            let mut data = Vec::with_capacity(n * per_row);
-            for r in rows {
-                data.extend_from_slice(&pick(r).to_host()?);
-            }
-            return Tensor::from_vec(data, dims, device).map_err(op_error);
-        }
-        // Runs of host rows as one tensor each, device rows as views of their batch's tensor.
+        // Runs of host rows as one tensor each (all the rows, one copy, when none is on a
+        // device), device rows as views of their batch's tensor.
         let mut pieces: Vec<Tensor> = Vec::new();
-        let mut host: Vec<f32> = Vec::new();
+        let mut host: Vec<f32> = Vec::with_capacity(n * per_row); // no regrowth when all are host rows
         let flush = |host: &mut Vec<f32>, pieces: &mut Vec<Tensor>| -> Result<(), OpError> {
             if !host.is_empty() {
                 let run = host.len() / per_row.max(1);
@@ -212,6 +202,11 @@ pub fn stack(rows: &[Row], shapes: &Shapes, device: &Device) -> Result<(Tensor, 
             }
         }
         flush(&mut host, &mut pieces)?;
+        if pieces.is_empty() {
+            return Tensor::zeros(dims, candle_core::DType::F32, device).map_err(op_error);
+            // n is 0
+        }
+        // `cat` of one piece is that piece, without a copy.
         Tensor::cat(&pieces, 0).and_then(|t| t.reshape(dims)).map_err(op_error)
     };
     Ok((one(&shapes.0, |r| &r.latents)?, one(&shapes.1, |r| &r.caption)?))
@@ -253,7 +248,11 @@ mod tests {
             }
             let mut rows = buffer.take();
             let on_device: usize = [2, 2, 1].iter().zip(devices).filter(|(_, d)| *d).map(|(n, _)| n).sum();
-            assert_eq!(rows.iter().filter(|r| !r.latents.is_host()).count(), on_device, "kept on the device");
+            assert_eq!(
+                rows.iter().filter(|r| matches!(r.latents.0, Values::Device { .. })).count(),
+                on_device,
+                "kept on the device"
+            );
             rows.sort_by_key(|r| r.key);
             let (latents, captions) = stack(&rows, &(vec![2], vec![1]), &Device::Cpu).unwrap();
             let want: Vec<Vec<f32>> = (1..=5).map(|k| vec![k as f32, k as f32 + 0.5]).collect();
@@ -262,5 +261,11 @@ mod tests {
             // Checkpoints and other replicas read a row's values on the host.
             assert_eq!(rows[2].latents.to_host().unwrap().as_ref(), &[3.0, 3.5]);
         }
+    }
+
+    #[test]
+    fn a_step_of_no_rows_stacks_into_empty_tensors_of_the_shapes() {
+        let (latents, captions) = stack(&[], &(vec![4, 2, 2], vec![77, 8]), &Device::Cpu).unwrap();
+        assert_eq!((latents.dims(), captions.dims()), (&[0, 4, 2, 2][..], &[0, 77, 8][..]));
     }
 }

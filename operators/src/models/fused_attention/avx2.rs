@@ -1,7 +1,7 @@
 //! The per-head passes with AVX2 and FMA intrinsics: eight keys per vector, one sweep of
-//! multiply-adds per channel, exponentials in base 2. The portable passes in the parent module compute the same
-//! thing (the tests check one against the other); the compiler does not vectorise their
-//! eight-lane loops across channels, which made them several times slower.
+//! multiply-adds per channel, exponentials in base 2. The portable passes in the parent module
+//! compute the same thing (the tests check one against the other); the compiler does not
+//! vectorise their eight-lane loops across channels, which made them several times slower.
 
 // Index loops: the kernels walk several arrays with different strides by the same index.
 #![allow(clippy::needless_range_loop)]
