@@ -7,12 +7,13 @@
 #     the machine has no diffusers; its wheels are installed to a temporary path first.
 #   --dry-run (on any machine, no GPU): installs the carried wheels the same way, checks their
 #     requirements against the machine's package list (check_carry.py), runs pytorch_step.py on
-#     the CPU with a tiny UNet (proving every import resolves), lists what the binaries link, and
-#     stops before the GPU parts.
+#     the CPU with a tiny UNet and pytorch_components.py's pieces on the CPU (proving every
+#     import resolves), lists what the binaries link, and stops before the GPU parts.
 # 1. the kernel tests on the GPU (each NVRTC kernel against its CPU reference) and the NVRTC
 #    compile test; 2. the parity tests on CUDA (models against the diffusers/transformers
 #    goldens, one training step against PyTorch's); 3. the SD2-base UNet training step at 256 px
-#    (bf16) at batch 8, 32 and 64 in latentflow, then in PyTorch + diffusers on the same GPU;
+#    (bf16) at batch 8, 32, 64 and 128 in latentflow, then in PyTorch + diffusers on the same GPU,
+#    and the step's pieces timed alone on both sides (gpu_components, pytorch_components.py);
 #    4. the online topology with real-size encoders on one GPU. Writes OUT/summary.md and the raw
 #    outputs beside it; exits non-zero if any part failed (every part runs regardless).
 set -uo pipefail
@@ -78,6 +79,11 @@ if ((dry_run)); then
   "$python" "$root/bench/gpu/pytorch_step.py" --config "$root/bench/gpu/dry-run-unet.json" --device cpu \
     --latent-size 16 --batches 2 --steps 1 --warmup 0 2>&1 | tee "$out/pytorch_step_cpu.txt"
   grep -q step_s_median "$out/pytorch_step_cpu.txt" || status=1
+  note "pytorch_components.py on the CPU with $python (batch 1, one run of each piece)"
+  "$python" "$root/bench/gpu/pytorch_components.py" --device cpu --batch 1 --iters 1 \
+    --step-config "$root/bench/gpu/dry-run-unet.json" 2>&1 | tee "$out/pytorch_components_cpu.txt"
+  grep -q '"error"' "$out/pytorch_components_cpu.txt" && status=1
+  grep -q '"optimizer step' "$out/pytorch_components_cpu.txt" || status=1
   note "what the binaries link (cudarc opens the CUDA libraries at run time)"
   found=0
   for f in "$bin"/*; do
@@ -91,14 +97,14 @@ if ((dry_run)); then
   exit $status
 fi
 
-# CUDA libraries: PyTorch's pip packages (cuBLAS, cuRAND, NVRTC, runtime) and the driver.
+# CUDA libraries: PyTorch's pip packages (cuBLAS, cuRAND, NVRTC, runtime, cuDNN) and the driver.
 site=$(python3 -c "import nvidia, os; print(os.path.dirname(list(nvidia.__path__)[0]))" 2>/dev/null || true)
 libs=$( { [[ -n $site ]] && find "$site/nvidia" -name 'lib*.so*' -printf '%h\n'; } 2>/dev/null | sort -u | tr '\n' ':')
 export LD_LIBRARY_PATH="${libs}/usr/lib/x86_64-linux-gnu:/usr/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-  for l in libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libcudart.so.13; do
+  for l in libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libcudart.so.13 libcudnn.so.9; do
     printf '%s: ' "$l"; ldconfig -p | grep -q "$l" && echo system || (IFS=:; for d in $LD_LIBRARY_PATH; do [[ -e $d/$l ]] && { echo "$d"; break; }; done) || echo missing
   done
   python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" 2>&1 | tail -1
@@ -118,10 +124,16 @@ if [[ -x $bin/nccl ]]; then
   step nccl 60 "$bin/nccl" --include-ignored --nocapture
   step nccl_training_step 60 "$bin/nccl_step" --include-ignored --nocapture
 fi
-step latentflow_step 180 "$bin/gpu_train_step" --batches 8,32,64 --steps 6 --warmup 2 --config-out "$out/unet_config.json"
+step latentflow_step 180 "$bin/gpu_train_step" --batches 8,32,64,128 --steps 6 --warmup 2 --config-out "$out/unet_config.json"
 if [[ -s $out/unet_config.json ]]; then
-  step pytorch_step 120 python3 "$root/bench/gpu/pytorch_step.py" --config "$out/unet_config.json" --batches 8,32,64 --steps 6 --warmup 2
+  step pytorch_step 120 python3 "$root/bench/gpu/pytorch_step.py" --config "$out/unet_config.json" --batches 8,32,64,128 --steps 6 --warmup 2
 fi
+# The same pieces of the step timed alone on both sides (CUDA events), and PyTorch's kernel
+# launches per step: where any remaining gap is.
+step components 90 "$bin/gpu_components" --batch 32 --iters 5
+step_config=()
+[[ -s $out/unet_config.json ]] && step_config=(--step-config "$out/unet_config.json")
+step pytorch_components 90 python3 "$root/bench/gpu/pytorch_components.py" --batch 32 --iters 5 "${step_config[@]}"
 mkdir -p "$out/online" && cd "$out/online"
 step online 180 "$bin/latentflow" run "$root/bench/gpu/online-sd2-base-1gpu.toml" --workers 2 --profile "$out/online-profile.json"
 cd "$root"

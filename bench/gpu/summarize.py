@@ -61,6 +61,19 @@ for r in errors:
 memory = [int(x) for x in read("gpu-memory-mib.txt").split() if x.isdigit()]
 if memory:
     print(f"\nPeak GPU memory in use over the whole run (nvidia-smi, 200 ms samples): {max(memory) / 1024:.1f} GiB")
+print("\n## The step's pieces alone, batch 32 (CUDA events, ms per forward + backward)\n")
+ours = {r["component"]: r for r in json_lines("components.txt") if "component" in r}
+torch = {r["component"]: r for r in json_lines("pytorch_components.txt") if "component" in r}
+if ours or torch:
+    print("| piece | latentflow ms | PyTorch ms | ratio PyTorch/latentflow (>1: latentflow faster) |")
+    print("|---|---|---|---|")
+    for name in list(ours) + [n for n in torch if n not in ours]:
+        o, t = ours.get(name, {}), torch.get(name, {})
+        value = lambda r: f"{r['ms']:.2f}" if "ms" in r else (str(r["count"]) if "count" in r else r.get("error", "-")[:60])
+        ratio = f"{t['ms'] / o['ms']:.2f}" if "ms" in o and "ms" in t and o["ms"] > 0 else "-"
+        print(f"| {name} | {value(o)} | {value(t)} | {ratio} |")
+else:
+    print("- no component timings: see components.txt and pytorch_components.txt")
 print("\n## Online topology, real-size encoders and trainer on one GPU\n")
 metrics = os.path.join(out, "online", "runs", "gpu-online-sd2-base", "metrics.jsonl")
 rows = [json.loads(l) for l in open(metrics)] if os.path.exists(metrics) else []

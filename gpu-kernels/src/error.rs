@@ -33,6 +33,9 @@ pub enum KernelError {
         /// NVRTC's log.
         message: String,
     },
+    /// cuDNN refused or failed a call (an unsupported shape, out of memory).
+    #[error("cuDNN: {0}")]
+    Cudnn(String),
     /// The CUDA driver failed (no device, out of memory, a failed launch).
     #[error("CUDA driver: {0}")]
     Driver(String),

@@ -9,7 +9,7 @@ pub enum Kernel {
     Normalize,
     /// `cuda/noising.cu`: `add_noise` and the training target in one pass.
     Noising,
-    /// `cuda/optimizer.cu`: multi-tensor AdamW and EMA.
+    /// `cuda/optimizer.cu`: multi-tensor AdamW, EMA and sums of squares (the gradient norm).
     Optimizer,
     /// `cuda/attention.cu`: attention forward and backward without the score matrix, for one
     /// head size (each size is its own program, compiled when first used).
@@ -17,18 +17,18 @@ pub enum Kernel {
         /// Values per head.
         head_dim: usize,
     },
-    /// `cuda/group_norm_silu.cu`: GroupNorm then SiLU.
-    GroupNormSilu,
+    /// `cuda/group_norm.cu`: GroupNorm (optionally then SiLU), forward and backward.
+    GroupNorm,
 }
 
-use crate::ops::attention::HEAD_DIMS;
+use crate::ops::attention::{HEAD_DIMS, TENSOR_CORE_HEAD_DIMS};
 
 const COMMON: &str = include_str!("cuda/common.cuh");
 
 impl Kernel {
     /// Every program, attention once per supported head size: for compile tests and warm-up.
     pub fn all() -> Vec<Kernel> {
-        let mut all = vec![Kernel::Normalize, Kernel::Noising, Kernel::Optimizer, Kernel::GroupNormSilu];
+        let mut all = vec![Kernel::Normalize, Kernel::Noising, Kernel::Optimizer, Kernel::GroupNorm];
         all.extend(HEAD_DIMS.iter().map(|&head_dim| Kernel::Attention { head_dim }));
         all
     }
@@ -40,7 +40,7 @@ impl Kernel {
             Kernel::Noising => "noising.cu",
             Kernel::Optimizer => "optimizer.cu",
             Kernel::Attention { .. } => "attention.cu",
-            Kernel::GroupNormSilu => "group_norm_silu.cu",
+            Kernel::GroupNorm => "group_norm.cu",
         }
     }
 
@@ -50,7 +50,7 @@ impl Kernel {
             Kernel::Noising => include_str!("cuda/noising.cu"),
             Kernel::Optimizer => include_str!("cuda/optimizer.cu"),
             Kernel::Attention { .. } => include_str!("cuda/attention.cu"),
-            Kernel::GroupNormSilu => include_str!("cuda/group_norm_silu.cu"),
+            Kernel::GroupNorm => include_str!("cuda/group_norm.cu"),
         }
     }
 
@@ -66,6 +66,9 @@ impl Kernel {
         if let Kernel::Attention { head_dim } = self {
             program +=
                 &format!("\nATTENTION_KERNELS(float, f32, {head_dim})\nATTENTION_KERNELS(bf16_t, bf16, {head_dim})\n");
+            if TENSOR_CORE_HEAD_DIMS.contains(&head_dim) {
+                program += &format!("TC_ATTENTION_KERNELS({head_dim})\n");
+            }
         }
         program
     }
@@ -114,14 +117,25 @@ mod tests {
         // tests/nvrtc_compile.rs.
         assert_eq!(Kernel::Normalize.functions(), ["normalize_u8_f32", "normalize_u8_bf16"]);
         assert_eq!(Kernel::Noising.functions(), ["noise_and_target_f32"]);
-        assert_eq!(Kernel::Optimizer.functions(), ["adamw_multi", "ema_multi"]);
-        assert_eq!(Kernel::GroupNormSilu.functions(), ["group_norm_silu_f32", "group_norm_silu_bf16"]);
+        assert_eq!(Kernel::Optimizer.functions(), ["adamw_multi", "ema_multi", "sum_squares_chunks"]);
+        assert_eq!(
+            Kernel::GroupNorm.functions(),
+            [
+                "group_norm_forward_f32",
+                "group_norm_forward_bf16",
+                "group_norm_backward_f32",
+                "group_norm_backward_bf16"
+            ]
+        );
     }
 
     #[test]
     fn attention_programs_instantiate_their_head_size_from_the_macro() {
         let program = Kernel::Attention { head_dim: 40 }.program();
         assert!(program.ends_with("ATTENTION_KERNELS(float, f32, 40)\nATTENTION_KERNELS(bf16_t, bf16, 40)\n"));
+        // Head sizes that are multiples of 16 (up to 128) also get the tensor-core kernels.
+        assert!(Kernel::Attention { head_dim: 64 }.program().ends_with("TC_ATTENTION_KERNELS(64)\n"));
+        assert!(!Kernel::Attention { head_dim: 160 }.program().contains("TC_ATTENTION_KERNELS(160)"));
         for pass in ["forward", "backward_stats", "backward_query", "backward_key"] {
             assert!(program.contains(&format!("void attention_{pass}_##NAME##_d##D(")), "{pass}");
         }

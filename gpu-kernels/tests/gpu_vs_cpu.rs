@@ -12,8 +12,14 @@ use latentflow_gpu_kernels::ops::adamw::{adamw, adamw_multi_cuda, AdamWScalars, 
 use latentflow_gpu_kernels::ops::attention::{
     attention_backward, attention_backward_cuda, attention_forward, attention_forward_cuda, AttentionShape,
 };
+use latentflow_gpu_kernels::ops::conv::{
+    conv2d, conv2d_backward_data, conv2d_backward_data_cuda, conv2d_backward_filter, conv2d_backward_filter_cuda,
+    conv2d_cuda, ConvShape,
+};
 use latentflow_gpu_kernels::ops::ema::{ema, ema_multi_cuda, EmaTensor};
-use latentflow_gpu_kernels::ops::group_norm_silu::{group_norm_silu, group_norm_silu_cuda, GroupNormShape};
+use latentflow_gpu_kernels::ops::group_norm::{
+    group_norm, group_norm_backward, group_norm_backward_cuda, group_norm_cuda, GroupNormShape,
+};
 use latentflow_gpu_kernels::ops::noising::{noise_and_target, noise_and_target_cuda};
 use latentflow_gpu_kernels::ops::normalize::{normalize_u8_chw, normalize_u8_chw_cuda};
 
@@ -149,8 +155,9 @@ fn adamw_and_ema_over_many_tensors_match_the_reference() {
 #[ignore = "needs an NVIDIA GPU: bench/gpu/run.sh runs it with --include-ignored"]
 fn attention_forward_and_backward_match_the_reference() {
     let Some(stream) = stream() else { return };
-    // Self-attention with a ragged last tile, and cross-attention over 77 keys.
-    for (head_dim, nq, nk) in [(16, 100, 100), (64, 70, 77), (40, 33, 77)] {
+    // Self-attention with a ragged last tile, cross-attention over 77 keys, and (for the bf16
+    // tensor-core kernels: 16, 64 and 128) several blocks and key tiles.
+    for (head_dim, nq, nk) in [(16, 100, 100), (64, 70, 77), (40, 33, 77), (64, 200, 200), (128, 130, 77)] {
         let s = AttentionShape { batch: 2, heads: 3, head_dim, nq, nk };
         let width = s.heads * head_dim;
         let (q, k, v) = (values(2 * nq * width, 1), values(2 * nk * width, 2), values(2 * nk * width, 3));
@@ -192,22 +199,147 @@ fn attention_forward_and_backward_match_the_reference() {
             .unwrap();
         let got16: Vec<f32> = stream.clone_dtoh(&o16).unwrap().iter().map(|v| v.to_f32()).collect();
         assert!(max_abs_diff(&got16, &want_o) < 3e-2, "bf16 forward d{head_dim}: {}", max_abs_diff(&got16, &want_o));
+        // bf16 backward (the tensor-core kernels where the head size has them), against the f32
+        // reference on the same bf16-rounded inputs, within bf16 rounding of the gradients' scale.
+        let round = |x: &[f32]| x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect::<Vec<_>>();
+        let (qr, kr, vr, gor) = (round(&q), round(&k), round(&v), round(&go));
+        let (want_dq, want_dk, want_dv) = attention_backward(&qr, &kr, &vr, &gor, s).unwrap();
+        let go16 = up16(&go);
+        let mut dq16 = stream.alloc_zeros::<bf16>(q.len()).unwrap();
+        let mut dk16 = stream.alloc_zeros::<bf16>(k.len()).unwrap();
+        let mut dv16 = stream.alloc_zeros::<bf16>(v.len()).unwrap();
+        attention_backward_cuda(
+            &stream,
+            &q16.as_view(),
+            &k16.as_view(),
+            &v16.as_view(),
+            &o16.as_view(),
+            &go16.as_view(),
+            s,
+            &mut dq16.as_view_mut(),
+            &mut dk16.as_view_mut(),
+            &mut dv16.as_view_mut(),
+        )
+        .unwrap();
+        for (name, got, want) in [("dq", &dq16, &want_dq), ("dk", &dk16, &want_dk), ("dv", &dv16, &want_dv)] {
+            let got: Vec<f32> = stream.clone_dtoh(got).unwrap().iter().map(|v| v.to_f32()).collect();
+            let scale = want.iter().fold(0.1f32, |m, v| m.max(v.abs()));
+            let diff = max_abs_diff(&got, want);
+            assert!(diff < 4e-2 * scale, "bf16 {name} d{head_dim} nq {nq} nk {nk}: {diff} (scale {scale})");
+        }
     }
 }
 
 #[test]
 #[ignore = "needs an NVIDIA GPU: bench/gpu/run.sh runs it with --include-ignored"]
-fn group_norm_silu_matches_the_reference() {
+fn group_norm_forward_and_backward_match_the_references() {
     let Some(stream) = stream() else { return };
     let shape = GroupNormShape { batch: 2, channels: 64, spatial: 9 * 11, groups: 32 };
     let x: Vec<f32> = values(2 * 64 * 99, 5).iter().map(|v| v * 3.0 + 0.5).collect();
+    let dy = values(x.len(), 8);
     let (gamma, beta) = (values(64, 6), values(64, 7));
-    let want = group_norm_silu(&x, &gamma, &beta, shape, 1e-6).unwrap();
     let up = |x: &[f32]| stream.clone_htod(x).unwrap();
-    let (xd, gd, bd) = (up(&x), up(&gamma), up(&beta));
-    let mut y = stream.alloc_zeros::<f32>(x.len()).unwrap();
-    group_norm_silu_cuda(&stream, &xd.as_view(), &gd.as_view(), &bd.as_view(), shape, 1e-6, &mut y.as_view_mut())
+    let (xd, dyd, gd, bd) = (up(&x), up(&dy), up(&gamma), up(&beta));
+    for silu in [true, false] {
+        let want = group_norm(&x, &gamma, &beta, shape, 1e-6, silu).unwrap();
+        let mut y = stream.alloc_zeros::<f32>(x.len()).unwrap();
+        group_norm_cuda(&stream, &xd.as_view(), &gd.as_view(), &bd.as_view(), shape, 1e-6, silu, &mut y.as_view_mut())
+            .unwrap();
+        let got = stream.clone_dtoh(&y).unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-5, "silu {silu}: {}", max_abs_diff(&got, &want));
+
+        let want = group_norm_backward(&x, &dy, &gamma, &beta, shape, 1e-6, silu).unwrap();
+        let mut dx = stream.alloc_zeros::<f32>(x.len()).unwrap();
+        let mut dgamma = stream.alloc_zeros::<f32>(2 * 64).unwrap();
+        let mut dbeta = stream.alloc_zeros::<f32>(2 * 64).unwrap();
+        group_norm_backward_cuda(
+            &stream,
+            &xd.as_view(),
+            &dyd.as_view(),
+            &gd.as_view(),
+            &bd.as_view(),
+            shape,
+            1e-6,
+            silu,
+            &mut dx.as_view_mut(),
+            &mut dgamma.as_view_mut(),
+            &mut dbeta.as_view_mut(),
+        )
         .unwrap();
-    let got = stream.clone_dtoh(&y).unwrap();
-    assert!(max_abs_diff(&got, &want) < 1e-5, "{}", max_abs_diff(&got, &want));
+        for (name, got, want) in
+            [("dx", &dx, &want.dx), ("dgamma", &dgamma, &want.dgamma), ("dbeta", &dbeta, &want.dbeta)]
+        {
+            let got = stream.clone_dtoh(got).unwrap();
+            let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+            assert!(max_abs_diff(&got, want) < 1e-4 * scale, "silu {silu} {name}: {}", max_abs_diff(&got, want));
+        }
+    }
+}
+
+/// Values rounded to bf16 and back, so the CPU reference sees exactly what the GPU reads.
+fn bf16_rounded(x: &[f32]) -> (Vec<bf16>, Vec<f32>) {
+    let rounded: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+    let back = rounded.iter().map(|v| v.to_f32()).collect();
+    (rounded, back)
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: bench/gpu/run.sh runs it with --include-ignored"]
+fn cudnn_convolutions_match_the_references_in_f32_and_bf16() {
+    let Some(stream) = stream() else { return };
+    let shapes = [
+        ConvShape { batch: 2, in_channels: 8, out_channels: 16, height: 9, width: 7, kernel: 3, stride: 1, padding: 1 },
+        ConvShape { batch: 3, in_channels: 16, out_channels: 8, height: 8, width: 8, kernel: 3, stride: 2, padding: 1 },
+        ConvShape {
+            batch: 2,
+            in_channels: 32,
+            out_channels: 16,
+            height: 5,
+            width: 6,
+            kernel: 1,
+            stride: 1,
+            padding: 0,
+        },
+    ];
+    for s in shapes {
+        let (x, w, dy) = (values(s.input_len(), 11), values(s.weight_len(), 12), values(s.output_len(), 13));
+        let up = |x: &[f32]| stream.clone_htod(x).unwrap();
+        // f32: FMA math, so the results agree with the f64-summed reference to rounding.
+        let (xd, wd, dyd) = (up(&x), up(&w), up(&dy));
+        let mut y = stream.alloc_zeros::<f32>(s.output_len()).unwrap();
+        conv2d_cuda(&stream, &xd.as_view(), &wd.as_view(), s, &mut y.as_view_mut()).unwrap();
+        let mut dx = stream.alloc_zeros::<f32>(s.input_len()).unwrap();
+        conv2d_backward_data_cuda(&stream, &dyd.as_view(), &wd.as_view(), s, &mut dx.as_view_mut()).unwrap();
+        let mut dw = stream.alloc_zeros::<f32>(s.weight_len()).unwrap();
+        conv2d_backward_filter_cuda(&stream, &xd.as_view(), &dyd.as_view(), s, &mut dw.as_view_mut()).unwrap();
+        let want = [
+            conv2d(&x, &w, s).unwrap(),
+            conv2d_backward_data(&dy, &w, s).unwrap(),
+            conv2d_backward_filter(&x, &dy, s).unwrap(),
+        ];
+        for (name, got, want) in [("y", &y, &want[0]), ("dx", &dx, &want[1]), ("dw", &dw, &want[2])] {
+            let got = stream.clone_dtoh(got).unwrap();
+            assert!(max_abs_diff(&got, want) < 1e-4, "f32 {s:?} {name}: {}", max_abs_diff(&got, want));
+        }
+        // bf16 inputs, f32 accumulation, bf16 outputs: within the output's rounding.
+        let ((xb, x16), (wb, w16), (dyb, dy16)) = (bf16_rounded(&x), bf16_rounded(&w), bf16_rounded(&dy));
+        let upb = |x: &[bf16]| stream.clone_htod(x).unwrap();
+        let (xd, wd, dyd) = (upb(&xb), upb(&wb), upb(&dyb));
+        let mut y = stream.alloc_zeros::<bf16>(s.output_len()).unwrap();
+        conv2d_cuda(&stream, &xd.as_view(), &wd.as_view(), s, &mut y.as_view_mut()).unwrap();
+        let mut dx = stream.alloc_zeros::<bf16>(s.input_len()).unwrap();
+        conv2d_backward_data_cuda(&stream, &dyd.as_view(), &wd.as_view(), s, &mut dx.as_view_mut()).unwrap();
+        let mut dw = stream.alloc_zeros::<bf16>(s.weight_len()).unwrap();
+        conv2d_backward_filter_cuda(&stream, &xd.as_view(), &dyd.as_view(), s, &mut dw.as_view_mut()).unwrap();
+        let want = [
+            conv2d(&x16, &w16, s).unwrap(),
+            conv2d_backward_data(&dy16, &w16, s).unwrap(),
+            conv2d_backward_filter(&x16, &dy16, s).unwrap(),
+        ];
+        for (name, got, want) in [("y", &y, &want[0]), ("dx", &dx, &want[1]), ("dw", &dw, &want[2])] {
+            let got: Vec<f32> = stream.clone_dtoh(got).unwrap().iter().map(|v| v.to_f32()).collect();
+            let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+            assert!(max_abs_diff(&got, want) < 1e-2 * scale, "bf16 {s:?} {name}: {}", max_abs_diff(&got, want));
+        }
+    }
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs a CUDA 13.0 build toolchain (nvcc, headers, cuBLAS, cuRAND, NVRTC, runtime) from PyPI
+# Installs a CUDA 13.0 build toolchain (nvcc, headers, cuBLAS, cuRAND, NVRTC, runtime, cuDNN 9) from PyPI
 # wheels into DIR, so `cargo build --features cuda` works on a machine with no GPU and no system
 # CUDA. Every CUDA wheel is pinned to 13.0: the nvcc wheel's unpinned dependencies (nvvm, crt,
 # runtime) otherwise pull a newer release whose PTX (ISA 9.5) the 13.0 ptxas, and driver 580,
@@ -15,7 +15,7 @@ print_env() {
   echo "export CUDA_COMPUTE_CAP=\${CUDA_COMPUTE_CAP:-90} CUDARC_CUDA_VERSION=13000"
   echo "export LIBRARY_PATH=$root/lib\${LIBRARY_PATH:+:\$LIBRARY_PATH}"
   # Lets CUDA-built test binaries start here (NVRTC compile tests; GPU tests skip themselves).
-  echo "export LD_LIBRARY_PATH=$root/lib:$root/cu13lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
+  echo "export LD_LIBRARY_PATH=$root/lib:$root/cu13lib:$root/cudnnlib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
 }
 if [[ ${2:-} == --env ]]; then
   [[ -x $root/bin/nvcc ]] || { echo "no toolchain in $dir: run $0 $dir first" >&2; exit 1; }
@@ -24,7 +24,7 @@ fi
 python3 -m venv "$dir/venv"
 "$dir/venv/bin/pip" install -q nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 \
   nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 "nvidia-cublas>=13.0,<13.1" nvidia-curand==10.4.0.35 \
-  nvidia-cuda-nvrtc==13.0.88 nvidia-nccl-cu13==2.30.7 >&2
+  nvidia-cuda-nvrtc==13.0.88 nvidia-nccl-cu13==2.30.7 nvidia-cudnn-cu13==9.13.0.50 >&2
 cu=$(ls -d "$dir"/venv/lib/python3*/site-packages/nvidia/cu13)
 mkdir -p "$root/lib"
 ln -sfn "$cu/bin" "$root/bin"; ln -sfn "$cu/include" "$root/include"; ln -sfn "$cu/nvvm" "$root/nvvm"; ln -sfn "$cu/lib" "$root/cu13lib"
@@ -35,6 +35,15 @@ done
 # NCCL (the `nccl` feature links it): its wheel keeps the library beside the CUDA ones.
 nccl=$(ls "$dir"/venv/lib/python3*/site-packages/nvidia/nccl/lib/libnccl.so.* 2>/dev/null | head -1 || true)
 if [[ -n $nccl ]]; then ln -sf "$nccl" "$root/lib/libnccl.so"; else echo "note: no libnccl in the nccl wheel" >&2; fi
+# cuDNN (the `cudnn` feature links libcudnn.so.9, which loads its engine libraries from its own
+# folder at run time). 9.13 is the oldest cuDNN for CUDA 13, so nothing linked here is missing
+# from the GPU machine's (PyTorch's) newer 9.x.
+cudnn=$(ls "$dir"/venv/lib/python3*/site-packages/nvidia/cudnn/lib/libcudnn.so.* 2>/dev/null | head -1 || true)
+if [[ -n $cudnn ]]; then
+  ln -sf "$cudnn" "$root/lib/libcudnn.so"; ln -sfn "$(dirname "$cudnn")" "$root/cudnnlib"
+else
+  echo "note: no libcudnn in the cudnn wheel" >&2
+fi
 # Linker stub for the driver API: every cu* entry point that cudarc declares, soname libcuda.so.1.
 command -v cargo >/dev/null && (cd "$(dirname "$0")/../.." && cargo fetch --locked >/dev/null 2>&1 || true)
 sys=$(ls -d ~/.cargo/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs 2>/dev/null | head -1 || true)

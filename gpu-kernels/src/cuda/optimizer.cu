@@ -11,7 +11,8 @@ __device__ __forceinline__ int tensor_of(const long* offsets, int tensors, long 
     return lo;
 }
 
-// torch.optim.AdamW's operation order, in f32: p *= 1 - lr wd; m = lerp(m, g, 1 - b1);
+// torch.optim.AdamW's operation order, in f32, on the gradient times `grad_scale` (the
+// clipping coefficient, as clip_grad_norm_ multiplies the gradients in place): p *= 1 - lr wd; m = lerp(m, g, 1 - b1);
 // v = v b2 + ((1 - b2) g) g; p += (-step_size m) / (sqrt(v) / bc2_sqrt + eps). Optionally
 // writes a bf16 working copy of each updated parameter.
 extern "C" __global__ void adamw_multi(const unsigned long long* params, const unsigned long long* grads,
@@ -19,7 +20,7 @@ extern "C" __global__ void adamw_multi(const unsigned long long* params, const u
                                        const unsigned long long* bf16_copies, const long* offsets, int tensors,
                                        long total, float decay_factor, float one_minus_beta1, float beta2,
                                        float one_minus_beta2, float neg_step_size, float bias_correction2_sqrt,
-                                       float eps) {
+                                       float eps, float grad_scale) {
     GRID_STRIDE(i, total) {
         int t = tensor_of(offsets, tensors, i);
         long j = i - offsets[t];
@@ -27,7 +28,7 @@ extern "C" __global__ void adamw_multi(const unsigned long long* params, const u
         const float* g = (const float*)grads[t];
         float* m = (float*)exp_avgs[t];
         float* v = (float*)exp_avg_sqs[t];
-        float grad = g[j];
+        float grad = g[j] * grad_scale;
         float param = p[j] * decay_factor;
         float mj = m[j];
         mj = mj + one_minus_beta1 * (grad - mj);
@@ -52,4 +53,26 @@ extern "C" __global__ void ema_multi(const unsigned long long* shadows, const un
         float sj = s[j];
         s[j] = sj - one_minus_decay * (sj - p[j]);
     }
+}
+
+// Sums of squares of chunks of f32 tensors, for the global gradient norm without a host round
+// trip per tensor: block c sums the squares of the chunk_lens[c] values at chunk_ptrs[c].
+// Blocks of 256 threads.
+extern "C" __global__ void sum_squares_chunks(const unsigned long long* chunk_ptrs, const int* chunk_lens,
+                                              float* sums) {
+    __shared__ float scratch[256];
+    const float* x = (const float*)chunk_ptrs[blockIdx.x];
+    int n = chunk_lens[blockIdx.x];
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = x[i];
+        s += v * v;
+    }
+    scratch[threadIdx.x] = s;
+    __syncthreads();
+    for (int k = blockDim.x / 2; k > 0; k >>= 1) {
+        if (threadIdx.x < k) scratch[threadIdx.x] += scratch[threadIdx.x + k];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) sums[blockIdx.x] = scratch[0];
 }

@@ -22,6 +22,8 @@ pub struct AdamWScalars {
     pub bias_correction2_sqrt: f32,
     /// `eps`.
     pub eps: f32,
+    /// What each gradient is multiplied by first (the clipping coefficient; 1 without).
+    pub grad_scale: f32,
 }
 
 impl AdamWScalars {
@@ -42,7 +44,20 @@ impl AdamWScalars {
             neg_step_size: (-(lr / (1.0 - beta1.powi(step)))) as f32,
             bias_correction2_sqrt: (1.0 - beta2.powi(step)).sqrt() as f32,
             eps: eps as f32,
+            grad_scale: 1.0,
         }
+    }
+
+    /// The same step on gradients scaled by `grad_scale` (gradient clipping folded into the
+    /// update instead of a pass over every gradient).
+    ///
+    /// ```
+    /// use latentflow_gpu_kernels::ops::adamw::AdamWScalars;
+    /// let s = AdamWScalars::new(1e-3, 0.9, 0.999, 1e-8, 0.01, 1).with_grad_scale(0.5);
+    /// assert_eq!(s.grad_scale, 0.5);
+    /// ```
+    pub fn with_grad_scale(self, grad_scale: f64) -> AdamWScalars {
+        AdamWScalars { grad_scale: grad_scale as f32, ..self }
     }
 }
 
@@ -74,7 +89,7 @@ pub fn adamw(
         });
     }
     for j in 0..n {
-        let g = grad[j];
+        let g = grad[j] * s.grad_scale;
         let p = param[j] * s.decay_factor;
         let m = exp_avg[j] + s.one_minus_beta1 * (g - exp_avg[j]);
         let v = exp_avg_sq[j] * s.beta2 + (s.one_minus_beta2 * g) * g;
@@ -135,7 +150,7 @@ pub unsafe fn adamw_multi_cuda(
     let mut launch = stream.launch_builder(&func);
     launch.arg(&params).arg(&grads).arg(&ms).arg(&vs).arg(&copies).arg(&starts).arg(&count).arg(&total_i64);
     launch.arg(&s.decay_factor).arg(&s.one_minus_beta1).arg(&s.beta2).arg(&s.one_minus_beta2);
-    launch.arg(&s.neg_step_size).arg(&s.bias_correction2_sqrt).arg(&s.eps);
+    launch.arg(&s.neg_step_size).arg(&s.bias_correction2_sqrt).arg(&s.eps).arg(&s.grad_scale);
     // SAFETY: arguments match `adamw_multi`; the caller guarantees the addresses (see above);
     // the pointer tables live until the launch is done (freed in stream order on drop).
     launched(unsafe { launch.launch(elementwise(total)) })

@@ -55,13 +55,24 @@ impl AttentionShape {
     }
 }
 
-/// The CUDA entry points for one head size, per element type.
+/// Head sizes that also get the tensor-core kernels for bf16 (`mma.sync` m16n8k16 on sm_80 and
+/// newer: multiples of 16, up to 128 so the accumulators stay in registers). SD2's 64 is one;
+/// SD1's 40 and 160 run the f32-accumulating CUDA-core kernels.
+pub const TENSOR_CORE_HEAD_DIMS: [usize; 5] = [16, 32, 64, 80, 128];
+
+const PASSES: [&str; 4] = ["forward", "backward_stats", "backward_query", "backward_key"];
+
+/// The CUDA entry points for one head size: the CUDA-core kernels per element type, then the
+/// tensor-core ones (bf16) where the head size has them.
 pub fn kernel_names(head_dim: usize) -> Vec<String> {
     let mut names = Vec::new();
     for ty in ["f32", "bf16"] {
-        for pass in ["forward", "backward_stats", "backward_query", "backward_key"] {
+        for pass in PASSES {
             names.push(format!("attention_{pass}_{ty}_d{head_dim}"));
         }
+    }
+    if TENSOR_CORE_HEAD_DIMS.contains(&head_dim) {
+        names.extend(PASSES.iter().map(|pass| format!("attention_tc_{pass}_d{head_dim}")));
     }
     names
 }
@@ -164,15 +175,46 @@ fn head_dim_supported(s: &AttentionShape) -> Result<(), KernelError> {
 }
 
 /// Threads per block and rows per block of the attention kernels (`ATT_ROWS`).
+/// Rows (queries or keys) per block of every attention kernel.
 #[cfg(feature = "cuda")]
 const ROWS_PER_BLOCK: usize = 64;
 
+/// Which kernels run: the CUDA-core ones (one thread per row, `attention_<pass>_<T>_d<D>`) or
+/// the tensor-core ones (a warp per 16 rows, `attention_tc_<pass>_d<D>`).
 #[cfg(feature = "cuda")]
-fn rows_config(rows: usize, s: &AttentionShape) -> cudarc::driver::LaunchConfig {
-    cudarc::driver::LaunchConfig {
-        grid_dim: (rows.div_ceil(ROWS_PER_BLOCK).max(1) as u32, (s.batch * s.heads) as u32, 1),
-        block_dim: (ROWS_PER_BLOCK as u32, 1, 1),
-        shared_mem_bytes: 0,
+#[derive(Clone, Copy)]
+struct Kernels {
+    tensor_cores: bool,
+    threads: u32,
+}
+
+#[cfg(feature = "cuda")]
+impl Kernels {
+    /// Tensor cores for bf16 at the head sizes that have them, on sm_80 and newer.
+    fn pick<T: crate::Element>(
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        s: &AttentionShape,
+    ) -> Result<Kernels, KernelError> {
+        let tensor_cores = T::NAME == "bf16"
+            && TENSOR_CORE_HEAD_DIMS.contains(&s.head_dim)
+            && stream.context().compute_capability().map_err(KernelError::driver)?.0 >= 8;
+        Ok(Kernels { tensor_cores, threads: if tensor_cores { 128 } else { ROWS_PER_BLOCK as u32 } })
+    }
+
+    fn name<T: crate::Element>(&self, pass: &str, s: &AttentionShape) -> String {
+        if self.tensor_cores {
+            format!("attention_tc_{pass}_d{}", s.head_dim)
+        } else {
+            format!("attention_{pass}_{}_d{}", T::NAME, s.head_dim)
+        }
+    }
+
+    fn config(&self, rows: usize, s: &AttentionShape) -> cudarc::driver::LaunchConfig {
+        cudarc::driver::LaunchConfig {
+            grid_dim: (rows.div_ceil(ROWS_PER_BLOCK).max(1) as u32, (s.batch * s.heads) as u32, 1),
+            block_dim: (self.threads, 1, 1),
+            shared_mem_bytes: 0,
+        }
     }
 }
 
@@ -195,17 +237,15 @@ pub fn attention_forward_cuda<T: crate::Element + cudarc::driver::DeviceRepr>(
     if q.is_empty() || s.nk == 0 {
         return Ok(());
     }
-    let func = function(
-        stream,
-        Kernel::Attention { head_dim: s.head_dim },
-        &format!("attention_forward_{}_d{}", T::NAME, s.head_dim),
-    )?;
+    let kernels = Kernels::pick::<T>(stream, &s)?;
+    let func = function(stream, Kernel::Attention { head_dim: s.head_dim }, &kernels.name::<T>("forward", &s))?;
     let (nq, nk, heads, scale) = (s.nq as i32, s.nk as i32, s.heads as i32, s.scale());
     let mut launch = stream.launch_builder(&func);
     launch.arg(q).arg(k).arg(v).arg(o).arg(&nq).arg(&nk).arg(&heads).arg(&scale);
-    // SAFETY: arguments match `attention_forward_<T>_d<D>`; every buffer's size is checked.
+    // SAFETY: arguments match `attention_forward_<T>_d<D>` and `attention_tc_forward_d<D>`
+    // (bf16 only); every buffer's size is checked.
     #[allow(unsafe_code)]
-    launched(unsafe { launch.launch(rows_config(s.nq, &s)) })
+    launched(unsafe { launch.launch(kernels.config(s.nq, &s)) })
 }
 
 /// The CUDA backward kernels: [`attention_backward`] on device buffers, into `dq`, `dk`, `dv`
@@ -235,7 +275,8 @@ pub fn attention_backward_cuda<T: crate::Element + cudarc::driver::DeviceRepr>(
     if q.is_empty() || s.nk == 0 {
         return Ok(());
     }
-    let name = |pass: &str| format!("attention_{pass}_{}_d{}", T::NAME, s.head_dim);
+    let kernels = Kernels::pick::<T>(stream, &s)?;
+    let name = |pass: &str| kernels.name::<T>(pass, &s);
     let rows = s.batch * s.heads * s.nq;
     let mut lse = stream.alloc_zeros::<f32>(rows).map_err(crate::KernelError::driver)?;
     let mut delta = stream.alloc_zeros::<f32>(rows).map_err(crate::KernelError::driver)?;
@@ -246,14 +287,14 @@ pub fn attention_backward_cuda<T: crate::Element + cudarc::driver::DeviceRepr>(
     launch.arg(q).arg(k).arg(o).arg(go).arg(&mut lse).arg(&mut delta).arg(&nq).arg(&nk).arg(&heads).arg(&scale);
     // SAFETY: arguments match `attention_backward_stats_*`; lse and delta hold B*H*Nq values.
     #[allow(unsafe_code)]
-    launched(unsafe { launch.launch(rows_config(s.nq, &s)) })?;
+    launched(unsafe { launch.launch(kernels.config(s.nq, &s)) })?;
 
     let query = function(stream, Kernel::Attention { head_dim: s.head_dim }, &name("backward_query"))?;
     let mut launch = stream.launch_builder(&query);
     launch.arg(q).arg(k).arg(v).arg(go).arg(&lse).arg(&delta).arg(dq).arg(&nq).arg(&nk).arg(&heads).arg(&scale);
     // SAFETY: arguments match `attention_backward_query_*`; sizes checked above.
     #[allow(unsafe_code)]
-    launched(unsafe { launch.launch(rows_config(s.nq, &s)) })?;
+    launched(unsafe { launch.launch(kernels.config(s.nq, &s)) })?;
 
     let key = function(stream, Kernel::Attention { head_dim: s.head_dim }, &name("backward_key"))?;
     let mut launch = stream.launch_builder(&key);
@@ -261,7 +302,7 @@ pub fn attention_backward_cuda<T: crate::Element + cudarc::driver::DeviceRepr>(
     launch.arg(&nq).arg(&nk).arg(&heads).arg(&scale);
     // SAFETY: arguments match `attention_backward_key_*`; sizes checked above.
     #[allow(unsafe_code)]
-    launched(unsafe { launch.launch(rows_config(s.nk, &s)) })
+    launched(unsafe { launch.launch(kernels.config(s.nk, &s)) })
 }
 
 #[cfg(test)]
@@ -304,6 +345,8 @@ mod tests {
     fn names_cover_every_head_size_and_type() {
         let names = kernel_names(160);
         assert_eq!(names.len(), 2 * 4);
+        assert_eq!(kernel_names(64).len(), 3 * 4);
+        assert!(kernel_names(64).contains(&"attention_tc_backward_key_d64".to_string()));
         assert!(names.contains(&"attention_backward_key_bf16_d160".to_string()));
         let wrong = attention_forward(
             &[0.0; 3],

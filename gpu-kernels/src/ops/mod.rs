@@ -2,7 +2,9 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod conv;
 pub mod ema;
-pub mod group_norm_silu;
+pub mod grad_norm;
+pub mod group_norm;
 pub mod noising;
 pub mod normalize;

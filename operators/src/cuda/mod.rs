@@ -4,7 +4,9 @@
 //! it is ordered with candle's kernels.
 
 pub mod attention;
+pub mod conv;
 pub mod elementwise;
+pub mod group_norm;
 pub mod optimizer;
 
 use std::sync::Arc;
@@ -22,6 +24,16 @@ pub(crate) trait KernelElement:
 
 impl KernelElement for f32 {}
 impl KernelElement for half::bf16 {}
+
+/// A tensor from a fresh device buffer.
+pub(crate) fn wrap<T: candle_core::cuda_backend::CudaDType>(
+    slice: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+    device: &candle_core::CudaDevice,
+    shape: &[usize],
+) -> Tensor {
+    let storage = candle_core::CudaStorage::wrap_cuda_slice(slice, device.clone());
+    Tensor::from_storage(Storage::Cuda(storage), shape, candle_core::op::BackpropOp::none(), false)
+}
 
 /// A kernel or driver error as a candle error.
 pub(crate) fn kernel_error(e: impl std::error::Error + Send + Sync + 'static) -> candle_core::Error {

@@ -1,7 +1,9 @@
-//! AdamW and EMA over every parameter in one launch each, on candle's CUDA tensors in place.
+//! AdamW, EMA and the gradients' sums of squares over every parameter in one launch each, on
+//! candle's CUDA tensors (AdamW and EMA in place).
 
 use latentflow_gpu_kernels::ops::adamw::{adamw_multi_cuda, AdamWScalars, AdamWTensor};
 use latentflow_gpu_kernels::ops::ema::{ema_multi_cuda, EmaTensor};
+use latentflow_gpu_kernels::ops::grad_norm::sums_of_squares_cuda;
 
 use super::{f32_address, kernel_error};
 use candle_core::{Storage, Tensor};
@@ -54,4 +56,15 @@ pub fn ema_step(tensors: &[(&Tensor, &Tensor)], one_minus_decay: f32) -> candle_
     // SAFETY: as in `adamw_step`.
     #[allow(unsafe_code)]
     unsafe { ema_multi_cuda(&stream, &group, one_minus_decay) }.map_err(kernel_error)
+}
+
+/// The sum of squares of each contiguous f32 CUDA tensor, from one launch and one copy back.
+pub fn sums_of_squares(tensors: &[&Tensor]) -> candle_core::Result<Vec<f64>> {
+    let Some(first) = tensors.first() else { return Ok(Vec::new()) };
+    let stream = stream(first)?;
+    let addresses = tensors.iter().map(|t| f32_address(t)).collect::<candle_core::Result<Vec<_>>>()?;
+    // SAFETY: each address is the contiguous f32 storage of a tensor borrowed by `tensors`,
+    // which outlives this call (it waits for the sums).
+    #[allow(unsafe_code)]
+    unsafe { sums_of_squares_cuda(&stream, &addresses) }.map_err(kernel_error)
 }

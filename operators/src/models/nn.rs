@@ -83,7 +83,8 @@ impl Conv2d {
         Ok(Conv2d { weight, bias, padding, stride })
     }
 
-    /// Applies the convolution to `x` [B, C, H, W].
+    /// Applies the convolution to `x` [B, C, H, W]: through cuDNN on GPUs (forward and
+    /// backward), on the CPU as patches times weights when training or when the patches are small.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let weight = cast(&self.weight, x)?;
         // Patches cost k*k times the input's memory; candle's conv2d is leaner (and its forward
@@ -91,9 +92,9 @@ impl Conv2d {
         let k = weight.dim(2)?;
         let patch_bytes = x.elem_count() * k * k * 4;
         let training = x.track_op() || weight.track_op();
-        // On GPUs too when training: candle's CUDA conv2d backward is a naive transposed
-        // convolution kernel, while the matmul form's backward runs on cuBLAS.
-        let y = if training || (x.device().is_cpu() && patch_bytes <= 256 << 20) {
+        let y = if let Some(y) = cudnn_conv2d(x, &weight, self.stride, self.padding)? {
+            y
+        } else if training || (x.device().is_cpu() && patch_bytes <= 256 << 20) {
             conv2d_by_matmul(x, &weight, self.stride, self.padding)?
         } else {
             x.conv2d(&weight, self.padding, self.stride, 1, 1)?
@@ -103,6 +104,21 @@ impl Conv2d {
             None => y,
         })
     }
+}
+
+/// The convolution through cuDNN when `x` is on a GPU in f32 or bf16 (`None` otherwise).
+#[cfg(feature = "cuda")]
+fn cudnn_conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Option<Tensor>> {
+    if !crate::cuda::conv::supported(x, weight) {
+        return Ok(None);
+    }
+    Ok(Some(crate::cuda::conv::conv2d(x, weight, stride, padding)?))
+}
+
+/// Without the `cuda` feature there is no cuDNN.
+#[cfg(not(feature = "cuda"))]
+fn cudnn_conv2d(_: &Tensor, _: &Tensor, _: usize, _: usize) -> Result<Option<Tensor>> {
+    Ok(None)
 }
 
 /// A convolution as patches times weights, from ops whose backward passes are matrix products
@@ -146,26 +162,34 @@ impl GroupNorm {
         })
     }
 
-    /// `silu(self.forward(x))`: one fused op with its own backward pass for f32 on the CPU
-    /// ([`fused_norm`]), one fused kernel on GPUs when no gradient is needed (encoding,
-    /// sampling), candle ops otherwise.
+    /// `silu(self.forward(x))`: one fused op with its own backward pass, for f32 on the CPU
+    /// ([`fused_norm`]) and for f32 and bf16 on GPUs (one kernel each way); candle ops otherwise.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if x.device().is_cuda() && !x.track_op() && !self.weight.track_op() {
-            return Ok(crate::cuda::elementwise::group_norm_silu(x, &self.weight, &self.bias, self.groups, self.eps)?);
-        }
-        if fused_norm::supported(x, &self.weight, &self.bias) {
-            return Ok(fused_norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, true)?);
+        if let Some(y) = self.fused(x, true)? {
+            return Ok(y);
         }
         silu(&self.composed(x)?)
     }
 
-    /// Normalises `x` (one fused op for f32 on the CPU).
+    /// Normalises `x` (one fused op for f32 on the CPU and on GPUs).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if fused_norm::supported(x, &self.weight, &self.bias) {
-            return Ok(fused_norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false)?);
+        if let Some(y) = self.fused(x, false)? {
+            return Ok(y);
         }
         self.composed(x)
+    }
+
+    /// The fused op for `x`'s device and dtype, if there is one.
+    fn fused(&self, x: &Tensor, silu: bool) -> Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if crate::cuda::group_norm::supported(x) {
+            let y = crate::cuda::group_norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, silu)?;
+            return Ok(Some(y));
+        }
+        if fused_norm::supported(x, &self.weight, &self.bias) {
+            return Ok(Some(fused_norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, silu)?));
+        }
+        Ok(None)
     }
 
     /// [`GroupNorm::forward`] from candle ops.

@@ -67,10 +67,22 @@ impl AdamW {
     /// One step at learning rate `lr` for every parameter that has a gradient; parameters
     /// without one are left alone (PyTorch skips `p.grad is None`).
     pub fn step(&mut self, params: &BTreeMap<String, Var>, grads: &HashMap<String, Tensor>, lr: f64) -> Result<()> {
+        self.step_with_grad_scale(params, grads, lr, 1.0)
+    }
+
+    /// [`AdamW::step`] on the gradients times `grad_scale` (the clipping coefficient: below 1
+    /// scales them as `clip_grad_norm_` does, 1 leaves them as they are).
+    pub fn step_with_grad_scale(
+        &mut self,
+        params: &BTreeMap<String, Var>,
+        grads: &HashMap<String, Tensor>,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
         self.step += 1;
         #[cfg(feature = "cuda")]
         if params.values().all(|v| v.device().is_cuda() && v.dtype() == candle_core::DType::F32) {
-            return self.step_cuda(params, grads, lr);
+            return self.step_cuda(params, grads, lr, grad_scale);
         }
         let c = self.config;
         // Python computes these scalars in f64; each is rounded to f32 where it meets a tensor.
@@ -84,7 +96,10 @@ impl AdamW {
                 Some(state) => state.clone(),
                 None => (p.zeros_like()?, p.zeros_like()?),
             };
-            let grad = grad.detach().to_dtype(p.dtype())?;
+            let mut grad = grad.detach().to_dtype(p.dtype())?;
+            if grad_scale < 1.0 {
+                grad = grad.affine(grad_scale, 0.0)?;
+            }
             let decayed = p.affine(1.0 - lr * c.weight_decay, 0.0)?;
             // lerp(m, g, w) = m + w * (g - m) for w < 0.5.
             let m = (&m + (&grad - &m)?.affine(1.0 - c.beta1, 0.0)?)?;
@@ -102,10 +117,17 @@ impl AdamW {
     /// [`AdamW::step`] on a GPU: every parameter in one multi-tensor kernel launch, in place,
     /// with the same f32 operations (`latentflow_gpu_kernels::ops::adamw`).
     #[cfg(feature = "cuda")]
-    fn step_cuda(&mut self, params: &BTreeMap<String, Var>, grads: &HashMap<String, Tensor>, lr: f64) -> Result<()> {
+    fn step_cuda(
+        &mut self,
+        params: &BTreeMap<String, Var>,
+        grads: &HashMap<String, Tensor>,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
         use latentflow_gpu_kernels::ops::adamw::AdamWScalars;
         let c = self.config;
-        let scalars = AdamWScalars::new(lr, c.beta1, c.beta2, c.eps, c.weight_decay, self.step);
+        let scalars =
+            AdamWScalars::new(lr, c.beta1, c.beta2, c.eps, c.weight_decay, self.step).with_grad_scale(grad_scale);
         let mut work = Vec::new();
         for (name, var) in params {
             let Some(grad) = grads.get(name) else { continue };

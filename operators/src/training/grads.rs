@@ -30,10 +30,18 @@ pub fn accumulate(sum: &mut Grads, more: Grads) -> Result<()> {
     Ok(())
 }
 
-/// The 2-norm of the per-tensor 2-norms, in f32 per tensor like PyTorch and summed in f64.
+/// The 2-norm of the per-tensor 2-norms, in f32 per tensor like PyTorch and summed in f64. On a
+/// GPU the sums of squares come from one multi-tensor launch and one read back, instead of a
+/// reduction and a host read per tensor.
 pub fn global_norm(grads: &Grads) -> Result<f64> {
     let mut names: Vec<&String> = grads.keys().collect();
     names.sort();
+    #[cfg(feature = "cuda")]
+    if names.iter().all(|n| grads[*n].device().is_cuda() && grads[*n].dtype() == DType::F32) {
+        let tensors = names.iter().map(|n| grads[*n].contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
+        let sums = crate::cuda::optimizer::sums_of_squares(&tensors.iter().collect::<Vec<_>>())?;
+        return Ok(sums.iter().map(|&s| f64::from((s as f32).sqrt()).powi(2)).sum::<f64>().sqrt());
+    }
     let mut sum = 0f64;
     for name in names {
         let norm = grads[name].to_dtype(DType::F32)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
@@ -42,11 +50,24 @@ pub fn global_norm(grads: &Grads) -> Result<f64> {
     Ok(sum.sqrt())
 }
 
-/// Scales every gradient by `max_norm / (norm + 1e-6)` when that is below 1, like
-/// `clip_grad_norm_`; returns the norm before clipping.
+/// What `clip_grad_norm_` multiplies the gradients by for a global norm `norm`: `max_norm /
+/// (norm + 1e-6)` when that is below 1, else 1.
+///
+/// ```
+/// use latentflow_operators::training::grads::clip_coefficient;
+/// assert_eq!(clip_coefficient(0.5, 1.0), 1.0);
+/// assert!((clip_coefficient(4.0, 1.0) - 0.25).abs() < 1e-6);
+/// ```
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
+    (max_norm / (norm + 1e-6)).min(1.0)
+}
+
+/// Scales every gradient by [`clip_coefficient`] when it is below 1, like `clip_grad_norm_`;
+/// returns the norm before clipping. (The trainer folds the coefficient into the optimizer
+/// step instead.)
 pub fn clip(grads: &mut Grads, max_norm: f64) -> Result<f64> {
     let norm = global_norm(grads)?;
-    let coefficient = max_norm / (norm + 1e-6);
+    let coefficient = clip_coefficient(norm, max_norm);
     if coefficient < 1.0 {
         for g in grads.values_mut() {
             *g = g.affine(coefficient, 0.0)?;

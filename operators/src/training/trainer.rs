@@ -572,13 +572,12 @@ impl Trainer {
 
     fn apply(&mut self) -> Result<StepReport> {
         let started = Instant::now();
-        let mut pending = std::mem::take(&mut self.pending);
-        let grad_norm = match self.options.max_grad_norm {
-            Some(max) => grads::clip(&mut pending.grads, max)?,
-            None => grads::global_norm(&pending.grads)?,
-        };
+        let pending = std::mem::take(&mut self.pending);
+        let grad_norm = grads::global_norm(&pending.grads)?;
+        // Clipping is folded into the optimizer step: one pass over the gradients, not two.
+        let grad_scale = self.options.max_grad_norm.map_or(1.0, |max| grads::clip_coefficient(grad_norm, max));
         let lr = self.options.lr_schedule().at(self.optimizer.steps());
-        self.optimizer.step(&self.params, &pending.grads, lr)?;
+        self.optimizer.step_with_grad_scale(&self.params, &pending.grads, lr, grad_scale)?;
         let step = self.optimizer.steps();
         if let Some(ema) = &mut self.ema {
             ema.update(&self.params, step)?;
