@@ -19,6 +19,8 @@ pub enum Kernel {
     },
     /// `cuda/group_norm.cu`: GroupNorm (optionally then SiLU), forward and backward.
     GroupNorm,
+    /// `cuda/layer_norm.cu`: LayerNorm over the last dimension, forward and backward.
+    LayerNorm,
 }
 
 use crate::ops::attention::{HEAD_DIMS, TENSOR_CORE_HEAD_DIMS};
@@ -28,7 +30,7 @@ const COMMON: &str = include_str!("cuda/common.cuh");
 impl Kernel {
     /// Every program, attention once per supported head size: for compile tests and warm-up.
     pub fn all() -> Vec<Kernel> {
-        let mut all = vec![Kernel::Normalize, Kernel::Noising, Kernel::Optimizer, Kernel::GroupNorm];
+        let mut all = vec![Kernel::Normalize, Kernel::Noising, Kernel::Optimizer, Kernel::GroupNorm, Kernel::LayerNorm];
         all.extend(HEAD_DIMS.iter().map(|&head_dim| Kernel::Attention { head_dim }));
         all
     }
@@ -41,6 +43,7 @@ impl Kernel {
             Kernel::Optimizer => "optimizer.cu",
             Kernel::Attention { .. } => "attention.cu",
             Kernel::GroupNorm => "group_norm.cu",
+            Kernel::LayerNorm => "layer_norm.cu",
         }
     }
 
@@ -51,6 +54,7 @@ impl Kernel {
             Kernel::Optimizer => include_str!("cuda/optimizer.cu"),
             Kernel::Attention { .. } => include_str!("cuda/attention.cu"),
             Kernel::GroupNorm => include_str!("cuda/group_norm.cu"),
+            Kernel::LayerNorm => include_str!("cuda/layer_norm.cu"),
         }
     }
 

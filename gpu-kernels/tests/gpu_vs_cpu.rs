@@ -20,6 +20,9 @@ use latentflow_gpu_kernels::ops::ema::{ema, ema_multi_cuda, EmaTensor};
 use latentflow_gpu_kernels::ops::group_norm::{
     group_norm, group_norm_backward, group_norm_backward_cuda, group_norm_cuda, GroupNormShape,
 };
+use latentflow_gpu_kernels::ops::layer_norm::{
+    layer_norm, layer_norm_backward, layer_norm_backward_cuda, layer_norm_cuda, LayerNormShape,
+};
 use latentflow_gpu_kernels::ops::noising::{noise_and_target, noise_and_target_cuda};
 use latentflow_gpu_kernels::ops::normalize::{normalize_u8_chw, normalize_u8_chw_cuda};
 
@@ -340,6 +343,57 @@ fn cudnn_convolutions_match_the_references_in_f32_and_bf16() {
             let got: Vec<f32> = stream.clone_dtoh(got).unwrap().iter().map(|v| v.to_f32()).collect();
             let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
             assert!(max_abs_diff(&got, want) < 1e-2 * scale, "bf16 {s:?} {name}: {}", max_abs_diff(&got, want));
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: bench/gpu/run.sh runs it with --include-ignored"]
+fn layer_norm_forward_and_backward_match_the_references() {
+    let Some(stream) = stream() else { return };
+    for shape in [LayerNormShape { rows: 300, width: 320 }, LayerNormShape { rows: 77, width: 1024 }] {
+        let n = shape.rows * shape.width;
+        let x: Vec<f32> = values(n, 21).iter().map(|v| v * 2.0 + 0.3).collect();
+        let dy = values(n, 22);
+        let (gamma, beta) = (values(shape.width, 23), values(shape.width, 24));
+        let up = |x: &[f32]| stream.clone_htod(x).unwrap();
+        let (xd, dyd, gd, bd) = (up(&x), up(&dy), up(&gamma), up(&beta));
+        let mut y = stream.alloc_zeros::<f32>(n).unwrap();
+        layer_norm_cuda(&stream, &xd.as_view(), &gd.as_view(), &bd.as_view(), shape, 1e-5, &mut y.as_view_mut())
+            .unwrap();
+        let want = layer_norm(&x, &gamma, &beta, shape, 1e-5).unwrap();
+        let got = stream.clone_dtoh(&y).unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-5, "{shape:?} y: {}", max_abs_diff(&got, &want));
+        let blocks = shape.backward_blocks();
+        let mut dx = stream.alloc_zeros::<f32>(n).unwrap();
+        let mut dgamma = stream.alloc_zeros::<f32>(blocks * shape.width).unwrap();
+        let mut dbeta = stream.alloc_zeros::<f32>(blocks * shape.width).unwrap();
+        layer_norm_backward_cuda(
+            &stream,
+            &xd.as_view(),
+            &dyd.as_view(),
+            &gd.as_view(),
+            shape,
+            1e-5,
+            &mut dx.as_view_mut(),
+            &mut dgamma.as_view_mut(),
+            &mut dbeta.as_view_mut(),
+        )
+        .unwrap();
+        let (want_dx, want_dgamma, want_dbeta) = layer_norm_backward(&x, &dy, &gamma, shape, 1e-5).unwrap();
+        let summed = |partial: Vec<f32>| -> Vec<f32> {
+            (0..shape.width).map(|c| (0..blocks).map(|b| partial[b * shape.width + c]).sum()).collect()
+        };
+        let got = [
+            stream.clone_dtoh(&dx).unwrap(),
+            summed(stream.clone_dtoh(&dgamma).unwrap()),
+            summed(stream.clone_dtoh(&dbeta).unwrap()),
+        ];
+        for (name, got, want) in
+            [("dx", &got[0], &want_dx), ("dgamma", &got[1], &want_dgamma), ("dbeta", &got[2], &want_dbeta)]
+        {
+            let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+            assert!(max_abs_diff(got, want) < 1e-4 * scale, "{shape:?} {name}: {}", max_abs_diff(got, want));
         }
     }
 }

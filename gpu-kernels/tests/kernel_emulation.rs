@@ -3,7 +3,7 @@
 //! meeting at barriers, warp shuffles through slots) and compare the results with
 //! double-precision references. `attention_tc.cpp` runs the tensor-core attention kernels
 //! (`attention_tc_*`) with `mma.sync` emulated warp-wide from the PTX fragment layouts;
-//! `group_norm.cpp` runs GroupNorm(+SiLU) forward and backward. This catches indexing, masking
+//! `group_norm.cpp` and `layer_norm.cpp` run the norms forward and backward. This catches indexing, masking
 //! and reduction mistakes here; `gpu_vs_cpu.rs` checks the real instructions on a GPU.
 
 use std::path::Path;
@@ -39,4 +39,9 @@ fn tensor_core_attention_kernels_match_the_reference_under_emulation() {
 #[test]
 fn group_norm_kernels_match_the_reference_under_emulation() {
     assert!(run_emulation("group_norm").contains("all cases within tolerance"));
+}
+
+#[test]
+fn layer_norm_kernels_match_the_reference_under_emulation() {
+    assert!(run_emulation("layer_norm").contains("all cases within tolerance"));
 }

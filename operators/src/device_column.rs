@@ -21,6 +21,19 @@ impl CandleValues {
     }
 }
 
+impl Drop for CandleValues {
+    /// Makes the values' CUDA context current on the dropping thread first: cudarc frees device
+    /// memory without binding its context, and a sink or engine thread that never ran a CUDA op
+    /// has none current, so the free would fail there and poison the context's next call from
+    /// any thread (`CUDA_ERROR_INVALID_CONTEXT` in the encoder that made the values).
+    fn drop(&mut self) {
+        #[cfg(feature = "cuda")]
+        if let Err(e) = crate::cuda::bind_to_thread(self.0.device()) {
+            tracing::warn!("freeing device values on {:?} without their CUDA context: {e}", self.0.device().location());
+        }
+    }
+}
+
 impl DeviceTensor for CandleValues {
     fn device(&self) -> String {
         match self.0.device().location() {
@@ -35,6 +48,8 @@ impl DeviceTensor for CandleValues {
     }
 
     fn to_host(&self) -> Result<Vec<f32>, String> {
+        #[cfg(feature = "cuda")]
+        crate::cuda::bind_to_thread(self.0.device()).map_err(|e| e.to_string())?;
         self.0.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| e.to_string())
     }
 

@@ -48,8 +48,8 @@ pub unsafe fn sums_of_squares_cuda(
     tensors: &[(u64, usize)],
 ) -> Result<Vec<f64>, crate::KernelError> {
     use crate::kernel::{function, launched};
-    use crate::KernelError;
     use crate::source::Kernel;
+    use crate::KernelError;
     use cudarc::driver::{LaunchConfig, PushKernelArg};
     let lens: Vec<usize> = tensors.iter().map(|t| t.1).collect();
     let chunks = chunks(&lens);

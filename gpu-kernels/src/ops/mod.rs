@@ -6,5 +6,6 @@ pub mod conv;
 pub mod ema;
 pub mod grad_norm;
 pub mod group_norm;
+pub mod layer_norm;
 pub mod noising;
 pub mod normalize;

@@ -6,7 +6,7 @@
 pub mod attention;
 pub mod conv;
 pub mod elementwise;
-pub mod group_norm;
+pub mod norms;
 pub mod optimizer;
 
 use std::sync::Arc;
@@ -33,6 +33,16 @@ pub(crate) fn wrap<T: candle_core::cuda_backend::CudaDType>(
 ) -> Tensor {
     let storage = candle_core::CudaStorage::wrap_cuda_slice(slice, device.clone());
     Tensor::from_storage(Storage::Cuda(storage), shape, candle_core::op::BackpropOp::none(), false)
+}
+
+/// Makes `device`'s CUDA context current on this thread (nothing for other devices). cudarc binds
+/// it for most calls but not when it frees memory, so threads that only drop or copy device
+/// tensors made elsewhere (sinks, engine workers) call this first.
+pub fn bind_to_thread(device: &candle_core::Device) -> candle_core::Result<()> {
+    if let candle_core::Device::Cuda(cuda) = device {
+        cuda.cuda_stream().context().bind_to_thread().map_err(kernel_error)?;
+    }
+    Ok(())
 }
 
 /// A kernel or driver error as a candle error.

@@ -182,8 +182,8 @@ impl GroupNorm {
     /// The fused op for `x`'s device and dtype, if there is one.
     fn fused(&self, x: &Tensor, silu: bool) -> Result<Option<Tensor>> {
         #[cfg(feature = "cuda")]
-        if crate::cuda::group_norm::supported(x) {
-            let y = crate::cuda::group_norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, silu)?;
+        if crate::cuda::norms::supported(x, false) {
+            let y = crate::cuda::norms::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, silu)?;
             return Ok(Some(y));
         }
         if fused_norm::supported(x, &self.weight, &self.bias) {
@@ -212,8 +212,13 @@ impl LayerNorm {
         Ok(LayerNorm { weight: s.get("weight", &[dim], Init::Ones)?, bias: s.get("bias", &[dim], Init::Zeros)?, eps })
     }
 
-    /// Normalises `x`: one fused op for f32 on the CPU ([`fused_norm`]), candle ops otherwise.
+    /// Normalises `x`: one fused op with its own backward pass for f32 on the CPU
+    /// ([`fused_norm`]) and for f32 and bf16 on GPUs (one kernel each way); candle ops otherwise.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if crate::cuda::norms::supported(x, true) {
+            return Ok(crate::cuda::norms::layer_norm(x, &self.weight, &self.bias, self.eps)?);
+        }
         if fused_norm::supported(x, &self.weight, &self.bias) {
             return Ok(fused_norm::layer_norm(x, &self.weight, &self.bias, self.eps)?);
         }
