@@ -10,7 +10,7 @@ dest=bench/gpu/bin
 mkdir -p "$dest"
 cargo build --release --features cuda -p latentflow-pipelines -p latentflow-bench --bins
 rm -f "$dest"/*
-cp target/release/latentflow target/release/gpu_train_step target/release/gpu_components "$dest/"
+cp target/release/latentflow target/release/gpu_train_step target/release/gpu_components target/release/gpu_encoders "$dest/"
 # Test binaries: cargo prints their paths as JSON; keep the ones run.sh runs, without the hash.
 cargo test --release --features cuda -p latentflow-gpu-kernels -p latentflow-tests --no-run --message-format=json \
   | python3 -c '

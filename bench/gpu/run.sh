@@ -14,7 +14,8 @@
 #    goldens, one training step against PyTorch's); 3. the SD2-base UNet training step at 256 px
 #    (bf16) at batch 8, 32, 64 and 128 in latentflow, then in PyTorch + diffusers on the same GPU,
 #    and the step's pieces timed alone on both sides (gpu_components, pytorch_components.py);
-#    4. the online topology with real-size encoders on one GPU. Writes OUT/summary.md and the raw
+#    4. the encoders alone next to PyTorch's (gpu_encoders, pytorch_encoders.py) and the one-GPU
+#    encoder topologies with 1 and 2 workers; 5. the online topology with real-size encoders on one GPU. Writes OUT/summary.md and the raw
 #    outputs beside it; exits non-zero if any part failed (every part runs regardless).
 set -uo pipefail
 dry_run=0
@@ -84,6 +85,23 @@ if ((dry_run)); then
     --step-config "$root/bench/gpu/dry-run-unet.json" 2>&1 | tee "$out/pytorch_components_cpu.txt"
   grep -q '"error"' "$out/pytorch_components_cpu.txt" && status=1
   grep -q '"optimizer step' "$out/pytorch_components_cpu.txt" || status=1
+  note "pytorch_encoders.py on the CPU with $python (tiny configs, one pass of each)"
+  "$python" "$root/bench/gpu/pytorch_encoders.py" --config-dir "$root/bench/gpu/dry-run-encoders" --device cpu \
+    --vae-batch 1 --text-batch 2 --iters 1 2>&1 | tee "$out/pytorch_encoders_cpu.txt"
+  grep -q '"error"' "$out/pytorch_encoders_cpu.txt" && status=1
+  [[ $(grep -c '"per_s"' "$out/pytorch_encoders_cpu.txt") == 4 ]] || status=1
+  note "the topologies run.sh runs, validated (devices as cpu: this machine has no GPU)"
+  for topology in online-sd2-base-1gpu text-encode-1gpu vae-encode-1gpu; do
+    for workers in 1 2; do
+      [[ $topology == online-sd2-base-1gpu && $workers == 1 ]] && continue
+      if [[ -x $bin/latentflow ]]; then
+        "$bin/latentflow" validate "$root/bench/gpu/$topology.toml" --workers "$workers" \
+          --set 'job.devices=["cpu","cpu"]' >"$out/validate-$topology-w$workers.txt" 2>&1 \
+          && echo "$topology --workers $workers: valid" | tee -a "$out/log.txt" \
+          || { echo "$topology --workers $workers: INVALID (validate-$topology-w$workers.txt)" | tee -a "$out/log.txt"; status=1; }
+      fi
+    done
+  done
   note "what the binaries link (cudarc opens the CUDA libraries at run time)"
   found=0
   for f in "$bin"/*; do
@@ -124,9 +142,9 @@ if [[ -x $bin/nccl ]]; then
   step nccl 60 "$bin/nccl" --include-ignored --nocapture
   step nccl_training_step 60 "$bin/nccl_step" --include-ignored --nocapture
 fi
-step latentflow_step 180 "$bin/gpu_train_step" --batches 8,32,64,128 --steps 6 --warmup 2 --config-out "$out/unet_config.json"
+step latentflow_step 180 "$bin/gpu_train_step" --batches 8,32,64,128 --steps 4 --warmup 2 --config-out "$out/unet_config.json"
 if [[ -s $out/unet_config.json ]]; then
-  step pytorch_step 120 python3 "$root/bench/gpu/pytorch_step.py" --config "$out/unet_config.json" --batches 8,32,64,128 --steps 6 --warmup 2
+  step pytorch_step 120 python3 "$root/bench/gpu/pytorch_step.py" --config "$out/unet_config.json" --batches 8,32,64,128 --steps 4 --warmup 2
 fi
 # The same pieces of the step timed alone on both sides (CUDA events), and PyTorch's kernel
 # launches per step: where any remaining gap is.
@@ -134,6 +152,21 @@ step components 90 "$bin/gpu_components" --batch 32 --iters 5
 step_config=()
 [[ -s $out/unet_config.json ]] && step_config=(--step-config "$out/unet_config.json")
 step pytorch_components 90 python3 "$root/bench/gpu/pytorch_components.py" --batch 32 --iters 5 "${step_config[@]}"
+# The encoders alone, warm, next to PyTorch's (issue 27), then the simplest encoder topologies on
+# one GPU with one and with two workers (one worker crashed with CUDA_ERROR_INVALID_CONTEXT).
+mkdir -p "$out/encoders"
+step encoders 90 "$bin/gpu_encoders" --vae-batch 64 --text-batch 256 --iters 5 --config-dir "$out/encoders"
+if [[ -s $out/encoders/text_config.json ]]; then
+  step pytorch_encoders 90 python3 "$root/bench/gpu/pytorch_encoders.py" --config-dir "$out/encoders"
+fi
+for workers in 1 2; do
+  for encoder in text vae; do
+    mkdir -p "$out/encode-$encoder-w$workers" && cd "$out/encode-$encoder-w$workers"
+    step "encode_${encoder}_w$workers" 60 "$bin/latentflow" run "$root/bench/gpu/$encoder-encode-1gpu.toml" \
+      --workers "$workers" --profile "$out/encode-$encoder-w$workers-profile.json"
+    cd "$root"
+  done
+done
 mkdir -p "$out/online" && cd "$out/online"
 step online 180 "$bin/latentflow" run "$root/bench/gpu/online-sd2-base-1gpu.toml" --workers 2 --profile "$out/online-profile.json"
 cd "$root"

@@ -74,7 +74,34 @@ if ours or torch:
         print(f"| {name} | {value(o)} | {value(t)} | {ratio} |")
 else:
     print("- no component timings: see components.txt and pytorch_components.txt")
+print("\n## Encoders alone, warm, no grad (SD2 VAE at 256 px; OpenCLIP ViT-H text tower, 77 tokens)\n")
+ours = {(r["encoder"], r["precision"]): r for r in json_lines("encoders.txt") if "encoder" in r}
+torch = {(r["encoder"], r["precision"]): r for r in json_lines("pytorch_encoders.txt") if "encoder" in r}
+rates = {}
+if ours or torch:
+    print("| encoder | precision | batch | latentflow per s | PyTorch per s | ratio latentflow/PyTorch |")
+    print("|---|---|---|---|---|---|")
+    for key in sorted(set(ours) | set(torch)):
+        o, t = ours.get(key, {}), torch.get(key, {})
+        cell = lambda r: f"{r['per_s']:.1f}" if "per_s" in r else r.get("error", "-")[:60]
+        ratio = f"{o['per_s'] / t['per_s']:.2f}" if "per_s" in o and "per_s" in t else "-"
+        if "per_s" in o and key[1] == "bf16":
+            rates[key[0]] = o["per_s"]
+        print(f"| {key[0]} | {key[1]} | {o.get('batch', t.get('batch', '-'))} | {cell(o)} | {cell(t)} | {ratio} |")
+else:
+    print("- no encoder timings: see encoders.txt and pytorch_encoders.txt")
+print("\n## Encoder topologies on one GPU (bench/gpu/*-encode-1gpu.toml)\n")
+for line in read("log.txt").splitlines():
+    if line.startswith("encode_") and " rc=" in line:
+        name = line.split()[0]
+        text = read(f"{name}.txt")
+        tail = [l for l in text.splitlines() if l.strip()][-1:] or ["(no output)"]
+        print(f"- {line}: {tail[0][:200]}")
 print("\n## Online topology, real-size encoders and trainer on one GPU\n")
+steps = {r["batch"]: r for r in json_lines("latentflow_step.txt") if "images_per_s" in r}
+if 32 in steps and "vae" in rates and "text" in rates:
+    bound = 1 / (1 / steps[32]["images_per_s"] + 1 / rates["vae"] + 1 / rates["text"])
+    print(f"- the GPU's bound from the parts measured alone (train at batch 32, VAE, text, bf16): {bound:.1f} samples/s; the goal is >= 90 % of it")
 metrics = os.path.join(out, "online", "runs", "gpu-online-sd2-base", "metrics.jsonl")
 rows = [json.loads(l) for l in open(metrics)] if os.path.exists(metrics) else []
 if rows:

@@ -161,7 +161,7 @@ fn attention_forward_and_backward_match_the_reference() {
     // Self-attention with a ragged last tile, cross-attention over 77 keys, and (for the bf16
     // tensor-core kernels: 16, 64 and 128) several blocks and key tiles.
     for (head_dim, nq, nk) in [(16, 100, 100), (64, 70, 77), (40, 33, 77), (64, 200, 200), (128, 130, 77)] {
-        let s = AttentionShape { batch: 2, heads: 3, head_dim, nq, nk };
+        let s = AttentionShape { batch: 2, heads: 3, head_dim, nq, nk, causal: false };
         let width = s.heads * head_dim;
         let (q, k, v) = (values(2 * nq * width, 1), values(2 * nk * width, 2), values(2 * nk * width, 3));
         let go = values(2 * nq * width, 4);

@@ -89,6 +89,30 @@ pub fn device(ctx: &OpContext) -> Result<Device, OpError> {
     }
 }
 
+/// The dtype an encoder computes in on `device`: bf16 on GPUs unless `precision` says f32, and
+/// always f32 on the CPU (whose fused ops are f32).
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use latentflow_operators::model_keys::encoder_dtype;
+/// use latentflow_operators::training::Precision;
+/// assert_eq!(encoder_dtype(None, &Device::Cpu), DType::F32);
+/// assert_eq!(encoder_dtype(Some(Precision::Bf16), &Device::Cpu), DType::F32);
+/// ```
+pub fn encoder_dtype(precision: Option<crate::training::Precision>, device: &Device) -> candle_core::DType {
+    use crate::training::Precision;
+    match (precision, device.is_cuda()) {
+        (Some(Precision::F32), _) | (_, false) => candle_core::DType::F32,
+        (Some(Precision::Bf16) | None, true) => candle_core::DType::BF16,
+    }
+}
+
+/// What the encoders' `precision` key says, for their key lists.
+pub const PRECISION_KEY: (&str, &str) = (
+    "precision",
+    "\"bf16\" (the default on GPUs: bf16 weights and tensor cores) or \"f32\"; the CPU always computes in f32",
+);
+
 /// Why `job.devices` entry `name` cannot be used by this build on this machine, if it cannot:
 /// a `cuda:N` device needs a build with the `cuda` feature, an NVIDIA driver and GPU `N`.
 ///

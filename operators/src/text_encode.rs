@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::model_keys::{self, column_tensor, in_chunks, op_error};
 use crate::models::load::ModelSource;
 use crate::models::{TextEncoder, TEXT_PRESETS};
+use crate::training::Precision;
 
 /// Config of `text_encode`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -31,11 +32,14 @@ pub struct TextEncodeConfig {
     pub penultimate: bool,
     /// Captions per forward pass.
     pub batch_size: usize,
+    /// Compute precision on GPUs (bf16 unless set to f32; the CPU computes in f32).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
 }
 
 impl Default for TextEncodeConfig {
     fn default() -> Self {
-        TextEncodeConfig { model: None, path: None, preset: None, penultimate: false, batch_size: 32 }
+        TextEncodeConfig { model: None, path: None, preset: None, penultimate: false, batch_size: 32, precision: None }
     }
 }
 
@@ -50,6 +54,7 @@ impl OperatorConfig for TextEncodeConfig {
         ("preset", "\"tiny\", \"sd2-base\" or \"sd1\" with random weights (benchmarks and tests only), or \"words\": the demo's fixed text encoder (every position holds the caption's words and word pairs)"),
         ("penultimate", "use the second-to-last layer with the final LayerNorm (CLIP skip; default false)"),
         ("batch_size", "captions per forward pass (default 32)"),
+        model_keys::PRECISION_KEY,
     ];
 }
 
@@ -93,7 +98,8 @@ impl TextEncode {
 
     /// Loads the model on `device` (what `start` does with the worker's device).
     pub fn load(&mut self, device: &Device) -> Result<(), OpError> {
-        let model = TextEncoder::load(&self.source, device, self.seed).map_err(op_error)?;
+        let dtype = model_keys::encoder_dtype(self.config.precision, device);
+        let model = TextEncoder::load_in(&self.source, device, dtype, self.seed).map_err(op_error)?;
         self.model = Some((model, device.clone()));
         Ok(())
     }
@@ -147,6 +153,27 @@ mod tests {
         assert_eq!(shape, &[77, 32]);
         assert_eq!(data.len(), 2 * 77 * 32);
         assert!(data.iter().all(|v| v.is_finite()));
+    }
+
+    /// `precision` parses from topologies; on the CPU bf16 is not used (the same embeddings as f32).
+    #[test]
+    fn precision_is_a_key_and_the_cpu_stays_f32() {
+        let config: TextEncodeConfig = toml::from_str("preset = \"tiny\"\nprecision = \"bf16\"").unwrap();
+        assert_eq!(config.precision, Some(Precision::Bf16));
+        assert!(toml::from_str::<TextEncodeConfig>("precision = \"fp16\"").is_err());
+        let ids = Tensor::from_vec(
+            (0..77u32).map(|i| if i < 3 { 49406 + i % 2 } else { 0 }).collect::<Vec<_>>(),
+            (1, 77),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let embed = |precision| {
+            let config = TextEncodeConfig { precision, ..Default::default() };
+            let mut stage = TextEncode::new(config, ModelSource::Preset("tiny".into()), 0);
+            stage.load(&Device::Cpu).unwrap();
+            stage.encode(&ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        assert_eq!(embed(Some(Precision::Bf16)), embed(None));
     }
 
     #[test]

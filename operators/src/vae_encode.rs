@@ -13,9 +13,10 @@ use serde::{Deserialize, Serialize};
 use latentflow_gpu_kernels::ops::normalize::normalize_u8_chw;
 
 use crate::model_keys::{self, column_tensor, in_chunks, op_error};
-use crate::models::load::{load_vae, ModelSource};
+use crate::models::load::{load_vae_in, ModelSource};
 use crate::models::{Autoencoder, VAE_PRESETS};
 use crate::rng::Rng;
+use crate::training::Precision;
 
 /// Which latents to keep from the VAE's posterior.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +50,9 @@ pub struct VaeEncodeConfig {
     pub scaling_factor: Option<f64>,
     /// Images per forward pass.
     pub batch_size: usize,
+    /// Compute precision on GPUs (bf16 unless set to f32; the CPU computes in f32).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
 }
 
 impl Default for VaeEncodeConfig {
@@ -60,6 +64,7 @@ impl Default for VaeEncodeConfig {
             mode: LatentMode::Sample,
             scaling_factor: None,
             batch_size: 8,
+            precision: None,
         }
     }
 }
@@ -76,6 +81,7 @@ impl OperatorConfig for VaeEncodeConfig {
         ("mode", "\"sample\" (default, as diffusers' trainers) or \"mean\" of the posterior"),
         ("scaling_factor", "multiplies the latents (default: the VAE config's, 0.18215 for SD)"),
         ("batch_size", "images per forward pass (default 8)"),
+        model_keys::PRECISION_KEY,
     ];
 }
 
@@ -114,10 +120,12 @@ pub struct VaeEncode {
     model: Option<Loaded>,
 }
 
-/// The VAE on its device, the latents' scale, and the 256 normalised pixel values there.
+/// The VAE on its device and the dtype it computes in, the latents' scale, and the 256
+/// normalised pixel values there.
 struct Loaded {
     vae: Autoencoder,
     device: Device,
+    dtype: DType,
     scale: f64,
     pixel_values: Tensor,
 }
@@ -134,12 +142,12 @@ impl VaeEncode {
 
     /// Latents `[B, 4, H/8, W/8]` (scaled) for images `[B, 3, H, W]` u8 with row `keys`.
     pub fn encode(&self, pixels: &Tensor, keys: &[i64]) -> Result<Tensor, OpError> {
-        let Loaded { vae, device, scale, pixel_values } =
+        let Loaded { vae, device, dtype, scale, pixel_values } =
             self.model.as_ref().ok_or_else(|| OpError::msg("vae_encode used before start"))?;
         let run = || -> candle_core::Result<Tensor> {
             // [0, 255] -> [-1, 1] on the device: a lookup in the 256 values torchvision's
             // `(x / 255 - 0.5) / 0.5` gives, so the result is bit-identical to the reference.
-            let images = normalize_on_device(pixels, device, pixel_values)?;
+            let images = normalize_on_device(pixels, device, pixel_values)?.to_dtype(*dtype)?;
             let posterior = vae.encode(&images).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             let latents = match self.config.mode {
                 LatentMode::Mean => posterior.mean,
@@ -181,10 +189,11 @@ fn normalized_values(device: &Device) -> candle_core::Result<Tensor> {
 impl Stage for VaeEncode {
     fn start(&mut self, ctx: &mut OpContext) -> Result<(), OpError> {
         let device = model_keys::device(ctx)?;
-        let vae = load_vae(&self.source, &device, self.seed).map_err(op_error)?;
+        let dtype = model_keys::encoder_dtype(self.config.precision, &device);
+        let vae = load_vae_in(&self.source, &device, dtype, self.seed).map_err(op_error)?;
         let scale = self.config.scaling_factor.unwrap_or(vae.scaling_factor());
         let pixel_values = normalized_values(&device).map_err(op_error)?;
-        self.model = Some(Loaded { vae, device, scale, pixel_values });
+        self.model = Some(Loaded { vae, device, dtype, scale, pixel_values });
         Ok(())
     }
 

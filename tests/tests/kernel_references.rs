@@ -91,7 +91,7 @@ fn noising_reference_is_bit_identical_to_the_schedule() {
 
 #[test]
 fn attention_reference_matches_the_composed_and_fused_cpu_attention_and_their_gradients() {
-    let shape = AttentionShape { batch: 2, heads: 2, head_dim: 16, nq: 12, nk: 9 };
+    let shape = AttentionShape { batch: 2, heads: 2, head_dim: 16, nq: 12, nk: 9, causal: false };
     let width = shape.heads * shape.head_dim;
     let (q, k, v) = (normals(2 * 12 * width, 5), normals(2 * 9 * width, 6), normals(2 * 9 * width, 7));
     let go = normals(2 * 12 * width, 8);

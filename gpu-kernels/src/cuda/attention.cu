@@ -346,12 +346,13 @@ __device__ __forceinline__ void tc_store(bf16_t* out, const float (*acc)[4], int
     }
 }
 
-// Scores of this warp's 16 query rows (A fragments `qa`) against keys j0..j0+15 of the tile `ks`:
-// two C tiles, scaled, keys at or past nk masked.
+// Scores of this warp's 16 query rows (A fragments `qa`, the first of them query `query0`)
+// against keys j0..j0+15 of the tile `ks` (whose first key is key0): two C tiles, scaled; keys at
+// or past nk, and with `causal` keys after their query, masked.
 template <int D>
 __device__ __forceinline__ void tc_scores(const unsigned (*qa)[4], const bf16_t* ks, int j0, int key0, int nk,
-                                          float scale, float (*s)[4]) {
-    int t = threadIdx.x % 4;
+                                          int query0, int causal, float scale, float (*s)[4]) {
+    int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
 #pragma unroll
     for (int nt = 0; nt < 2; nt++) {
         s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
@@ -363,8 +364,8 @@ __device__ __forceinline__ void tc_scores(const unsigned (*qa)[4], const bf16_t*
         }
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            int key = key0 + j0 + nt * 8 + 2 * t + (e & 1);
-            s[nt][e] = key < nk ? s[nt][e] * scale : TC_MASKED;
+            int key = key0 + j0 + nt * 8 + 2 * t + (e & 1), query = query0 + g + (e >= 2 ? 8 : 0);
+            s[nt][e] = key < nk && !(causal && key > query) ? s[nt][e] * scale : TC_MASKED;
         }
     }
 }
@@ -372,7 +373,7 @@ __device__ __forceinline__ void tc_scores(const unsigned (*qa)[4], const bf16_t*
 // o = softmax(q k^T * scale) v, online over key tiles. Grid (ceil(nq / 64), B*H), 128 threads.
 template <int D>
 __device__ void tc_attention_forward(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int nq, int nk,
-                                     int heads, float scale) {
+                                     int heads, int causal, float scale) {
     __shared__ __align__(16) bf16_t ks[TC_TILE * (D + 8)];
     __shared__ __align__(16) bf16_t vs[TC_TILE * (D + 8)];
     int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4;
@@ -396,7 +397,7 @@ __device__ void tc_attention_forward(const bf16_t* q, const bf16_t* k, const bf1
         __syncthreads();
         for (int j0 = 0; j0 < n; j0 += 16) {
             float s[2][4];
-            tc_scores<D>(qa, ks, j0, start, nk, scale, s);
+            tc_scores<D>(qa, ks, j0, start, nk, q0 + warp * 16, causal, scale, s);
             float top0 = tc_row_max(fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1])));
             float top1 = tc_row_max(fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3])));
             float new0 = fmaxf(m0, top0), new1 = fmaxf(m1, top1);
@@ -437,7 +438,8 @@ __device__ void tc_attention_forward(const bf16_t* q, const bf16_t* k, const bf1
 // and delta = dO . O. Grid (ceil(nq / 64), B*H), 128 threads.
 template <int D>
 __device__ void tc_attention_backward_stats(const bf16_t* q, const bf16_t* k, const bf16_t* o, const bf16_t* go,
-                                            float* lse, float* delta, int nq, int nk, int heads, float scale) {
+                                            float* lse, float* delta, int nq, int nk, int heads, int causal,
+                                            float scale) {
     __shared__ __align__(16) bf16_t ks[TC_TILE * (D + 8)];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     int b = blockIdx.y / heads, h = blockIdx.y % heads;
@@ -456,7 +458,7 @@ __device__ void tc_attention_backward_stats(const bf16_t* q, const bf16_t* k, co
         __syncthreads();
         for (int j0 = 0; j0 < n; j0 += 16) {
             float s[2][4];
-            tc_scores<D>(qa, ks, j0, start, nk, scale, s);
+            tc_scores<D>(qa, ks, j0, start, nk, q0 + warp * 16, causal, scale, s);
             float new0 = fmaxf(m0, tc_row_max(fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]))));
             float new1 = fmaxf(m1, tc_row_max(fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]))));
             l0 = l0 * __expf(m0 - new0) + __expf(s[0][0] - new0) + __expf(s[0][1] - new0) + __expf(s[1][0] - new0) +
@@ -497,7 +499,7 @@ __device__ void tc_attention_backward_stats(const bf16_t* q, const bf16_t* k, co
 template <int D>
 __device__ void tc_attention_backward_query(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* go,
                                             const float* lse, const float* delta, bf16_t* dq, int nq, int nk,
-                                            int heads, float scale) {
+                                            int heads, int causal, float scale) {
     __shared__ __align__(16) bf16_t ks[TC_TILE * (D + 8)];
     __shared__ __align__(16) bf16_t vs[TC_TILE * (D + 8)];
     int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4;
@@ -529,7 +531,7 @@ __device__ void tc_attention_backward_query(const bf16_t* q, const bf16_t* k, co
         __syncthreads();
         for (int j0 = 0; j0 < n; j0 += 16) {
             float s[2][4], dp[2][4];
-            tc_scores<D>(qa, ks, j0, start, nk, scale, s);
+            tc_scores<D>(qa, ks, j0, start, nk, q0 + warp * 16, causal, scale, s);
 #pragma unroll
             for (int nt = 0; nt < 2; nt++) {
                 dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
@@ -564,7 +566,7 @@ __device__ void tc_attention_backward_query(const bf16_t* q, const bf16_t* k, co
 template <int D>
 __device__ void tc_attention_backward_key(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* go,
                                           const float* lse, const float* delta, bf16_t* dk, bf16_t* dv, int nq,
-                                          int nk, int heads, float scale) {
+                                          int nk, int heads, int causal, float scale) {
     __shared__ __align__(16) bf16_t qs[TC_TILE * (D + 8)];
     __shared__ __align__(16) bf16_t gs[TC_TILE * (D + 8)];
     __shared__ float lse_s[TC_TILE], delta_s[TC_TILE];
@@ -616,8 +618,9 @@ __device__ void tc_attention_backward_key(const bf16_t* q, const bf16_t* k, cons
                 }
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
-                    int i = i0 + nt * 8 + 2 * t + (e & 1);
-                    p[nt][e] = __expf(p[nt][e] * scale - lse_s[i]);
+                    int i = i0 + nt * 8 + 2 * t + (e & 1), key = k0 + warp * 16 + g + (e >= 2 ? 8 : 0);
+                    float masked = causal && key > start + i ? -TC_MASKED : 0.0f;  // a later key: p = 0
+                    p[nt][e] = __expf(p[nt][e] * scale - lse_s[i] - masked);
                     dp[nt][e] = p[nt][e] * (dp[nt][e] - delta_s[i]);  // now dS^T
                 }
             }
@@ -641,23 +644,28 @@ __device__ void tc_attention_backward_key(const bf16_t* q, const bf16_t* k, cons
 }
 
 // extern "C" entry points of the tensor-core kernels per head size: attention_tc_<pass>_d<D>.
+// `causal`: query i attends to keys 0..=i only (CLIP's text encoder).
 #define TC_ATTENTION_KERNELS(D)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(128) attention_tc_forward_d##D(                                       \
-        const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int nq, int nk, int heads, float scale) {       \
-        tc_attention_forward<D>(q, k, v, o, nq, nk, heads, scale);                                                     \
+    extern "C" __global__ void __launch_bounds__(128)                                                                  \
+        attention_tc_forward_d##D(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int nq, int nk,        \
+                                  int heads, int causal, float scale) {                                                \
+        tc_attention_forward<D>(q, k, v, o, nq, nk, heads, causal, scale);                                             \
     }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(128) attention_tc_backward_stats_d##D(                                \
-        const bf16_t* q, const bf16_t* k, const bf16_t* o, const bf16_t* go, float* lse, float* delta, int nq, int nk, \
-        int heads, float scale) {                                                                                      \
-        tc_attention_backward_stats<D>(q, k, o, go, lse, delta, nq, nk, heads, scale);                                 \
+    extern "C" __global__ void __launch_bounds__(128)                                                                  \
+        attention_tc_backward_stats_d##D(const bf16_t* q, const bf16_t* k, const bf16_t* o, const bf16_t* go,          \
+                                         float* lse, float* delta, int nq, int nk, int heads, int causal,              \
+                                         float scale) {                                                                \
+        tc_attention_backward_stats<D>(q, k, o, go, lse, delta, nq, nk, heads, causal, scale);                         \
     }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(128) attention_tc_backward_query_d##D(                                \
-        const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* go, const float* lse, const float* delta,     \
-        bf16_t* dq, int nq, int nk, int heads, float scale) {                                                          \
-        tc_attention_backward_query<D>(q, k, v, go, lse, delta, dq, nq, nk, heads, scale);                             \
+    extern "C" __global__ void __launch_bounds__(128)                                                                  \
+        attention_tc_backward_query_d##D(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* go,          \
+                                         const float* lse, const float* delta, bf16_t* dq, int nq, int nk, int heads,  \
+                                         int causal, float scale) {                                                    \
+        tc_attention_backward_query<D>(q, k, v, go, lse, delta, dq, nq, nk, heads, causal, scale);                     \
     }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(128) attention_tc_backward_key_d##D(                                  \
-        const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* go, const float* lse, const float* delta,     \
-        bf16_t* dk, bf16_t* dv, int nq, int nk, int heads, float scale) {                                              \
-        tc_attention_backward_key<D>(q, k, v, go, lse, delta, dk, dv, nq, nk, heads, scale);                           \
+    extern "C" __global__ void __launch_bounds__(128)                                                                  \
+        attention_tc_backward_key_d##D(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* go,            \
+                                       const float* lse, const float* delta, bf16_t* dk, bf16_t* dv, int nq, int nk,   \
+                                       int heads, int causal, float scale) {                                           \
+        tc_attention_backward_key<D>(q, k, v, go, lse, delta, dk, dv, nq, nk, heads, causal, scale);                   \
     }

@@ -23,6 +23,9 @@ pub struct AttentionShape {
     pub nq: usize,
     /// Keys (and values).
     pub nk: usize,
+    /// Query `i` attends to keys `0..=i` only (CLIP's text encoder); the CUDA kernels take it
+    /// on the tensor-core path.
+    pub causal: bool,
 }
 
 impl AttentionShape {
@@ -81,7 +84,12 @@ pub fn kernel_names(head_dim: usize) -> Vec<String> {
 fn probabilities(q: &[f32], k: &[f32], s: &AttentionShape, b: usize, h: usize, i: usize) -> Vec<f32> {
     let scale = s.scale();
     let scores: Vec<f32> = (0..s.nk)
-        .map(|j| (0..s.head_dim).map(|c| q[s.at(b, i, s.nq, h, c)] * scale * k[s.at(b, j, s.nk, h, c)]).sum())
+        .map(|j| {
+            if s.causal && j > i {
+                return f32::NEG_INFINITY;
+            }
+            (0..s.head_dim).map(|c| q[s.at(b, i, s.nq, h, c)] * scale * k[s.at(b, j, s.nk, h, c)]).sum()
+        })
         .collect();
     let top = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     let exp: Vec<f32> = scores.iter().map(|&x| (x - top).exp()).collect();
@@ -93,7 +101,7 @@ fn probabilities(q: &[f32], k: &[f32], s: &AttentionShape, b: usize, h: usize, i
 ///
 /// ```
 /// use latentflow_gpu_kernels::ops::attention::{attention_forward, AttentionShape};
-/// let shape = AttentionShape { batch: 1, heads: 1, head_dim: 1, nq: 1, nk: 2 };
+/// let shape = AttentionShape { batch: 1, heads: 1, head_dim: 1, nq: 1, nk: 2, causal: false };
 /// // Equal scores: the output is the mean of the values.
 /// let o = attention_forward(&[0.0], &[1.0, 2.0], &[4.0, 8.0], shape).unwrap();
 /// assert!((o[0] - 6.0).abs() < 1e-6);
@@ -198,7 +206,27 @@ impl Kernels {
         let tensor_cores = T::NAME == "bf16"
             && TENSOR_CORE_HEAD_DIMS.contains(&s.head_dim)
             && stream.context().compute_capability().map_err(KernelError::driver)?.0 >= 8;
+        if s.causal && !tensor_cores {
+            return Err(KernelError::Unsupported {
+                op: "attention",
+                message: format!(
+                    "causal attention runs on the tensor-core kernels only: bf16, head sizes \
+                     {TENSOR_CORE_HEAD_DIMS:?}, sm_80 or newer (got {}, head size {})",
+                    T::NAME,
+                    s.head_dim
+                ),
+            });
+        }
         Ok(Kernels { tensor_cores, threads: if tensor_cores { 128 } else { ROWS_PER_BLOCK as u32 } })
+    }
+
+    /// Pushes the arguments after `heads`: the tensor-core kernels also take `causal`.
+    fn push_tail<'a>(&self, launch: &mut cudarc::driver::LaunchArgs<'a>, causal: &'a i32, scale: &'a f32) {
+        use cudarc::driver::PushKernelArg;
+        if self.tensor_cores {
+            launch.arg(causal);
+        }
+        launch.arg(scale);
     }
 
     fn name<T: crate::Element>(&self, pass: &str, s: &AttentionShape) -> String {
@@ -239,9 +267,10 @@ pub fn attention_forward_cuda<T: crate::Element + cudarc::driver::DeviceRepr>(
     }
     let kernels = Kernels::pick::<T>(stream, &s)?;
     let func = function(stream, Kernel::Attention { head_dim: s.head_dim }, &kernels.name::<T>("forward", &s))?;
-    let (nq, nk, heads, scale) = (s.nq as i32, s.nk as i32, s.heads as i32, s.scale());
+    let (nq, nk, heads, causal, scale) = (s.nq as i32, s.nk as i32, s.heads as i32, i32::from(s.causal), s.scale());
     let mut launch = stream.launch_builder(&func);
-    launch.arg(q).arg(k).arg(v).arg(o).arg(&nq).arg(&nk).arg(&heads).arg(&scale);
+    launch.arg(q).arg(k).arg(v).arg(o).arg(&nq).arg(&nk).arg(&heads);
+    kernels.push_tail(&mut launch, &causal, &scale);
     // SAFETY: arguments match `attention_forward_<T>_d<D>` and `attention_tc_forward_d<D>`
     // (bf16 only); every buffer's size is checked.
     #[allow(unsafe_code)]
@@ -280,18 +309,20 @@ pub fn attention_backward_cuda<T: crate::Element + cudarc::driver::DeviceRepr>(
     let rows = s.batch * s.heads * s.nq;
     let mut lse = stream.alloc_zeros::<f32>(rows).map_err(crate::KernelError::driver)?;
     let mut delta = stream.alloc_zeros::<f32>(rows).map_err(crate::KernelError::driver)?;
-    let (nq, nk, heads, scale) = (s.nq as i32, s.nk as i32, s.heads as i32, s.scale());
+    let (nq, nk, heads, causal, scale) = (s.nq as i32, s.nk as i32, s.heads as i32, i32::from(s.causal), s.scale());
 
     let stats = function(stream, Kernel::Attention { head_dim: s.head_dim }, &name("backward_stats"))?;
     let mut launch = stream.launch_builder(&stats);
-    launch.arg(q).arg(k).arg(o).arg(go).arg(&mut lse).arg(&mut delta).arg(&nq).arg(&nk).arg(&heads).arg(&scale);
+    launch.arg(q).arg(k).arg(o).arg(go).arg(&mut lse).arg(&mut delta).arg(&nq).arg(&nk).arg(&heads);
+    kernels.push_tail(&mut launch, &causal, &scale);
     // SAFETY: arguments match `attention_backward_stats_*`; lse and delta hold B*H*Nq values.
     #[allow(unsafe_code)]
     launched(unsafe { launch.launch(kernels.config(s.nq, &s)) })?;
 
     let query = function(stream, Kernel::Attention { head_dim: s.head_dim }, &name("backward_query"))?;
     let mut launch = stream.launch_builder(&query);
-    launch.arg(q).arg(k).arg(v).arg(go).arg(&lse).arg(&delta).arg(dq).arg(&nq).arg(&nk).arg(&heads).arg(&scale);
+    launch.arg(q).arg(k).arg(v).arg(go).arg(&lse).arg(&delta).arg(dq).arg(&nq).arg(&nk).arg(&heads);
+    kernels.push_tail(&mut launch, &causal, &scale);
     // SAFETY: arguments match `attention_backward_query_*`; sizes checked above.
     #[allow(unsafe_code)]
     launched(unsafe { launch.launch(kernels.config(s.nq, &s)) })?;
@@ -299,7 +330,8 @@ pub fn attention_backward_cuda<T: crate::Element + cudarc::driver::DeviceRepr>(
     let key = function(stream, Kernel::Attention { head_dim: s.head_dim }, &name("backward_key"))?;
     let mut launch = stream.launch_builder(&key);
     launch.arg(q).arg(k).arg(v).arg(go).arg(&lse).arg(&delta).arg(dk).arg(dv);
-    launch.arg(&nq).arg(&nk).arg(&heads).arg(&scale);
+    launch.arg(&nq).arg(&nk).arg(&heads);
+    kernels.push_tail(&mut launch, &causal, &scale);
     // SAFETY: arguments match `attention_backward_key_*`; sizes checked above.
     #[allow(unsafe_code)]
     launched(unsafe { launch.launch(kernels.config(s.nk, &s)) })
@@ -315,7 +347,7 @@ mod tests {
 
     #[test]
     fn backward_matches_finite_differences() {
-        let s = AttentionShape { batch: 1, heads: 2, head_dim: 2, nq: 3, nk: 4 };
+        let s = AttentionShape { batch: 1, heads: 2, head_dim: 2, nq: 3, nk: 4, causal: false };
         let (q, k, v) = (values(12, 1), values(16, 2), values(16, 3));
         let go = values(12, 4);
         let (dq, dk, dv) = attention_backward(&q, &k, &v, &go, s).unwrap();
@@ -352,7 +384,7 @@ mod tests {
             &[0.0; 3],
             &[0.0; 4],
             &[0.0; 4],
-            AttentionShape { batch: 1, heads: 1, head_dim: 2, nq: 2, nk: 2 },
+            AttentionShape { batch: 1, heads: 1, head_dim: 2, nq: 2, nk: 2, causal: false },
         );
         assert!(wrong.is_err());
     }

@@ -53,6 +53,7 @@ TC_ATTENTION_KERNELS(64)
 // ---- The reference, in double.
 struct Shape {
     int batch, heads, d, nq, nk;
+    bool causal;
     long at(int b, int r, int rows, int h, int c) const { return ((long)b * rows + r) * heads * d + (long)h * d + c; }
 };
 
@@ -64,10 +65,10 @@ static std::vector<double> probabilities(const std::vector<float>& q, const std:
         double dot = 0;
         for (int c = 0; c < s.d; c++) dot += (double)q[s.at(b, i, s.nq, h, c)] * k[s.at(b, j, s.nk, h, c)];
         p[j] = dot * scale;
-        top = std::max(top, p[j]);
+        if (!(s.causal && j > i)) top = std::max(top, p[j]);
     }
     double total = 0;
-    for (auto& v : p) total += (v = std::exp(v - top));
+    for (int j = 0; j < s.nk; j++) total += (p[j] = s.causal && j > i ? 0.0 : std::exp(p[j] - top));
     for (auto& v : p) v /= total;
     return p;
 }
@@ -100,17 +101,18 @@ static int run_case(Shape s, unsigned seed) {
     auto stats = s.d == 16 ? attention_tc_backward_stats_d16 : attention_tc_backward_stats_d64;
     auto query = s.d == 16 ? attention_tc_backward_query_d16 : attention_tc_backward_query_d64;
     auto key = s.d == 16 ? attention_tc_backward_key_d16 : attention_tc_backward_key_d64;
-    launch(qblocks, bh, 128, [&] { forward(qb.data(), kb.data(), vb.data(), ob.data(), s.nq, s.nk, s.heads, scale); });
+    launch(qblocks, bh, 128, [&] { forward(qb.data(), kb.data(), vb.data(), ob.data(), s.nq, s.nk, s.heads, s.causal, scale); });
     launch(qblocks, bh, 128, [&] {
-        stats(qb.data(), kb.data(), ob.data(), gob.data(), lse.data(), delta.data(), s.nq, s.nk, s.heads, scale);
+        stats(qb.data(), kb.data(), ob.data(), gob.data(), lse.data(), delta.data(), s.nq, s.nk, s.heads, s.causal,
+              scale);
     });
     launch(qblocks, bh, 128, [&] {
         query(qb.data(), kb.data(), vb.data(), gob.data(), lse.data(), delta.data(), dqb.data(), s.nq, s.nk, s.heads,
-              scale);
+              s.causal, scale);
     });
     launch(kblocks, bh, 128, [&] {
         key(qb.data(), kb.data(), vb.data(), gob.data(), lse.data(), delta.data(), dkb.data(), dvb.data(), s.nq, s.nk,
-            s.heads, scale);
+            s.heads, s.causal, scale);
     });
 
     std::vector<double> o(nq_len), dq(nq_len), dk(nk_len), dv(nk_len);
@@ -143,8 +145,8 @@ static int run_case(Shape s, unsigned seed) {
         for (double w : want) top = std::max(top, std::fabs(w));
         for (size_t i = 0; i < got.size(); i++) worst = std::max(worst, std::fabs(to_f32(got[i]) - want[i]));
         bool ok = worst < 3e-2 * top;
-        std::printf("d%d nq %d nk %d %s: max abs error %.5f (scale %.3f) %s\n", s.d, s.nq, s.nk, name, worst, top,
-                    ok ? "ok" : "FAILED");
+        std::printf("d%d nq %d nk %d%s %s: max abs error %.5f (scale %.3f) %s\n", s.d, s.nq, s.nk,
+                    s.causal ? " causal" : "", name, worst, top, ok ? "ok" : "FAILED");
         failures += !ok;
     };
     compare("o", ob, o);
@@ -157,9 +159,11 @@ static int run_case(Shape s, unsigned seed) {
 int main() {
     int failures = 0;
     // Ragged last tiles, several blocks and key tiles, cross-attention over 77 keys.
-    failures += run_case({1, 2, 64, 70, 77}, 1);
-    failures += run_case({2, 1, 16, 130, 100}, 2);
-    failures += run_case({1, 1, 64, 16, 5}, 3);
+    failures += run_case({1, 2, 64, 70, 77, false}, 1);
+    failures += run_case({2, 1, 16, 130, 100, false}, 2);
+    failures += run_case({1, 1, 64, 16, 5, false}, 3);
+    // Causal self-attention over CLIP's 77 tokens (two key tiles, the second partial).
+    failures += run_case({1, 2, 64, 77, 77, true}, 4);
     std::printf("%s\n", failures ? "FAILED" : "all cases within bf16 tolerance");
     return failures ? 1 : 0;
 }

@@ -6,7 +6,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use half::bf16;
 use latentflow_gpu_kernels::ops::attention::{
-    attention_backward_cuda, attention_forward_cuda, AttentionShape, HEAD_DIMS,
+    attention_backward_cuda, attention_forward_cuda, AttentionShape, HEAD_DIMS, TENSOR_CORE_HEAD_DIMS,
 };
 
 use super::{kernel_error, stream_of, view, KernelElement};
@@ -20,7 +20,31 @@ pub fn supported(q: &Tensor, head_dim: usize) -> bool {
 pub(crate) fn shape(q: &Shape, k: &Shape, heads: usize) -> candle_core::Result<AttentionShape> {
     let (batch, nq, width) = q.dims3()?;
     let nk = k.dims3()?.1;
-    Ok(AttentionShape { batch, heads, head_dim: width / heads, nq, nk })
+    Ok(AttentionShape { batch, heads, head_dim: width / heads, nq, nk, causal: false })
+}
+
+/// Causal attention (query `i` attends to keys `0..=i`, as in CLIP's text encoder) through the
+/// tensor-core kernels, without gradients: `None` unless `q` is bf16 on an sm_80 or newer GPU
+/// with a head size those kernels take.
+pub fn causal_forward(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> candle_core::Result<Option<Tensor>> {
+    let head_dim = q.dim(2)? / heads.max(1);
+    if !q.device().is_cuda() || q.dtype() != DType::BF16 || !TENSOR_CORE_HEAD_DIMS.contains(&head_dim) {
+        return Ok(None);
+    }
+    let stream = q.device().as_cuda_device()?.cuda_stream();
+    if stream.context().compute_capability().map_err(kernel_error)?.0 < 8 {
+        return Ok(None);
+    }
+    let (q, k, v) = (q.contiguous()?, k.to_dtype(DType::BF16)?.contiguous()?, v.to_dtype(DType::BF16)?.contiguous()?);
+    let s = AttentionShape { causal: true, ..shape(q.shape(), k.shape(), heads)? };
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (Storage::Cuda(qs), Storage::Cuda(ks), Storage::Cuda(vs)) = (&*qs, &*ks, &*vs) else {
+        candle_core::bail!("causal attention on CUDA got CPU tensors")
+    };
+    let out = forward_as::<bf16>(s, (qs, ql), (ks, kl), (vs, vl))?;
+    Ok(Some(Tensor::from_storage(Storage::Cuda(out), q.shape().clone(), candle_core::op::BackpropOp::none(), false)))
 }
 
 /// `softmax(q k^T / sqrt(D)) v` on CUDA (f32 or bf16) for [`crate::models::fused_attention`].

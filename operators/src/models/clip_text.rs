@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 
 use super::config::ClipTextConfig;
 use super::error::Result;
-use super::nn::{attention, causal_mask, gelu, quick_gelu, LayerNorm, Linear};
+use super::nn::{causal_attention, causal_mask, gelu, quick_gelu, LayerNorm, Linear};
 use super::weights::{Init, Weights};
 
 struct Layer {
@@ -94,7 +94,8 @@ impl ClipTextModel {
         let mut states = vec![x.clone()];
         for layer in &self.layers {
             let h = layer.norm1.forward(&x)?;
-            let a = attention(&layer.q.forward(&h)?, &layer.k.forward(&h)?, &layer.v.forward(&h)?, heads, Some(&mask))?;
+            let (q, k, v) = (layer.q.forward(&h)?, layer.k.forward(&h)?, layer.v.forward(&h)?);
+            let a = causal_attention(&q, &k, &v, heads, &mask)?;
             x = (x + layer.out.forward(&a)?)?;
             let h = layer.fc1.forward(&layer.norm2.forward(&x)?)?;
             let h = if self.config.hidden_act == "gelu" { gelu(&h)? } else { quick_gelu(&h)? };

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use serde::de::DeserializeOwned;
 
 use super::caption_words::CaptionWords;
@@ -101,6 +101,12 @@ pub fn load_unet(source: &ModelSource, device: &Device, trainable: bool, seed: u
 /// `pixels` or a folder whose config names it. Old checkpoints' `query/key/value/proj_attn`
 /// names are accepted.
 pub fn load_vae(source: &ModelSource, device: &Device, seed: u64) -> Result<Autoencoder> {
+    load_vae_in(source, device, DType::F32, seed)
+}
+
+/// [`load_vae`] with its parameters kept in `dtype` (bf16 for encoding on GPUs: half the memory,
+/// and no cast of every weight at every forward pass). Its input sets the compute dtype.
+pub fn load_vae_in(source: &ModelSource, device: &Device, dtype: DType, seed: u64) -> Result<Autoencoder> {
     match source {
         ModelSource::Preset(name) if name == PIXELS_PRESET => return Ok(Autoencoder::Pixels(PixelPatches)),
         ModelSource::Folder(dir) if PixelPatches::is_in(dir) => return Ok(Autoencoder::Pixels(PixelPatches)),
@@ -109,6 +115,7 @@ pub fn load_vae(source: &ModelSource, device: &Device, seed: u64) -> Result<Auto
     warn_random_encoder("vae", source);
     let (config, weights) = config_and_weights(source, device, false, seed, VaeConfig::preset, VaeConfig::check)?;
     let weights = weights
+        .in_dtype(dtype)
         .with_alias("to_q", "query")
         .with_alias("to_k", "key")
         .with_alias("to_v", "value")
@@ -118,8 +125,13 @@ pub fn load_vae(source: &ModelSource, device: &Device, seed: u64) -> Result<Auto
 
 /// The text encoder (frozen).
 pub fn load_text_encoder(source: &ModelSource, device: &Device, seed: u64) -> Result<ClipTextModel> {
+    load_text_encoder_in(source, device, DType::F32, seed)
+}
+
+/// [`load_text_encoder`] with its parameters (and so its computation) in `dtype`.
+pub fn load_text_encoder_in(source: &ModelSource, device: &Device, dtype: DType, seed: u64) -> Result<ClipTextModel> {
     warn_random_encoder("text_encoder", source);
     let (config, weights) =
         config_and_weights(source, device, false, seed, ClipTextConfig::preset, ClipTextConfig::check)?;
-    ClipTextModel::new(&config, &weights)
+    ClipTextModel::new(&config, &weights.in_dtype(dtype))
 }

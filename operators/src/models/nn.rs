@@ -278,6 +278,19 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
     composed_attention(q, k, v, heads, mask)
 }
 
+/// [`attention`] where query `i` attends to keys `0..=i` (CLIP's text encoder): the tensor-core
+/// kernels on GPUs (bf16, no gradient), else the composed attention with `mask`, a
+/// [`causal_mask`] of the queries' length.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        if let Some(out) = crate::cuda::attention::causal_forward(q, k, v, heads)? {
+            return Ok(out);
+        }
+    }
+    composed_attention(q, k, v, heads, Some(mask))
+}
+
 /// [`attention`] from candle ops (any device and dtype, masks; stores the probabilities).
 pub fn composed_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
     let (b, nq, inner) = q.dims3()?;
@@ -289,7 +302,7 @@ pub fn composed_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask
     let scale = 1.0 / (d as f64).sqrt();
     let mut scores = (q.matmul(&k.t()?)? * scale)?;
     if let Some(mask) = mask {
-        scores = scores.broadcast_add(mask)?;
+        scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
     }
     let probs = softmax(&scores)?;
     Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, nq, inner))?)
@@ -358,6 +371,26 @@ mod tests {
 
     fn diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// The causal attention's composed path takes bf16 inputs with the f32 mask, and position
+    /// 0 sees only itself.
+    #[test]
+    fn causal_attention_masks_later_keys_in_f32_and_bf16() {
+        let mut rng = crate::rng::Rng::new(5, 5);
+        let (b, n, heads, d) = (2, 5, 2, 4);
+        let x = |rng: &mut crate::rng::Rng| {
+            Tensor::from_vec(rng.normals(b * n * heads * d), (b, n, heads * d), &Device::Cpu)
+        };
+        let (q, k, v) = (x(&mut rng).unwrap(), x(&mut rng).unwrap(), x(&mut rng).unwrap());
+        let mask = causal_mask(n, &Device::Cpu).unwrap();
+        let out = causal_attention(&q, &k, &v, heads, &mask).unwrap();
+        // The first query attends to the first key alone: its output is the first value.
+        assert!(diff(&out.narrow(1, 0, 1).unwrap(), &v.narrow(1, 0, 1).unwrap()) < 1e-6);
+        let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let low = causal_attention(&bf16(&q), &bf16(&k), &bf16(&v), heads, &mask).unwrap();
+        assert_eq!(low.dtype(), DType::BF16);
+        assert!(diff(&low.to_dtype(DType::F32).unwrap(), &out) < 5e-2);
     }
 
     #[test]

@@ -1,11 +1,11 @@
 //! The text encoder a job embeds captions with: CLIP (from a folder or a random preset) or the
 //! fixed demo [`CaptionWords`].
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::caption_words::{CaptionWords, WORDS_PRESET, WORDS_WIDTH};
 use super::error::Result;
-use super::load::{load_text_encoder, ModelSource};
+use super::load::{load_text_encoder_in, ModelSource};
 use super::ClipTextModel;
 
 /// A text encoder: token ids `[B, N]` -> embeddings `[B, N, D]`.
@@ -28,10 +28,16 @@ impl TextEncoder {
     /// assert_eq!(words.hidden_size(), 32);
     /// ```
     pub fn load(source: &ModelSource, device: &Device, seed: u64) -> Result<TextEncoder> {
+        TextEncoder::load_in(source, device, DType::F32, seed)
+    }
+
+    /// [`TextEncoder::load`] with CLIP's parameters and computation in `dtype` (the fixed
+    /// words encoder has none).
+    pub fn load_in(source: &ModelSource, device: &Device, dtype: DType, seed: u64) -> Result<TextEncoder> {
         match source {
             ModelSource::Preset(name) if name == WORDS_PRESET => Ok(TextEncoder::Words(CaptionWords)),
             ModelSource::Folder(dir) if CaptionWords::is_in(dir) => Ok(TextEncoder::Words(CaptionWords)),
-            _ => Ok(TextEncoder::Clip(Box::new(load_text_encoder(source, device, seed)?))),
+            _ => Ok(TextEncoder::Clip(Box::new(load_text_encoder_in(source, device, dtype, seed)?))),
         }
     }
 

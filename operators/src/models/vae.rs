@@ -150,6 +150,8 @@ impl AutoencoderKl {
         if let Some(q) = &self.quant_conv {
             x = q.forward(&x)?;
         }
+        // The posterior in f32 whatever the compute dtype: its exp and the sampling need it.
+        let x = x.to_dtype(candle_core::DType::F32)?;
         let latent = self.config.latent_channels;
         let mean = x.narrow(1, 0, latent)?;
         let logvar = x.narrow(1, latent, latent)?.clamp(-30f32, 20f32)?;
