@@ -72,13 +72,15 @@ pub enum EngineError {
     /// The topology is invalid: every problem, one per line.
     #[error("{0}")]
     Plan(#[from] PlanErrors),
-    /// An operator failed.
-    #[error("node `{node}` (worker {worker}): {source}")]
+    /// An operator failed (on a GPU worker the message names the device too).
+    #[error("node `{node}` (worker {worker}{}): {source}", device.as_deref().map(|d| format!(", {d}")).unwrap_or_default())]
     Operator {
         /// The node id.
         node: String,
         /// The worker it ran on.
         worker: usize,
+        /// The worker's device when it is not the CPU (`cuda:0`).
+        device: Option<String>,
         /// The cause.
         #[source]
         source: OpError,
@@ -136,4 +138,21 @@ pub enum EngineError {
         #[source]
         source: std::io::Error,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_operator_failure_names_the_node_the_worker_and_a_gpu() {
+        let failed = |device: Option<&str>| EngineError::Operator {
+            node: "text".into(),
+            worker: 1,
+            device: device.map(str::to_string),
+            source: OpError::msg("CUDA_ERROR_OUT_OF_MEMORY"),
+        };
+        assert_eq!(failed(None).to_string(), "node `text` (worker 1): CUDA_ERROR_OUT_OF_MEMORY");
+        assert_eq!(failed(Some("cuda:0")).to_string(), "node `text` (worker 1, cuda:0): CUDA_ERROR_OUT_OF_MEMORY");
+    }
 }

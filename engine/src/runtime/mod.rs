@@ -247,6 +247,7 @@ fn resume_positions(plan: &Plan, threads: usize, processes: usize) -> Result<pos
         let position = node.spec.resume_data_position(&plan.job).map_err(|source| EngineError::Operator {
             node: node.id.clone(),
             worker: 0,
+            device: None,
             source,
         })?;
         if let Some(position) = position {

@@ -118,7 +118,7 @@ pub(crate) struct JobShared {
 impl JobShared {
     /// Records the first failure and stops the job. The first is what `run` returns (and the
     /// CLI prints, once); later ones, often its consequences, are logged.
-    pub(crate) fn fail(&self, node: &str, worker: usize, source: OpError) {
+    pub(crate) fn fail(&self, node: &str, worker: &WorkerInfo, source: OpError) {
         let mut failure = self.failure.lock().expect("failure lock");
         // A collective cut off by this failure may have reported first: this is the cause.
         let replaces = match &*failure {
@@ -126,7 +126,8 @@ impl JobShared {
             Some(EngineError::Operator { source: first, .. }) => first.is_consequence() && !source.is_consequence(),
             Some(_) => false,
         };
-        let failed = EngineError::Operator { node: node.to_string(), worker, source };
+        let device = worker.device.clone().filter(|d| d != "cpu");
+        let failed = EngineError::Operator { node: node.to_string(), worker: worker.index, device, source };
         let logged = if replaces { failure.replace(failed) } else { Some(failed) };
         if let Some(other) = logged {
             tracing::warn!("also failed: {other}");
@@ -164,7 +165,7 @@ impl NodeRuntime {
     }
 
     pub(crate) fn fail(&self, error: OpError) {
-        self.shared.fail(&self.id, self.worker.index, error);
+        self.shared.fail(&self.id, &self.worker, error);
     }
 
     /// Counts a finished call: busy time, rejections and a trace span.
