@@ -14,7 +14,8 @@ import argparse
 import json
 import os
 import sys
-import time
+
+from pytorch_components import time_ms  # the same CUDA-event timing
 
 
 def main():
@@ -62,24 +63,6 @@ def main():
             if cuda:
                 torch.cuda.empty_cache()
     return 1 if failed else 0
-
-
-def time_ms(torch, iters, fn, cuda):
-    for _ in range(2):
-        fn()
-    if not cuda:
-        started = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return (time.perf_counter() - started) * 1000 / iters
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 if __name__ == "__main__":

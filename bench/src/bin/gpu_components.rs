@@ -13,37 +13,14 @@
 
 use std::collections::HashMap;
 
-use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::{DType, Device, Tensor, Var};
+use latentflow_bench::gpu::{arg, time_ms, Result};
 use latentflow_operators::models::blocks::ResnetBlock;
 use latentflow_operators::models::nn::{attention, Conv2d, GroupNorm};
 use latentflow_operators::models::unet::Transformer2D;
 use latentflow_operators::models::{UNet, UNetConfig, Weights};
 use latentflow_operators::training::adamw::{AdamW, AdamWConfig};
 use latentflow_operators::training::grads::{clip_coefficient, global_norm};
-
-type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
-}
-
-/// Milliseconds per run of `f` on `device`'s stream: CUDA events around `iters` runs after two
-/// warm-up runs.
-fn time_ms(device: &Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    for _ in 0..2 {
-        f()?;
-    }
-    let stream = device.as_cuda_device()?.cuda_stream();
-    device.synchronize()?;
-    let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-    for _ in 0..iters {
-        f()?;
-    }
-    let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-    Ok(f64::from(start.elapsed_ms(&end)?) / iters as f64)
-}
 
 /// A random bf16 activation that takes gradients.
 fn activation(device: &Device, shape: &[usize], seed: u64) -> Result<Var> {

@@ -9,33 +9,11 @@
 //! gpu_encoders [--vae-batch 64] [--text-batch 256] [--iters 5] [--precisions bf16,f32] [--config-dir DIR]
 //! ```
 
-use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::{DType, Device, Tensor};
+use latentflow_bench::gpu::{arg, time_ms, Result};
 use latentflow_operators::models::load::{load_text_encoder_in, load_vae_in, ModelSource};
 use latentflow_operators::models::{ClipTextConfig, VaeConfig};
 use latentflow_operators::rng::Rng;
-
-type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
-}
-
-/// Milliseconds per call of `f`: CUDA events around `iters` calls after two warm-up calls.
-fn time_ms(device: &Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    for _ in 0..2 {
-        f()?;
-    }
-    let stream = device.as_cuda_device()?.cuda_stream();
-    device.synchronize()?;
-    let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-    for _ in 0..iters {
-        f()?;
-    }
-    let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-    Ok(f64::from(start.elapsed_ms(&end)?) / iters as f64)
-}
 
 fn dtype_of(name: &str) -> DType {
     match name {

@@ -12,14 +12,10 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use latentflow_bench::gpu::arg;
 use latentflow_operators::models::{UNet, UNetConfig, Weights};
 use latentflow_operators::rng::Rng;
 use latentflow_operators::training::{NoiseSchedule, Precision, SchedulerConfig, Trainer, TrainingOptions};
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
-}
 
 fn gib_in_use() -> f64 {
     use candle_core::cuda_backend::cudarc::driver::CudaContext;
