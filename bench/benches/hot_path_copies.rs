@@ -116,8 +116,8 @@ fn train_rows() -> f64 {
             }
             let mut rows = buffer.take();
             rows.sort_by_key(|r| std::cmp::Reverse(r.key));
-            let (latents, captions) = stack(&rows, &shapes, &Device::Cpu).unwrap();
-            assert_eq!(latents.dims()[0] + captions.dims()[0], 4 * BATCH);
+            let step = stack(&rows, &shapes, &Device::Cpu).unwrap();
+            assert_eq!(step.latents.dims()[0] + step.captions.dims()[0], 4 * BATCH);
         },
     )
 }
@@ -154,8 +154,8 @@ fn encoder_to_train() -> (f64, f64) {
             }
             let mut rows = buffer.take();
             rows.sort_by_key(|r| std::cmp::Reverse(r.key));
-            let (latents, captions) = stack(&rows, &shapes, &Device::Cpu).unwrap();
-            assert_eq!(latents.dims()[0] + captions.dims()[0], 4 * BATCH);
+            let step = stack(&rows, &shapes, &Device::Cpu).unwrap();
+            assert_eq!(step.latents.dims()[0] + step.captions.dims()[0], 4 * BATCH);
         })
     };
     (run(false), run(true))

@@ -112,3 +112,13 @@ if rows:
     print(f"- steps: {len(rows)}; after warm-up: {samples / seconds:.2f} samples/s, trainer waiting for data {100 * wait / seconds:.1f} % of the time")
 else:
     print("- no metrics.jsonl: see online.txt\n\n```\n" + read("online.txt")[-3000:] + "\n```")
+profile_path = os.path.join(out, "online-profile.json")
+if os.path.exists(profile_path):
+    profile = json.load(open(profile_path))
+    train = next((o for o in profile.get("operators", []) if o.get("type") == "train"), None)
+    if train:
+        # How the encoders' rows reached the trainer's device (issue 27): views, one copy per
+        # batch between devices (two handles on one GPU count as two devices), or host uploads.
+        print(f"- the trainer's rows: {train.get('counted', {})}")
+    if profile.get("peak_rss_bytes"):
+        print(f"- peak host memory: {profile['peak_rss_bytes'] / 2**30:.2f} GiB (goal <= 3 GB)")

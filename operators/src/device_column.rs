@@ -12,12 +12,12 @@ use crate::model_keys::op_error;
 
 /// A `[rows, ...]` f32 tensor holding a column's values (contiguous, with no autograd graph).
 #[derive(Debug)]
-pub struct CandleValues(Tensor);
+pub struct CandleValues(Option<Tensor>); // taken only by `drop`
 
 impl CandleValues {
     /// The `[rows, ...]` tensor.
     pub fn tensor(&self) -> &Tensor {
-        &self.0
+        self.0.as_ref().expect("values are there until dropped")
     }
 }
 
@@ -25,18 +25,25 @@ impl Drop for CandleValues {
     /// Makes the values' CUDA context current on the dropping thread first: cudarc frees device
     /// memory without binding its context, and a sink or engine thread that never ran a CUDA op
     /// has none current, so the free would fail there and poison the context's next call from
-    /// any thread (`CUDA_ERROR_INVALID_CONTEXT` in the encoder that made the values).
+    /// any thread (`CUDA_ERROR_INVALID_CONTEXT` in the encoder that made the values). A thread
+    /// working on another device (a trainer) gets its own context back once they are freed.
     fn drop(&mut self) {
         #[cfg(feature = "cuda")]
-        if let Err(e) = crate::cuda::bind_to_thread(self.0.device()) {
-            tracing::warn!("freeing device values on {:?} without their CUDA context: {e}", self.0.device().location());
-        }
+        let _scope = crate::cuda::ContextScope::enter(self.tensor().device())
+            .inspect_err(|e| {
+                tracing::warn!(
+                    "freeing device values on {:?} without their CUDA context: {e}",
+                    self.tensor().device().location()
+                )
+            })
+            .ok();
+        drop(self.0.take()); // before the scope ends
     }
 }
 
 impl DeviceTensor for CandleValues {
     fn device(&self) -> String {
-        match self.0.device().location() {
+        match self.tensor().device().location() {
             DeviceLocation::Cpu => "cpu".into(),
             DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
             DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
@@ -44,13 +51,13 @@ impl DeviceTensor for CandleValues {
     }
 
     fn len(&self) -> usize {
-        self.0.elem_count()
+        self.tensor().elem_count()
     }
 
     fn to_host(&self) -> Result<Vec<f32>, String> {
         #[cfg(feature = "cuda")]
-        crate::cuda::bind_to_thread(self.0.device()).map_err(|e| e.to_string())?;
-        self.0.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| e.to_string())
+        let _scope = crate::cuda::ContextScope::enter(self.tensor().device()).map_err(|e| e.to_string())?;
+        self.tensor().flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| e.to_string())
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
@@ -75,7 +82,7 @@ impl DeviceTensor for CandleValues {
 pub fn device_column(tensor: &Tensor) -> Result<Column, OpError> {
     let shape = tensor.dims().get(1..).unwrap_or_default().to_vec();
     let values = tensor.to_dtype(DType::F32).and_then(|t| t.contiguous()).map_err(op_error)?.detach();
-    Ok(Column::F32Device { shape, values: DeviceValues::new(CandleValues(values)) })
+    Ok(Column::F32Device { shape, values: DeviceValues::new(CandleValues(Some(values))) })
 }
 
 /// The `[rows, ...]` tensor of device values this crate made, if they are.

@@ -121,6 +121,46 @@ fn one_worker_two_threads_and_two_processes_train_the_same() {
     assert_eq!(position["sources"]["read"].as_object().unwrap().len(), 2, "{position}");
 }
 
+/// The shape of `sd2-base-256/online-8gpu.toml` on 4 CPU "devices": encoders on devices 2-3,
+/// data-parallel trainers on 0-1. The encoders' outputs reach the trainers as device columns
+/// (never turned into host columns on the way, also when they change trainer) and train the same
+/// steps as one worker.
+#[test]
+fn encoders_on_their_own_devices_hand_their_outputs_to_the_trainers_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    run(dir, &settings("w1", 4, 4));
+    let placed = [
+        "--workers",
+        "4",
+        "--profile",
+        "profile.json",
+        "--set",
+        r#"job.devices=["cpu","cpu","cpu","cpu"]"#,
+        "--set",
+        r#"nodes.vae.placement="devices:2-3""#,
+        "--set",
+        r#"nodes.text.placement="devices:2-3""#,
+        "--set",
+        r#"nodes.train.placement="devices:0-1""#,
+    ]
+    .map(String::from);
+    run(dir, &[placed.to_vec(), settings("placed", 4, 4)].concat());
+    assert_same_steps(
+        &metrics(&dir.join("w1")),
+        &metrics(&dir.join("placed")),
+        "1 worker vs encoders and trainers apart",
+    );
+    let profile: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("profile.json")).unwrap()).unwrap();
+    let node = |id: &str| profile["operators"].as_array().unwrap().iter().find(|o| o["id"] == id).unwrap().clone();
+    assert_eq!(node("vae")["workers"], serde_json::json!([2, 3]), "{profile}");
+    let train = node("train");
+    assert_eq!(train["workers"], serde_json::json!([0, 1]), "{profile}");
+    let counted = &train["counted"];
+    assert_eq!(counted["rows_on_device"], 4 * 16, "every trained row came as the encoders left it: {counted}");
+    assert!(counted.get("rows_from_host").is_none(), "no row went through a host column: {counted}");
+}
+
 #[test]
 fn a_killed_process_fails_its_peer_and_the_rerun_resumes_step_for_step() {
     let dir = tempfile::tempdir().unwrap();

@@ -188,3 +188,73 @@ fn gradients_agree_with_finite_differences_in_f64() {
         assert!(error < 1e-5, "{name}[{index}]: analytic {analytic} vs numeric {numeric}");
     }
 }
+
+/// The encoders' hand-off to the trainer: batches made on an encoder's own device, on its own
+/// thread (another candle device on the same GPU in a CUDA build with one, and another GPU when
+/// there are two), stacked on the trainer's device in key order with one device-to-device copy
+/// per batch; the encoder's memory is freed on the trainer's thread after the step.
+#[test]
+fn encoder_rows_reach_the_trainers_device_in_one_copy_per_batch() {
+    use latentflow_engine::{Batch, Column};
+    use latentflow_operators::device_column::device_column;
+    use latentflow_operators::train::rows::{stack, RowBuffer};
+
+    let trainer = test_device();
+    let mut encoders = vec![trainer.clone()];
+    if trainer.is_cuda() {
+        encoders.push(Device::new_cuda(0).unwrap()); // another handle and stream on the same GPU
+        if let Ok(second) = Device::new_cuda(1) {
+            println!("hand-off from cuda:1");
+            encoders.push(second);
+        }
+    }
+    for encoder in encoders {
+        let moved = !encoder.same_device(&trainer);
+        // Two batches of keys made on an encoder thread: latents [key, key + 0.5], captions [-key].
+        let batches: Vec<Batch> = std::thread::spawn({
+            let encoder = encoder.clone();
+            move || {
+                [[4i64, 1, 3], [0, 5, 2]]
+                    .iter()
+                    .map(|keys| {
+                        let latents: Vec<f32> = keys.iter().flat_map(|&k| [k as f32, k as f32 + 0.5]).collect();
+                        let captions: Vec<f32> = keys.iter().map(|&k| -k as f32).collect();
+                        let latents = Tensor::from_vec(latents, (3, 2), &encoder).unwrap();
+                        let captions =
+                            Tensor::from_vec(captions, (3, 1), &encoder).unwrap().to_dtype(DType::BF16).unwrap();
+                        Batch::new()
+                            .with("key", Column::I64(keys.to_vec()))
+                            .unwrap()
+                            .with("latents", device_column(&latents).unwrap())
+                            .unwrap()
+                            .with("caption_latents", device_column(&captions).unwrap())
+                            .unwrap()
+                    })
+                    .collect()
+            }
+        })
+        .join()
+        .unwrap();
+        let mut buffer = RowBuffer::default();
+        for batch in batches {
+            buffer.push(batch).unwrap();
+        }
+        let mut rows = buffer.take();
+        rows.sort_by_key(|r| r.key);
+        let step = stack(&rows, &(vec![2], vec![1]), &trainer).unwrap();
+        assert!(step.latents.device().same_device(&trainer) && step.captions.device().same_device(&trainer));
+        let want: Vec<Vec<f32>> = (0..6).map(|k| vec![k as f32, k as f32 + 0.5]).collect();
+        assert_eq!(step.latents.to_device(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap(), want);
+        let captions = step.captions.to_device(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(captions, (0..6).map(|k| vec![-k as f32]).collect::<Vec<_>>());
+        let h = step.handoff;
+        match moved {
+            true => assert_eq!((h.rows_moved, h.device_copies, h.rows_on_device), (6, 2, 0), "{encoder:?}"),
+            false => assert_eq!((h.rows_moved, h.device_copies, h.rows_on_device), (0, 0, 6), "{encoder:?}"),
+        }
+        drop(rows); // the encoder's buffers go here, on the trainer's thread
+                    // The trainer's device still works (its context is current again).
+        let sum = (step.latents.sum_all().unwrap().to_device(&Device::Cpu).unwrap()).to_scalar::<f32>().unwrap();
+        assert_eq!(sum, 33.0);
+    }
+}

@@ -1,6 +1,8 @@
 //! The shared-memory transport: every rank of the group is a thread of this process. Buffers
-//! move by ownership through one mailbox; nothing is copied or serialised.
+//! (and objects, [`Collective::exchange_objects`]) move by ownership through one mailbox;
+//! nothing is copied or serialised.
 
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -15,9 +17,15 @@ struct Hub {
     abort: AbortCheck,
 }
 
+/// What one rank hands another in a round.
+enum Parcel {
+    Bytes(Vec<u8>),
+    Object(Box<dyn Any + Send>),
+}
+
 #[derive(Default)]
 struct State {
-    mail: BTreeMap<(u64, usize, usize), Vec<u8>>,
+    mail: BTreeMap<(u64, usize, usize), Parcel>,
     /// Ranks whose handle was dropped, with the round they had reached.
     left: BTreeMap<usize, u64>,
 }
@@ -41,6 +49,46 @@ struct LocalEndpoint {
 
 impl Endpoint for LocalEndpoint {
     fn exchange(&mut self, round: u64, outgoing: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, CollectiveError> {
+        let incoming = self.swap(round, outgoing.into_iter().map(Parcel::Bytes).collect())?;
+        incoming
+            .into_iter()
+            .enumerate()
+            .map(|(from, parcel)| match parcel {
+                Parcel::Bytes(bytes) => Ok(bytes),
+                Parcel::Object(_) => Err(self.out_of_step(from, round)),
+            })
+            .collect()
+    }
+
+    fn exchange_objects(
+        &mut self,
+        round: u64,
+        outgoing: Vec<Box<dyn Any + Send>>,
+    ) -> Option<Result<Vec<Box<dyn Any + Send>>, CollectiveError>> {
+        let incoming = match self.swap(round, outgoing.into_iter().map(Parcel::Object).collect()) {
+            Ok(incoming) => incoming,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(
+            incoming
+                .into_iter()
+                .enumerate()
+                .map(|(from, parcel)| match parcel {
+                    Parcel::Object(object) => Ok(object),
+                    Parcel::Bytes(_) => Err(self.out_of_step(from, round)),
+                })
+                .collect(),
+        )
+    }
+
+    fn moves_objects(&self) -> bool {
+        true
+    }
+}
+
+impl LocalEndpoint {
+    /// Hands `outgoing[r]` to rank `r` and waits for one parcel from every rank.
+    fn swap(&mut self, round: u64, outgoing: Vec<Parcel>) -> Result<Vec<Parcel>, CollectiveError> {
         let hub = &self.hub;
         let rank = self.rank;
         self.round = round + 1;
@@ -71,6 +119,15 @@ impl Endpoint for LocalEndpoint {
                 return Err(CollectiveError::Aborted { group: hub.group.clone(), rank });
             }
             state = hub.changed.wait_timeout(state, ABORT_POLL).expect("collective lock").0;
+        }
+    }
+
+    /// Rank `from` sent bytes where objects were exchanged, or the other way round.
+    fn out_of_step(&self, from: usize, round: u64) -> CollectiveError {
+        CollectiveError::Mismatch {
+            group: self.hub.group.clone(),
+            rank: self.rank,
+            message: format!("rank {from} called a different collective in round {round}"),
         }
     }
 }

@@ -62,6 +62,21 @@ pub enum CollectiveError {
 /// handed this one, in rank order. Calls happen in the same order on every rank.
 pub(crate) trait Endpoint: Send {
     fn exchange(&mut self, round: u64, outgoing: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, CollectiveError>;
+
+    /// As `exchange`, with objects handed over as they are; `None` where the transport cannot
+    /// (ranks in other processes).
+    fn exchange_objects(
+        &mut self,
+        _round: u64,
+        _outgoing: Vec<Box<dyn std::any::Any + Send>>,
+    ) -> Option<Result<Vec<Box<dyn std::any::Any + Send>>, CollectiveError>> {
+        None
+    }
+
+    /// Whether `exchange_objects` works: every rank is a thread of this process.
+    fn moves_objects(&self) -> bool {
+        false
+    }
 }
 
 /// Says whether the job failed elsewhere, so a rank waiting for its peers gives up.
@@ -178,6 +193,56 @@ impl Collective {
         self.round += 1;
         let incoming = self.endpoint.exchange(round, outgoing)?;
         self.stats.bytes_sent.fetch_add(sent as u64, Ordering::Relaxed);
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        self.stats.nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        Ok(incoming)
+    }
+
+    /// Whether every rank is a thread of this process, so [`Collective::exchange_objects`]
+    /// works.
+    pub fn is_local(&self) -> bool {
+        self.endpoint.moves_objects()
+    }
+
+    /// All-to-all of values as they are (no copy, no serialisation: device tensors stay on
+    /// their devices), for groups within one process ([`Collective::is_local`]): hands
+    /// `outgoing[r]` to rank `r` and returns what each rank handed this one, in rank order.
+    /// Every rank must call it at the same point of its collectives, with the same `T`.
+    ///
+    /// ```
+    /// use latentflow_engine::Collective;
+    ///
+    /// let ranks = Collective::local_group("g", 2);
+    /// let handles: Vec<_> = ranks
+    ///     .into_iter()
+    ///     .map(|mut c| {
+    ///         std::thread::spawn(move || {
+    ///             let me = c.rank();
+    ///             c.exchange_objects((0..2).map(|to| format!("{me}->{to}")).collect()).unwrap()
+    ///         })
+    ///     })
+    ///     .collect();
+    /// let got: Vec<Vec<String>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    /// assert_eq!(got[1], ["0->1", "1->1"]);
+    /// ```
+    pub fn exchange_objects<T: Send + 'static>(&mut self, outgoing: Vec<T>) -> Result<Vec<T>, CollectiveError> {
+        if outgoing.len() != self.size {
+            return Err(self.mismatch(format!("exchange needs {} values, got {}", self.size, outgoing.len())));
+        }
+        let started = std::time::Instant::now();
+        let round = self.round;
+        let boxed = outgoing.into_iter().map(|v| Box::new(v) as Box<dyn std::any::Any + Send>).collect();
+        let Some(incoming) = self.endpoint.exchange_objects(round, boxed) else {
+            return Err(self.mismatch("objects cannot cross processes: the group is not local".into()));
+        };
+        self.round += 1;
+        let incoming = incoming?
+            .into_iter()
+            .enumerate()
+            .map(|(from, object)| {
+                object.downcast::<T>().map(|v| *v).map_err(|_| self.mismatch(format!("rank {from} sent another type")))
+            })
+            .collect::<Result<Vec<T>, _>>()?;
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         self.stats.nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok(incoming)

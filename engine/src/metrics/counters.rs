@@ -13,6 +13,8 @@ use crate::operator::Rejection;
 pub struct OperatorMetrics {
     pub(crate) node_index: usize,
     pub(crate) worker: usize,
+    /// Whether the node runs on this worker (other workers only pass its rows on).
+    pub(crate) runs_here: bool,
     batches_in: AtomicU64,
     items_in: AtomicU64,
     batches_out: AtomicU64,
@@ -131,8 +133,8 @@ pub struct MetricsRegistry {
 }
 
 impl MetricsRegistry {
-    pub(crate) fn register(&self, node_index: usize, worker: usize) -> Arc<OperatorMetrics> {
-        let metrics = Arc::new(OperatorMetrics { node_index, worker, ..OperatorMetrics::default() });
+    pub(crate) fn register(&self, node_index: usize, worker: usize, runs_here: bool) -> Arc<OperatorMetrics> {
+        let metrics = Arc::new(OperatorMetrics { node_index, worker, runs_here, ..OperatorMetrics::default() });
         self.instances.lock().expect("metrics lock").push(Arc::clone(&metrics));
         metrics
     }
@@ -143,7 +145,9 @@ impl MetricsRegistry {
         for m in self.instances.lock().expect("metrics lock").iter() {
             if let Some((sum, workers)) = out.get_mut(m.node_index) {
                 sum.add(&m.snapshot());
-                workers.push(m.worker);
+                if m.runs_here {
+                    workers.push(m.worker);
+                }
             }
         }
         out

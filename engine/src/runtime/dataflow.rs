@@ -40,7 +40,7 @@ fn build<'s>(scope: Scope<'s, u64>, shared: &Arc<JobShared>, index: usize, peers
         let runtime = NodeRuntime {
             id: Arc::from(node.id.as_str()),
             worker: worker_info(shared, index, peers, &workers),
-            metrics: shared.metrics.register(i, index),
+            metrics: shared.metrics.register(i, index, workers.contains(&index)),
             shared: Arc::clone(shared),
             reject_log: node.reject_log.as_ref().and_then(|p| shared.reject_logs.get(p).cloned()),
             collective: Arc::new(Mutex::new(collective(scope, shared, i, node, &workers))),

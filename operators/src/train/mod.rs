@@ -10,6 +10,7 @@
 
 mod conditions;
 mod config;
+pub mod handoff;
 mod metrics;
 mod queue;
 mod replicas;
@@ -282,7 +283,12 @@ impl Train {
         }
         let shapes = step.shapes.clone();
         let waited = run.idle_since.elapsed().saturating_sub(run.busy_in_writes).as_secs_f64();
-        let (latents, context) = rows::stack(&step.rows, &shapes, &run.device)?;
+        let stacked = rows::stack(&step.rows, &shapes, &run.device)?;
+        let (latents, context) = (stacked.latents, stacked.captions);
+        ctx.count("rows_from_host", stacked.handoff.rows_from_host);
+        ctx.count("rows_on_device", stacked.handoff.rows_on_device);
+        ctx.count("rows_moved_between_devices", stacked.handoff.rows_moved);
+        ctx.count("device_to_device_copies", stacked.handoff.device_copies);
         let began = Instant::now();
         let shard = Shard { first: step.first, global_rows: step.global_rows };
         let empty = run.empty_caption.as_ref();

@@ -4,7 +4,9 @@
 //! Every epoch, the replicas agree on its rows with one small all-gather of their row keys and
 //! shapes, which every replica adds to the same [`BucketQueue`]; a step's rows in key order are
 //! split into `N` contiguous blocks (rank `r` trains positions `r G / N .. (r + 1) G / N`), and
-//! rows held by another trainer are moved to the one whose block holds them. So the split
+//! rows held by another trainer are moved to the one whose block holds them: as they are between
+//! trainers of one process (rows an encoder left on its GPU stay there until the step moves them
+//! to the trainer's GPU, [`super::handoff`]), as bytes between processes. So the split
 //! depends on the keys alone, never on which worker a row arrived at or when; and a replica's
 //! draws are those of its positions in the step's one random stream, so the step's numbers do
 //! not depend on `N` either.
@@ -191,29 +193,45 @@ impl Replicas {
         let block = |r: usize| (r * n / size)..((r + 1) * n / size);
         let owner = |position: usize| (0..size).find(|&r| block(r).contains(&position)).unwrap_or(size - 1);
         let mut take = |id: u64| held.remove(&id).ok_or_else(|| OpError::msg(format!("waiting row {id} is not here")));
-        let mut outgoing = vec![Vec::new(); size];
-        let mut kept = Vec::new();
-        for (position, w) in step.rows.iter().enumerate().filter(|(_, w)| w.holder == rank) {
-            let row = take(w.id)?;
-            match owner(position) {
-                to if to == rank => kept.push((position, row)),
-                to => encode_row(&mut outgoing[to], &row)?,
-            }
-        }
+        let mine: Vec<(usize, Row)> = step
+            .rows
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.holder == rank)
+            .map(|(position, w)| Ok((position, take(w.id)?)))
+            .collect::<Result<_, OpError>>()?;
         let Some(collective) = self.collective.as_mut() else {
-            return Ok((kept.into_iter().map(|(_, r)| r).collect(), 0));
+            return Ok((mine.into_iter().map(|(_, r)| r).collect(), 0));
         };
-        let incoming = collective.exchange(outgoing)?;
-        let mut rows = kept;
-        let mut cursors: Vec<usize> = vec![0; size];
-        for (position, w) in step.rows.iter().enumerate() {
-            if owner(position) != rank || w.holder == rank {
-                continue;
+        let mut rows: Vec<(usize, Row)> = if collective.is_local() {
+            // Trainers in one process hand each other the rows as they are: rows still on an
+            // encoder's device stay there until the step moves them to the trainer's device.
+            let mut outgoing: Vec<Vec<(usize, Row)>> = (0..size).map(|_| Vec::new()).collect();
+            for (position, row) in mine {
+                outgoing[owner(position)].push((position, row));
             }
-            let row = decode_row(&incoming[w.holder], &mut cursors[w.holder], &step.shapes)
-                .ok_or_else(|| OpError::msg(format!("trainer {} sent a truncated row", w.holder)))?;
-            rows.push((position, row));
-        }
+            collective.exchange_objects(outgoing)?.into_iter().flatten().collect()
+        } else {
+            let mut outgoing = vec![Vec::new(); size];
+            let mut kept = Vec::new();
+            for (position, row) in mine {
+                match owner(position) {
+                    to if to == rank => kept.push((position, row)),
+                    to => encode_row(&mut outgoing[to], &row)?,
+                }
+            }
+            let incoming = collective.exchange(outgoing)?;
+            let mut cursors: Vec<usize> = vec![0; size];
+            for (position, w) in step.rows.iter().enumerate() {
+                if owner(position) != rank || w.holder == rank {
+                    continue;
+                }
+                let row = decode_row(&incoming[w.holder], &mut cursors[w.holder], &step.shapes)
+                    .ok_or_else(|| OpError::msg(format!("trainer {} sent a truncated row", w.holder)))?;
+                kept.push((position, row));
+            }
+            kept
+        };
         rows.sort_by_key(|(p, _)| *p);
         Ok((rows.into_iter().map(|(_, r)| r).collect(), block(rank).start))
     }

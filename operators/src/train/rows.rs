@@ -5,8 +5,9 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use latentflow_engine::{Batch, Column, OpError};
+use latentflow_engine::{Batch, Column, DeviceValues, OpError};
 
+use super::handoff::{self, Counts, Origin, Plan, Run};
 use crate::model_keys::op_error;
 
 /// The per-row shapes of `latents` and `caption_latents`: rows of one step share them (a
@@ -29,6 +30,9 @@ enum Values {
     Device {
         rows: Tensor,
         row: usize,
+        /// The encoder's output the tensor is a view of, held so its memory is freed where its
+        /// device's context is current, whichever thread lets go of it last.
+        _owner: DeviceValues,
     },
 }
 
@@ -43,7 +47,9 @@ impl RowValues {
     pub fn to_host(&self) -> Result<Cow<'_, [f32]>, OpError> {
         match &self.0 {
             Values::Host { column, range } => Ok(Cow::Borrowed(&column[range.clone()])),
-            Values::Device { rows, row } => Ok(Cow::Owned(rows.get(*row).and_then(|r| r.to_vec1()).map_err(op_error)?)),
+            Values::Device { rows, row, .. } => {
+                Ok(Cow::Owned(rows.get(*row).and_then(|r| r.to_vec1()).map_err(op_error)?))
+            }
         }
     }
 }
@@ -82,9 +88,10 @@ pub struct Row {
 /// buffer.push(batch)?;
 /// let mut rows = buffer.take();
 /// rows.sort_by_key(|r| r.key);
-/// let (latents, captions) = stack(&rows, &(vec![2], vec![1]), &Device::Cpu)?;
-/// assert_eq!(latents.to_vec2::<f32>()?, [[3.0, 3.5], [7.0, 7.5]]);
-/// assert_eq!(captions.to_vec2::<f32>()?, [[-3.0], [-7.0]]);
+/// let step = stack(&rows, &(vec![2], vec![1]), &Device::Cpu)?;
+/// assert_eq!(step.latents.to_vec2::<f32>()?, [[3.0, 3.5], [7.0, 7.5]]);
+/// assert_eq!(step.captions.to_vec2::<f32>()?, [[-3.0], [-7.0]]);
+/// assert_eq!(step.handoff.rows_from_host, 2);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Default)]
@@ -106,7 +113,7 @@ fn f32_rows(batch: &mut Batch, name: &str) -> Result<(Vec<usize>, Column32), OpE
                     return Ok((shape, Column32::Host(Arc::new(host))));
                 }
             };
-            Ok((shape, Column32::Device(rows)))
+            Ok((shape, Column32::Device(rows, values)))
         }
         Some(other) => Err(OpError::msg(format!("`{name}` is a {} column, not f32", other.column_type()))),
         None => Err(OpError::msg(format!("missing column `{name}`"))),
@@ -116,14 +123,15 @@ fn f32_rows(batch: &mut Batch, name: &str) -> Result<(Vec<usize>, Column32), OpE
 /// A batch's f32 column as [`RowBuffer::push`] takes it apart.
 enum Column32 {
     Host(Arc<Vec<f32>>),
-    Device(Tensor),
+    /// `[rows, values]`, a view of the device values.
+    Device(Tensor, DeviceValues),
 }
 
 impl Column32 {
     fn len(&self) -> usize {
         match self {
             Column32::Host(values) => values.len(),
-            Column32::Device(rows) => rows.elem_count(),
+            Column32::Device(rows, _) => rows.elem_count(),
         }
     }
 
@@ -131,7 +139,7 @@ impl Column32 {
     fn row(&self, i: usize, per_row: usize) -> RowValues {
         RowValues(match self {
             Column32::Host(column) => Values::Host { column: column.clone(), range: i * per_row..(i + 1) * per_row },
-            Column32::Device(rows) => Values::Device { rows: rows.clone(), row: i },
+            Column32::Device(rows, owner) => Values::Device { rows: rows.clone(), row: i, _owner: owner.clone() },
         })
     }
 }
@@ -170,46 +178,88 @@ impl RowBuffer {
     }
 }
 
+/// A step's latents and captions on the trainer's device, and how its rows got there.
+#[derive(Debug)]
+pub struct Stacked {
+    /// `[n, ...]` latents.
+    pub latents: Tensor,
+    /// `[n, ...]` caption embeddings.
+    pub captions: Tensor,
+    /// What was copied from where, for the latents and captions alike.
+    pub handoff: Counts,
+}
+
 /// `rows` (all of `shapes`) stacked into latents `[n, ...]` and captions `[n, ...]` on `device`
-/// (n may be 0): one copy of each row, into the step's tensor, in the order given. Rows from
-/// host columns are gathered on the host; rows still on a device are concatenated there.
-pub fn stack(rows: &[Row], shapes: &Shapes, device: &Device) -> Result<(Tensor, Tensor), OpError> {
-    let n = rows.len();
+/// (n may be 0), in the order given, following a [`Plan`]: rows from host columns are gathered
+/// on the host, rows on `device` are read in place, rows on other devices are moved in one
+/// device-to-device copy per batch; then one copy of each row into the step's tensor.
+pub fn stack(rows: &[Row], shapes: &Shapes, device: &Device) -> Result<Stacked, OpError> {
+    stack_from(rows, shapes, device, |tensor| tensor.device().same_device(device))
+}
+
+/// [`stack`], with whether a device batch is on the trainer's device given by
+/// `on_trainers_device` (tests place CPU tensors on pretend GPUs to check the routing).
+fn stack_from(
+    rows: &[Row],
+    shapes: &Shapes,
+    device: &Device,
+    on_trainers_device: impl Fn(&Tensor) -> bool,
+) -> Result<Stacked, OpError> {
     if let Some(row) = rows.iter().find(|r| &r.shapes != shapes) {
         return Err(OpError::msg(format!("row {} of shapes {:?} in a step of {shapes:?}", row.key, row.shapes)));
     }
-    let one = |shape: &[usize], pick: fn(&Row) -> &RowValues| -> Result<Tensor, OpError> {
+    let column = |shape: &[usize], pick: fn(&Row) -> &RowValues| -> Result<(Tensor, Counts), OpError> {
         let per_row = shape.iter().product::<usize>();
-        let dims: Vec<usize> = std::iter::once(n).chain(shape.iter().copied()).collect();
-        // Runs of host rows as one tensor each (all the rows, one copy, when none is on a
-        // device), device rows as views of their batch's tensor.
-        let mut pieces: Vec<Tensor> = Vec::new();
-        let mut host: Vec<f32> = Vec::with_capacity(n * per_row); // no regrowth when all are host rows
-        let flush = |host: &mut Vec<f32>, pieces: &mut Vec<Tensor>| -> Result<(), OpError> {
-            if !host.is_empty() {
-                let run = host.len() / per_row.max(1);
-                pieces.push(Tensor::from_vec(std::mem::take(host), (run, per_row), device).map_err(op_error)?);
-            }
-            Ok(())
-        };
-        for r in rows {
-            match &pick(r).0 {
-                Values::Host { column, range } => host.extend_from_slice(&column[range.clone()]),
-                Values::Device { rows, row } => {
-                    flush(&mut host, &mut pieces)?;
-                    pieces.push(rows.narrow(0, *row, 1).and_then(|t| t.to_device(device)).map_err(op_error)?);
+        let dims: Vec<usize> = std::iter::once(rows.len()).chain(shape.iter().copied()).collect();
+        // The step's distinct device batches, and each row's origin.
+        let mut batches: Vec<&Tensor> = Vec::new();
+        let origins: Vec<Origin> = rows
+            .iter()
+            .map(|r| match &pick(r).0 {
+                Values::Host { .. } => Origin::Host,
+                Values::Device { rows: tensor, row, .. } => {
+                    let batch = batches.iter().position(|b| b.id() == tensor.id()).unwrap_or_else(|| {
+                        batches.push(tensor);
+                        batches.len() - 1
+                    });
+                    Origin::Device { batch, row: *row, on_trainers_device: on_trainers_device(tensor) }
                 }
-            }
+            })
+            .collect();
+        let plan = Plan::new(&origins);
+        let moved: Vec<Tensor> = plan
+            .transfers
+            .iter()
+            .map(|t| handoff::move_rows(batches[t.batch], &t.rows, device))
+            .collect::<candle_core::Result<_>>()
+            .map_err(op_error)?;
+        let mut pieces = Vec::with_capacity(plan.runs.len());
+        for run in &plan.runs {
+            pieces.push(
+                match run {
+                    Run::Host { rows: range } => {
+                        let mut host = Vec::with_capacity(range.len() * per_row);
+                        for r in &rows[range.clone()] {
+                            host.extend_from_slice(&pick(r).to_host()?);
+                        }
+                        Tensor::from_vec(host, (range.len(), per_row), device)
+                    }
+                    Run::Local { batch, rows: range } => batches[*batch].narrow(0, range.start, range.len()),
+                    Run::Moved { transfer, rows: range } => moved[*transfer].narrow(0, range.start, range.len()),
+                }
+                .map_err(op_error)?,
+            );
         }
-        flush(&mut host, &mut pieces)?;
-        if pieces.is_empty() {
-            return Tensor::zeros(dims, candle_core::DType::F32, device).map_err(op_error);
-            // n is 0
-        }
-        // `cat` of one piece is that piece, without a copy.
-        Tensor::cat(&pieces, 0).and_then(|t| t.reshape(dims)).map_err(op_error)
+        let stacked = match pieces.is_empty() {
+            true => Tensor::zeros(dims, candle_core::DType::F32, device), // n is 0
+            // `cat` of one piece is that piece, without a copy.
+            false => Tensor::cat(&pieces, 0).and_then(|t| t.reshape(dims)),
+        };
+        Ok((stacked.map_err(op_error)?, plan.counts()))
     };
-    Ok((one(&shapes.0, |r| &r.latents)?, one(&shapes.1, |r| &r.caption)?))
+    let (latents, handoff) = column(&shapes.0, |r| &r.latents)?;
+    let (captions, _) = column(&shapes.1, |r| &r.caption)?;
+    Ok(Stacked { latents, captions, handoff })
 }
 
 #[cfg(test)]
@@ -254,7 +304,8 @@ mod tests {
                 "kept on the device"
             );
             rows.sort_by_key(|r| r.key);
-            let (latents, captions) = stack(&rows, &(vec![2], vec![1]), &Device::Cpu).unwrap();
+            let Stacked { latents, captions, handoff } = stack(&rows, &(vec![2], vec![1]), &Device::Cpu).unwrap();
+            assert_eq!((handoff.rows_on_device, handoff.rows_from_host), (on_device as u64, 5 - on_device as u64));
             let want: Vec<Vec<f32>> = (1..=5).map(|k| vec![k as f32, k as f32 + 0.5]).collect();
             assert_eq!(latents.to_vec2::<f32>().unwrap(), want, "{devices:?}");
             assert_eq!(captions.to_vec2::<f32>().unwrap(), (1..=5).map(|k| vec![-k as f32]).collect::<Vec<_>>());
@@ -265,7 +316,42 @@ mod tests {
 
     #[test]
     fn a_step_of_no_rows_stacks_into_empty_tensors_of_the_shapes() {
-        let (latents, captions) = stack(&[], &(vec![4, 2, 2], vec![77, 8]), &Device::Cpu).unwrap();
-        assert_eq!((latents.dims(), captions.dims()), (&[0, 4, 2, 2][..], &[0, 77, 8][..]));
+        let step = stack(&[], &(vec![4, 2, 2], vec![77, 8]), &Device::Cpu).unwrap();
+        assert_eq!((step.latents.dims(), step.captions.dims()), (&[0, 4, 2, 2][..], &[0, 77, 8][..]));
+    }
+
+    #[test]
+    fn rows_from_encoders_on_other_devices_arrive_in_the_steps_order_in_one_copy_per_batch() {
+        // Three encoder batches: two "on cuda:6" and "cuda:7" (CPU tensors placed there by the
+        // test), one on the trainer's own device, and a host batch, interleaved by key.
+        let mut buffer = RowBuffer::default();
+        for (keys, on_device) in
+            [(&[6, 1, 9][..], true), (&[7, 2][..], true), (&[3, 8][..], true), (&[4, 5][..], false)]
+        {
+            buffer.push(batch(keys, on_device)).unwrap();
+        }
+        let mut rows = buffer.take();
+        rows.sort_by_key(|r| r.key);
+        let gpu_of = |key: i64| match key {
+            6 | 1 | 9 => 6,
+            7 | 2 => 7,
+            _ => 0,
+        };
+        // Each batch's tensor, by the key of one of its rows (latents and captions alike).
+        let mut places: Vec<(candle_core::TensorId, usize)> = Vec::new();
+        for r in &rows {
+            for values in [&r.latents, &r.caption] {
+                if let Values::Device { rows: tensor, .. } = &values.0 {
+                    places.push((tensor.id(), gpu_of(r.key)));
+                }
+            }
+        }
+        // The trainer is "cuda:0": the CPU here stands in for it.
+        let on_trainer = |tensor: &Tensor| places.iter().any(|(id, gpu)| *id == tensor.id() && *gpu == 0);
+        let step = stack_from(&rows, &(vec![2], vec![1]), &Device::Cpu, on_trainer).unwrap();
+        let want: Vec<Vec<f32>> = (1..=9).map(|k| vec![k as f32, k as f32 + 0.5]).collect();
+        assert_eq!(step.latents.to_vec2::<f32>().unwrap(), want);
+        assert_eq!(step.captions.to_vec2::<f32>().unwrap(), (1..=9).map(|k| vec![-k as f32]).collect::<Vec<_>>());
+        assert_eq!(step.handoff, Counts { rows_from_host: 2, rows_on_device: 2, rows_moved: 5, device_copies: 2 });
     }
 }
