@@ -3,17 +3,18 @@
 //! Every operator a topology can name, one per file: its config struct (the keys of its
 //! `[nodes.ID]` table), its logic and its unit tests. [`registry`] is the closed list the
 //! topology compiler knows; `latentflow operators` prints it.
+//!
+//! The models and the training math live in their own crates below this one
+//! (`latentflow-models`, `latentflow-training`). They are re-exported here under their old
+//! paths (`latentflow_operators::models`, `::training`, `::clip`, `::rng`, `::durable`,
+//! `::cuda`) for one release: new code names the crates.
 
 pub mod bytes_source;
 pub mod checksum;
-pub mod clip;
-#[cfg(feature = "cuda")]
-pub mod cuda;
 pub mod dedup;
 pub mod demo;
 pub mod demo_source;
 pub mod device_column;
-pub mod durable;
 pub mod folder_source;
 pub mod http;
 pub mod image_sink;
@@ -23,21 +24,25 @@ pub mod keys;
 pub mod latents_sink;
 pub mod latents_source;
 pub mod model_keys;
-pub mod models;
 pub mod null_sink;
 pub mod parquet_source;
 pub mod pixels;
-pub mod rng;
 pub mod sharding;
 pub mod source_rows;
 pub mod tables;
 pub mod text_encode;
 pub mod tokenize;
 pub mod train;
-pub mod training;
 pub mod url_source;
 pub mod vae_encode;
 pub mod webdataset;
+
+pub use latentflow_models as models;
+#[cfg(feature = "cuda")]
+pub use latentflow_models::cuda;
+pub use latentflow_models::{clip, rng};
+pub use latentflow_training as training;
+pub use latentflow_training::durable;
 
 use latentflow_engine::{Catalog, OperatorEntry};
 

@@ -110,11 +110,11 @@ impl Replicas {
     pub fn gradient_sum(&mut self) -> Option<GradientSum<'_>> {
         #[cfg(feature = "nccl")]
         if let Some(group) = self.nccl.as_mut() {
-            return Some(GradientSum::new(group, None));
+            return Some(GradientSum::new(Box::new(group), None));
         }
         let collective = self.collective.as_mut()?;
         let stats = std::sync::Arc::clone(collective.stats());
-        Some(GradientSum::new(collective, Some(stats)))
+        Some(GradientSum::new(Box::new(CollectiveSum(collective)), Some(stats)))
     }
 
     /// This replica's rank.
@@ -310,7 +310,7 @@ fn decode_row(bytes: &[u8], offset: &mut usize, shapes: &Shapes) -> Option<Row> 
 
 /// Sums gradients over the replicas (the engine's collective or NCCL), timing what it does.
 pub(super) struct GradientSum<'a> {
-    inner: &'a mut dyn crate::training::Replicas,
+    inner: Box<dyn crate::training::Replicas + 'a>,
     /// The collective's counters, for the bytes it sent.
     stats: Option<std::sync::Arc<latentflow_engine::collective::CollectiveStats>>,
     bytes_before: u64,
@@ -319,7 +319,7 @@ pub(super) struct GradientSum<'a> {
 
 impl<'a> GradientSum<'a> {
     fn new(
-        inner: &'a mut dyn crate::training::Replicas,
+        inner: Box<dyn crate::training::Replicas + 'a>,
         stats: Option<std::sync::Arc<latentflow_engine::collective::CollectiveStats>>,
     ) -> Self {
         let bytes_before = stats.as_ref().map_or(0, |s| s.bytes_sent());
@@ -342,9 +342,12 @@ impl crate::training::Replicas for GradientSum<'_> {
     }
 }
 
-impl crate::training::Replicas for Collective {
+/// The engine's collective as what sums a trainer's gradients.
+struct CollectiveSum<'a>(&'a mut Collective);
+
+impl crate::training::Replicas for CollectiveSum<'_> {
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), String> {
-        Collective::all_reduce_sum(self, buf).map_err(|e| e.to_string())
+        self.0.all_reduce_sum(buf).map_err(|e| e.to_string())
     }
 }
 
