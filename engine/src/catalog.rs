@@ -20,8 +20,11 @@ pub struct OperatorEntry {
     pub key_docs: &'static [(&'static str, &'static str)],
     /// The keys the config struct accepts, read from its serde definition.
     pub fields: &'static [&'static str],
-    parse: fn(toml::Table) -> Result<Arc<dyn NodeSpec>, String>,
+    parse: Parse,
 }
+
+/// How an entry turns a node's keys into its spec.
+type Parse = Arc<dyn Fn(toml::Table) -> Result<Arc<dyn NodeSpec>, String> + Send + Sync>;
 
 impl OperatorEntry {
     /// The entry for config type `C`.
@@ -33,8 +36,20 @@ impl OperatorEntry {
             example: C::EXAMPLE,
             key_docs: C::KEYS,
             fields: serde_aux::serde_introspection::serde_introspect::<C>(),
-            parse: parse_config::<C>,
+            parse: Arc::new(parse_config::<C>),
         }
+    }
+
+    /// An entry whose specs `parse` makes (the closure maps of a [`crate::Pipeline`]); it has no
+    /// example and documents no keys.
+    pub(crate) fn custom(
+        type_name: &'static str,
+        kind: OperatorKind,
+        summary: &'static str,
+        fields: &'static [&'static str],
+        parse: Parse,
+    ) -> Self {
+        OperatorEntry { type_name, kind, summary, example: "", key_docs: &[], fields, parse }
     }
 
     /// Parses a node's operator keys (without `type`, `inputs` and the engine's own keys).
@@ -72,6 +87,11 @@ pub struct Catalog {
     device_check: Option<DeviceCheck>,
 }
 
+/// An operator type added to a catalog that has one of that name.
+#[derive(Debug, thiserror::Error)]
+#[error("operator type `{0}` is registered twice")]
+pub struct DuplicateOperator(pub &'static str);
+
 /// Says why a device named in `job.devices` cannot be used on this machine (or `None` when it
 /// can): the operators' side knows which backends this build has and which GPUs exist.
 pub type DeviceCheck = fn(&str) -> Option<String>;
@@ -80,6 +100,40 @@ impl Catalog {
     /// A catalog of these entries.
     pub fn new(entries: Vec<OperatorEntry>) -> Self {
         Catalog { entries, device_check: None }
+    }
+
+    /// The catalog with `entry` added: how a user's own operator joins latentflow's
+    /// (`latentflow_operators::registry().with(OperatorEntry::of::<MyConfig>())`), in the user's
+    /// crate, without editing latentflow. A type name registered already is an error.
+    ///
+    /// ```
+    /// use latentflow_engine::{Catalog, OperatorEntry};
+    /// # use latentflow_engine::{InstanceContext, NodeSpec, OpError, OperatorConfig, OperatorImpl, OperatorKind, Ports};
+    /// # #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+    /// # struct MineConfig {}
+    /// # impl OperatorConfig for MineConfig {
+    /// #     const TYPE: &'static str = "mine";
+    /// #     const KIND: OperatorKind = OperatorKind::Sink;
+    /// #     const SUMMARY: &'static str = "";
+    /// #     const EXAMPLE: &'static str = "";
+    /// #     const KEYS: &'static [(&'static str, &'static str)] = &[];
+    /// # }
+    /// # impl NodeSpec for MineConfig {
+    /// #     fn ports(&self) -> Ports { Ports::default() }
+    /// #     fn instantiate(&self, _: &InstanceContext<'_>) -> Result<OperatorImpl, OpError> { Err(OpError::msg("")) }
+    /// # }
+    /// let catalog = Catalog::new(vec![]).with(OperatorEntry::of::<MineConfig>())?;
+    /// assert!(catalog.get("mine").is_some());
+    /// let twice = catalog.with(OperatorEntry::of::<MineConfig>()).err().unwrap();
+    /// assert_eq!(twice.to_string(), "operator type `mine` is registered twice");
+    /// # Ok::<(), latentflow_engine::DuplicateOperator>(())
+    /// ```
+    pub fn with(mut self, entry: OperatorEntry) -> Result<Self, DuplicateOperator> {
+        if self.get(entry.type_name).is_some() {
+            return Err(DuplicateOperator(entry.type_name));
+        }
+        self.entries.push(entry);
+        Ok(self)
     }
 
     /// The catalog with a check of `job.devices` that validation runs, so a GPU topology on a

@@ -29,7 +29,7 @@ pub mod operator;
 pub mod plan;
 pub mod runtime;
 
-pub use catalog::{Catalog, DeviceCheck, OperatorEntry};
+pub use catalog::{Catalog, DeviceCheck, DuplicateOperator, OperatorEntry};
 pub use collective::{Collective, CollectiveError};
 pub use data::{Batch, Column, ColumnType, DataError, DeviceTensor, DeviceValues, Field, Ports, Schema};
 pub use error::{EngineError, OpError};
@@ -38,5 +38,5 @@ pub use operator::{
     ByteBudget, ContentKey, ContentKeys, InstanceContext, KeyError, Map, NodeSpec, OpContext, OperatorConfig,
     OperatorImpl, OperatorKind, Rejection, Sink, Source, Stage, WorkerInfo,
 };
-pub use plan::{JobConfig, Placement, Plan, PlanErrors, TopologyBuilder};
+pub use plan::{JobConfig, MapFn, Node, Pipeline, Placement, Plan, PlanErrors, TopologyBuilder, CLOSURE_MAP_TYPE};
 pub use runtime::{run, ClusterOptions, RunOptions, RunReport, StopReason};

@@ -1,7 +1,7 @@
 //! The data-path demo pipeline, defined in Rust: procedural captioned images → transform →
 //! tokenize → PNG crops. `topologies/demo.toml` is the same pipeline as a file.
 
-use latentflow_engine::{Plan, PlanErrors, TopologyBuilder};
+use latentflow_engine::{Pipeline, Plan, PlanErrors};
 use latentflow_operators::{DemoSourceConfig, ImageSinkConfig, ImageTransformConfig, TokenizeConfig};
 
 /// The demo pipeline over `count` procedural images, written under `runs/demo`.
@@ -11,12 +11,12 @@ use latentflow_operators::{DemoSourceConfig, ImageSinkConfig, ImageTransformConf
 /// assert_eq!(plan.nodes.len(), 4);
 /// ```
 pub fn plan(count: u64) -> Result<Plan, PlanErrors> {
-    TopologyBuilder::new("demo")
-        .node("read", DemoSourceConfig { count, batch_size: Some(32), ..DemoSourceConfig::default() }, &[])
-        .node("transform", ImageTransformConfig::default(), &["read"])
-        .node("tokenize", TokenizeConfig::default(), &["transform"])
-        .node("images", ImageSinkConfig { max_images: 32, ..ImageSinkConfig::default() }, &["tokenize"])
-        .compile(&latentflow_operators::registry())
+    let mut g = Pipeline::new("demo");
+    let read = g.add("read", DemoSourceConfig { count, batch_size: Some(32), ..DemoSourceConfig::default() }, []);
+    let transform = g.add("transform", ImageTransformConfig::default(), [read]);
+    let tokenize = g.add("tokenize", TokenizeConfig::default(), [transform]);
+    g.add("images", ImageSinkConfig { max_images: 32, ..ImageSinkConfig::default() }, [tokenize]);
+    g.compile(&latentflow_operators::registry())
 }
 
 #[cfg(test)]

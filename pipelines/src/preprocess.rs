@@ -13,8 +13,7 @@ use crate::Settings;
 /// assert_eq!(plan.nodes.last().unwrap().type_name, "latents_sink");
 /// ```
 pub fn plan(settings: &Settings) -> Result<Plan, PlanErrors> {
-    settings
-        .encoders("preprocess", Some(settings.global_batch_size))
-        .node("latents", LatentsSinkConfig::default(), &["text"])
-        .compile(&latentflow_operators::registry())
+    let (mut g, text) = settings.encoders("preprocess", Some(settings.global_batch_size), |_, read| read);
+    g.add("latents", LatentsSinkConfig::default(), [text]);
+    g.compile(&latentflow_operators::registry())
 }

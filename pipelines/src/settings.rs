@@ -3,7 +3,7 @@
 //! text encoder, a `tiny` random UNet, a few minutes on a laptop); the `topologies/sd2-base-256/`
 //! files show the reference's real settings.
 
-use latentflow_engine::{Placement, TopologyBuilder};
+use latentflow_engine::{Node, Pipeline, Placement};
 use latentflow_operators::demo::SceneStyle;
 use latentflow_operators::training::schedule::Prediction;
 use latentflow_operators::training::TrainingOptions;
@@ -76,19 +76,28 @@ impl Default for Settings {
 }
 
 impl Settings {
-    /// The nodes the preprocessing and online jobs share: `read` → `transform` → `tokenize` →
-    /// `vae` → `text` (the encoders on device-owning workers), under job `name`. `read_batch`:
-    /// the source's rows per worker (`None` when a trainer's global batch decides it).
-    pub(crate) fn encoders(&self, name: &str, read_batch: Option<usize>) -> TopologyBuilder {
-        TopologyBuilder::new(name)
-            .job(|job| job.max_epochs_in_flight = 2)
-            .node("read", self.read(read_batch), &[])
-            .node("transform", self.transform(), &["read"])
-            .node("tokenize", self.tokenize(), &["transform"])
-            .node("vae", self.vae(), &["tokenize"])
-            .placement("vae", Placement::Gpu)
-            .node("text", self.text(), &["vae"])
-            .placement("text", Placement::Gpu)
+    /// The nodes the preprocessing and online jobs share: `read` → (`between`'s nodes) →
+    /// `transform` → `tokenize` → `vae` → `text` (the encoders on device-owning workers), under
+    /// job `name`; returns the pipeline and its `text` node. `read_batch`: the source's rows per
+    /// worker (`None` when a trainer's global batch decides it). `between` adds the user's own
+    /// steps over the source's rows and returns the node the transform reads.
+    pub(crate) fn encoders(
+        &self,
+        name: &str,
+        read_batch: Option<usize>,
+        between: impl FnOnce(&mut Pipeline, Node) -> Node,
+    ) -> (Pipeline, Node) {
+        let mut g = Pipeline::new(name);
+        g.job(|job| job.max_epochs_in_flight = 2);
+        let read = g.add("read", self.read(read_batch), []);
+        let rows = between(&mut g, read);
+        let transform = g.add("transform", self.transform(), [rows]);
+        let tokenize = g.add("tokenize", self.tokenize(), [transform]);
+        let vae = g.add("vae", self.vae(), [tokenize]);
+        g.place(vae, Placement::Gpu);
+        let text = g.add("text", self.text(), [vae]);
+        g.place(text, Placement::Gpu);
+        (g, text)
     }
 
     fn read(&self, batch_size: Option<usize>) -> DemoSourceConfig {

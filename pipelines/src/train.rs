@@ -1,7 +1,7 @@
 //! The training job in Rust: latents parquet (what the preprocessing job wrote) → UNet.
 //! `topologies/train.toml` is the same job.
 
-use latentflow_engine::{Placement, Plan, PlanErrors, TopologyBuilder};
+use latentflow_engine::{Pipeline, Placement, Plan, PlanErrors};
 use latentflow_operators::LatentsSourceConfig;
 
 use crate::Settings;
@@ -15,10 +15,10 @@ use crate::Settings;
 /// ```
 pub fn plan(settings: &Settings, latents: &str) -> Result<Plan, PlanErrors> {
     let read = LatentsSourceConfig { path: latents.into(), ..LatentsSourceConfig::default() };
-    TopologyBuilder::new("train")
-        .job(|job| job.max_epochs_in_flight = 2)
-        .node("read", read, &[])
-        .node("train", settings.train(), &["read"])
-        .placement("train", Placement::Gpu)
-        .compile(&latentflow_operators::registry())
+    let mut g = Pipeline::new("train");
+    g.job(|job| job.max_epochs_in_flight = 2);
+    let read = g.add("read", read, []);
+    let train = g.add("train", settings.train(), [read]);
+    g.place(train, Placement::Gpu);
+    g.compile(&latentflow_operators::registry())
 }

@@ -279,3 +279,36 @@ fn the_sd2_topologies_validate_once_their_paths_are_set() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("DATA_GLOB"), "{}", text(&out));
 }
+
+/// The online job from Rust with a step of one's own: a closure over the source's rows that
+/// keeps even keys and rejects the others. Every odd row is rejected (and counted) by the
+/// closure, and only even rows train.
+#[test]
+fn a_closure_of_ones_own_filters_the_online_jobs_rows_and_accounts_for_every_drop() {
+    use latentflow_engine::{OpError, RunOptions};
+    use latentflow_pipelines::{online, Settings};
+
+    let dir = tempfile::tempdir().unwrap();
+    let settings = Settings { images: 96, checkpoint_every: 0, sample_every: 0, ..Settings::default() };
+    let mut plan = online::plan_with(&settings, |g, read| {
+        g.map("even_keys", [read], |mut batch: Batch, ctx: &mut OpContext| -> Result<Batch, OpError> {
+            let keep: Vec<bool> = batch.i64s("key")?.iter().map(|k| k % 2 == 0).collect();
+            for row in (0..keep.len()).filter(|&r| !keep[r]) {
+                ctx.reject(batch.row_key(row), "odd_key");
+            }
+            batch.retain_rows(&keep);
+            Ok(batch)
+        })
+    })
+    .unwrap();
+    plan.job.output_dir = Some(dir.path().join("online"));
+    let report = latentflow_engine::run(&plan, &RunOptions::default()).unwrap();
+    let filter = report.profile.operators.iter().find(|o| o.id == "even_keys").unwrap();
+    assert_eq!(filter.type_name, "rust_map");
+    assert_eq!((filter.items_in, filter.items_out, filter.rejected.get("odd_key").copied()), (96, 48, Some(48)));
+    // Each epoch of 16 rows keeps 8, and one resolution trains each epoch as its step.
+    let steps = metrics(&dir.path().join("online"));
+    assert_eq!(steps.iter().map(|s| s["samples"].as_u64().unwrap()).collect::<Vec<_>>(), [8; 6]);
+    let train = report.profile.operators.iter().find(|o| o.id == "train").unwrap();
+    assert_eq!(train.items_in, 48, "only the kept rows reach the trainer");
+}

@@ -195,6 +195,11 @@ impl OpContext {
         self.rejections.push(Rejection { key: key.into(), reason: reason.into() });
     }
 
+    /// How many rows the call so far rejected (the engine checks a map's accounting with it).
+    pub(crate) fn rejected(&self) -> usize {
+        self.rejections.len()
+    }
+
     /// The rejections recorded since the last call.
     pub fn take_rejections(&mut self) -> Vec<Rejection> {
         std::mem::take(&mut self.rejections)

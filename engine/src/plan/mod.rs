@@ -9,6 +9,7 @@ mod diagnostics;
 mod document;
 mod epochs;
 mod job;
+mod pipeline;
 mod placement;
 
 use std::path::Path;
@@ -19,6 +20,7 @@ pub use compile::{compile, ENGINE_KEYS};
 pub use diagnostics::{closest, Location, PlanError, PlanErrors};
 pub use document::Document;
 pub use job::{parse_device, JobConfig};
+pub use pipeline::{MapFn, Node, Pipeline, CLOSURE_MAP_TYPE};
 pub use placement::Placement;
 
 use crate::catalog::Catalog;

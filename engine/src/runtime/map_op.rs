@@ -104,6 +104,20 @@ pub(crate) fn build<'s>(input: StreamVec<'s, u64, Batch>, chain: Vec<ChainLink>)
     stream
 }
 
+/// Every row a map got comes out, in one of its batches, or is rejected: a map (built in or a
+/// user's own) that drops rows without a word would lose them from the job's accounting.
+fn check_accounting(rows_in: usize, outputs: &[Batch], rejected: usize) -> Result<(), OpError> {
+    let rows_out: usize = outputs.iter().map(Batch::rows).sum();
+    if rows_out + rejected < rows_in {
+        return Err(OpError::msg(format!(
+            "returned {rows_out} of the {rows_in} rows it got and rejected {rejected}: the other {} are lost \
+             (a map must reject the rows it drops, with `OpContext::reject(key, reason)`)",
+            rows_in - rows_out - rejected
+        )));
+    }
+    Ok(())
+}
+
 /// Runs a batch through every map of a chain, counting each as its own node; a map that
 /// splits its batch (rows of several shapes) hands each part to the next map. Empty batches
 /// (every row rejected) go no further.
@@ -122,10 +136,14 @@ fn run_chain(
             }
             let mut ctx = node.context();
             ctx.set_epoch(epoch);
+            let rows_in = batch.rows();
             let began = Instant::now();
             let result = panics::catch(|| map.map_groups(batch, &mut ctx));
+            let rejected = ctx.rejected();
             node.finish_call(&mut ctx, began, track);
-            outputs.extend(result.map_err(|e| (i, e))?.into_iter().filter(|b| !b.is_empty()));
+            let result = result.map_err(|e| (i, e))?;
+            check_accounting(rows_in, &result, rejected).map_err(|e| (i, e))?;
+            outputs.extend(result.into_iter().filter(|b| !b.is_empty()));
         }
         if i + 1 < chain.len() {
             outputs.iter().for_each(|b| node.metrics.record_out(b));

@@ -11,6 +11,7 @@ mod run;
 use std::ffi::OsString;
 
 use clap::Parser;
+use latentflow_engine::Catalog;
 
 pub use args::{Cli, Command, DemoDataArgs, RunArgs, TopologyArgs, ValidateArgs};
 
@@ -28,8 +29,26 @@ pub fn main() -> i32 {
     main_with(std::env::args_os())
 }
 
+/// Runs the command line with the process's arguments over `catalog` instead of latentflow's
+/// own operators: a user's binary that adds operators of its own
+/// (`latentflow_operators::registry().with(...)`) keeps every command and flag of `latentflow`.
+///
+/// ```no_run
+/// // A user's `main`: latentflow's operators and its own.
+/// let catalog = latentflow_operators::registry(); // .with(OperatorEntry::of::<MyConfig>())?
+/// std::process::exit(latentflow_pipelines::cli::main_with_catalog(catalog));
+/// ```
+pub fn main_with_catalog(catalog: Catalog) -> i32 {
+    run_cli(std::env::args_os(), &catalog)
+}
+
 /// Runs the command line with these arguments (the first is the program name).
 pub fn main_with<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I) -> i32 {
+    run_cli(args, &latentflow_operators::registry())
+}
+
+/// The command line over `catalog`.
+fn run_cli<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I, catalog: &Catalog) -> i32 {
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
@@ -40,9 +59,9 @@ pub fn main_with<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I) 
     init_logging(cli.quiet);
     allocator::keep_large_blocks_on_mmap();
     match cli.command {
-        Command::Run(args) => run::run(&args),
-        Command::Validate(args) => run::validate(&args),
-        Command::Operators => operators::list(),
+        Command::Run(args) => run::run(&args, catalog),
+        Command::Validate(args) => run::validate(&args, catalog),
+        Command::Operators => operators::list(catalog),
         Command::DemoData(args) => demo_data::write(&args.out, args.n, args.seed),
     }
 }

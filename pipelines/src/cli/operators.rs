@@ -5,8 +5,8 @@ use latentflow_engine::{Catalog, OperatorKind, Schema};
 use super::EXIT_OK;
 
 /// Prints every operator type with its input and output columns and its keys.
-pub fn list() -> i32 {
-    print!("{}", describe(&latentflow_operators::registry()));
+pub fn list(catalog: &Catalog) -> i32 {
+    print!("{}", describe(catalog));
     EXIT_OK
 }
 

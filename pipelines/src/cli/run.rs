@@ -3,13 +3,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use latentflow_engine::{ClusterOptions, EngineError, Plan, ProgressMode, RunOptions};
+use latentflow_engine::{Catalog, ClusterOptions, EngineError, Plan, ProgressMode, RunOptions};
 
 use super::{RunArgs, TopologyArgs, ValidateArgs, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE};
 
 /// Loads and checks the topology, printing every problem on failure.
-fn load(args: &TopologyArgs) -> Result<Plan, i32> {
-    Plan::from_file(&args.topology, &args.overrides, &latentflow_operators::registry()).map_err(|errors| {
+fn load(args: &TopologyArgs, catalog: &Catalog) -> Result<Plan, i32> {
+    Plan::from_file(&args.topology, &args.overrides, catalog).map_err(|errors| {
         for e in &errors.0 {
             eprintln!("{e}");
         }
@@ -21,9 +21,9 @@ fn load(args: &TopologyArgs) -> Result<Plan, i32> {
 
 /// `latentflow validate`: exit 0 when valid, 2 with every error listed (also what only a
 /// number of workers and processes decides: the sources' share of a trainer's global batch).
-pub fn validate(validate: &ValidateArgs) -> i32 {
+pub fn validate(validate: &ValidateArgs, catalog: &Catalog) -> i32 {
     let args = &validate.topology;
-    match load(args) {
+    match load(args, catalog) {
         Ok(plan) => {
             let (threads, processes) = (usize::from(validate.workers), validate.processes.max(1));
             let batches = match plan.source_batches(threads, processes) {
@@ -59,8 +59,8 @@ pub fn validate(validate: &ValidateArgs) -> i32 {
 }
 
 /// `latentflow run`.
-pub fn run(args: &RunArgs) -> i32 {
-    let plan = match load(&args.topology) {
+pub fn run(args: &RunArgs, catalog: &Catalog) -> i32 {
+    let plan = match load(&args.topology, catalog) {
         Ok(plan) => plan,
         Err(code) => return code,
     };
